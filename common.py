@@ -1,0 +1,195 @@
+"""Small helpers every script shares: config parsing, device, checkpoints, logs, plots, result files."""
+import ast
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+
+
+# ----------------------------------------------------------------------------- config
+
+def parse_config(cls, argv=None):
+    """Build a dataclass from `--key=value` flags (values parsed with ast.literal_eval), reject unknown keys."""
+    argv = sys.argv[1:] if argv is None else argv
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    values = {}
+    for arg in argv:
+        if not arg.startswith('--') or '=' not in arg:
+            raise SystemExit(f"bad argument {arg!r}: use --key=value (keys: {', '.join(fields)})")
+        key, raw = arg[2:].split('=', 1)
+        if key not in fields:
+            raise SystemExit(f"unknown option --{key}; known: {', '.join(fields)}")
+        default = getattr(cls, key, None) if not isinstance(fields[key].default, dataclasses._MISSING_TYPE) else None
+        try:
+            value = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            value = raw  # plain strings need no quotes
+        if isinstance(default, bool) and not isinstance(value, bool):
+            raise SystemExit(f"--{key} takes True or False, got {raw!r}")
+        if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if default is not None and not isinstance(value, type(default)):
+            raise SystemExit(f"--{key} expects {type(default).__name__}, got {raw!r}")
+        values[key] = value
+    cfg = cls(**values)
+    return cfg
+
+
+def print_config(cfg):
+    print(f"{type(cfg).__name__}: " + ' '.join(f"{k}={v!r}" for k, v in dataclasses.asdict(cfg).items()))
+
+
+# ----------------------------------------------------------------------------- device
+
+def pick_device(name='auto'):
+    if name != 'auto':
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device('cuda')
+    if getattr(torch.backends, 'mps', None) is not None and torch.backends.mps.is_available():
+        return torch.device('mps')
+    return torch.device('cpu')
+
+
+def autocast(device):
+    """bf16 autocast on CUDA, exact fp32 elsewhere."""
+    if device.type == 'cuda':
+        return torch.autocast('cuda', dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def device_name(device):
+    if device.type == 'cuda':
+        return torch.cuda.get_device_name(device)
+    return f"{device.type} ({os.cpu_count()} cores)"
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def save_checkpoint(path, model, run_cfg, stage, parent=None, step=0, metrics=None, extra=None):
+    """Write tensors and plain values only, atomically (temp file, then rename)."""
+    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+    ckpt = {
+        'model': {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        'model_cfg': dataclasses.asdict(model.config),
+        'run_cfg': dataclasses.asdict(run_cfg) if dataclasses.is_dataclass(run_cfg) else dict(run_cfg),
+        'stage': stage,
+        'parent': parent,
+        'step': step,
+        'metrics': metrics or {},
+        'extra': extra or {},
+    }
+    tmp = path + '.tmp'
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, stages=None, device='cpu'):
+    """Load a checkpoint written by save_checkpoint; `stages` lists the stages this caller accepts."""
+    from model import GPT, GPTConfig
+    if not os.path.exists(path):
+        raise CheckpointError(f"checkpoint {path} not found: run the stage that writes it first "
+                              f"(see README: train_ar.py -> train_cft.py -> train_opd.py -> train_rl.py)")
+    try:
+        ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # truncated or foreign file
+        raise CheckpointError(f"{path} is not a readable checkpoint ({e}); delete it and rerun its stage") from e
+    if not isinstance(ckpt, dict) or 'stage' not in ckpt or 'model_cfg' not in ckpt:
+        raise CheckpointError(f"{path} is not a checkpoint of this project; delete it and rerun its stage")
+    if stages is not None and ckpt['stage'] not in stages:
+        raise CheckpointError(f"{path} holds a '{ckpt['stage']}' checkpoint, expected one of {list(stages)}")
+    model = GPT(GPTConfig(**ckpt['model_cfg']))
+    model.load_state_dict(ckpt['model'])
+    return model.to(device), ckpt
+
+
+def check_data_matches(ckpt, data_cfg_dict, path):
+    """A later stage must read the data the parent was trained on (same vocabulary, same instances)."""
+    parent = ckpt['run_cfg'].get('data', {})
+    for key in ('n_cand', 'max_hist', 'cooc_window', 'cooc_decay', 'hist_items', 'hist_decay', 'trace'):
+        if key in parent and key in data_cfg_dict and parent[key] != data_cfg_dict[key]:
+            raise CheckpointError(f"{path} was trained with data {key}={parent[key]!r} but this run uses "
+                                  f"{data_cfg_dict[key]!r}: pass --{key}={parent[key]!r} or retrain the parent")
+
+
+# ----------------------------------------------------------------------------- logs, plots, results
+
+class JsonlLog:
+    """Append one JSON object per line; every scalar of a run ends up here."""
+
+    def __init__(self, path, fresh=True):
+        os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+        self.path = path
+        if fresh and os.path.exists(path):
+            os.remove(path)
+
+    def write(self, **row):
+        with open(self.path, 'a') as f:
+            f.write(json.dumps({k: (float(v) if hasattr(v, 'item') else v) for k, v in row.items()}) + '\n')
+
+
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_curves(jsonl_path, png_path, keys, title):
+    """One panel per key, x = step; rows that lack a key are skipped for that panel."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    rows = read_jsonl(jsonl_path)
+    keys = [k for k in keys if any(k in r for r in rows)]
+    if not keys:
+        return
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 3.0), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        pts = [(r['step'], r[key]) for r in rows if key in r and r[key] is not None]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker='.' if len(pts) < 40 else None)
+        ax.set_title(key)
+        ax.set_xlabel('step')
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(png_path) or '.', exist_ok=True)
+    fig.savefig(png_path, dpi=90)
+    plt.close(fig)
+
+
+def git_commit():
+    try:
+        out = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'], capture_output=True,
+                               text=True, timeout=5).stdout.strip()
+        return out.stdout.strip() + ('-dirty' if dirty else '') if out.returncode == 0 else 'unknown'
+    except (OSError, subprocess.SubprocessError):
+        return 'unknown'
+
+
+def write_json(path, obj):
+    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+    tmp = path + '.tmp'
+    with open(tmp, 'w') as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def command_line():
+    return 'python ' + ' '.join(sys.argv)
+
+
+class Timer:
+    def __init__(self):
+        self.t0 = time.time()
+
+    def __call__(self):
+        return time.time() - self.t0

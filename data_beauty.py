@@ -1,0 +1,494 @@
+"""Amazon Beauty (5-core) as a re-ranking task: split, pre-ranker, candidate lists, reasoning traces, metrics.
+
+    python data_beauty.py                                  # real data from ../shared/data/beauty (~1 min, cached after)
+    python data_beauty.py --data_dir=path/to/folder        # any folder with Beauty.txt + Beauty_item2attributes.json
+    python data_beauty.py --raw_dir=path/to/raw            # build that format from reviews_Beauty_5.json.gz + meta_Beauty.json.gz
+
+Protocol (SPEC "Evaluation protocol"): leave-one-out; a co-occurrence pre-ranker hands the re-ranker its top
+N = 10; a user is an instance iff the target is in that list. Every statistic comes from the train part, and a
+window predicting position t never sees the user's own interactions at positions >= t-1, so the target's own
+transition cannot inflate its score (the same rule at test, where the validation item is not in the stats).
+"""
+import gzip
+import hashlib
+import json
+import os
+import ast
+from collections import defaultdict
+from dataclasses import dataclass, asdict
+
+import numpy as np
+import torch
+
+
+@dataclass
+class DataConfig:
+    data_dir: str = '../shared/data/beauty'
+    name: str = 'Beauty'
+    raw_dir: str = ''           # if set: build <name>.txt + <name>_item2attributes.json there from the raw Amazon files
+    n_cand: int = 10            # N, the re-ranked list length
+    max_hist: int = 10          # history items shown in the prompt (most recent last)
+    cooc_window: int = 5        # pre-ranker: pairs (a then b) up to this many steps apart count ...
+    cooc_decay: float = 0.7     # ... with weight decay^(gap-1)
+    hist_items: int = 3         # pre-ranker scores from the last m history items ...
+    hist_decay: float = 0.5     # ... weighted decay^k, k = 0 for the last one
+    pop_weight: float = 1e-3    # log-popularity tie-break
+    trace: bool = True          # False: the direct model (prompt -> answer)
+    cache_dir: str = 'out/cache'
+
+
+class DataError(RuntimeError):
+    pass
+
+
+# ----------------------------------------------------------------------------- loading
+
+def load_5core(data_dir, name='Beauty'):
+    """Read `<name>.txt` (user item item ... in time order) and `<name>_item2attributes.json`."""
+    seq_path = os.path.join(data_dir, f'{name}.txt')
+    attr_path = os.path.join(data_dir, f'{name}_item2attributes.json')
+    how = (f"Point --data_dir at a folder with {name}.txt and {name}_item2attributes.json (the 5-core files as "
+           f"preprocessed for S3-Rec), or build them with --raw_dir=<folder with reviews_{name}_5.json.gz and "
+           f"meta_{name}.json.gz>.")
+    for p in (seq_path, attr_path):
+        if not os.path.isfile(p):
+            raise DataError(f"missing data file {p}. {how}")
+    seqs = []
+    with open(seq_path) as f:
+        for lineno, line in enumerate(f, 1):
+            parts = line.split()
+            if not parts:
+                continue
+            try:
+                items = [int(x) for x in parts[1:]]
+            except ValueError:
+                raise DataError(f"{seq_path}:{lineno} is malformed (expected integers 'user item item ...'). {how}")
+            if len(items) < 3:
+                raise DataError(f"{seq_path}:{lineno}: a user needs >= 3 items for a leave-one-out split")
+            seqs.append(np.array(items, dtype=np.int64))
+    try:
+        with open(attr_path) as f:
+            raw = json.load(f)
+        item_attrs = {int(k): [int(a) for a in v] for k, v in raw.items()}
+    except (ValueError, AttributeError, TypeError) as e:
+        raise DataError(f"{attr_path} is malformed ({e}): expected {{item: [attribute ids]}}. {how}")
+    n_items = max(int(max(s.max() for s in seqs)), max(item_attrs, default=0))
+    n_attrs = max((a for v in item_attrs.values() for a in v), default=0)
+    attrs = [item_attrs.get(i, []) for i in range(n_items + 1)]  # index 0 unused
+    return seqs, attrs, n_items, n_attrs
+
+
+def build_from_raw(raw_dir, out_dir, name='Beauty'):
+    """Best effort S3-Rec preprocessing: 5-core user/item filter, time order, ids by first appearance,
+    attributes = brand + category path (the top category, shared by every item, dropped)."""
+    reviews = os.path.join(raw_dir, f'reviews_{name}_5.json.gz')
+    meta = os.path.join(raw_dir, f'meta_{name}.json.gz')
+    for p in (reviews, meta):
+        if not os.path.isfile(p):
+            raise DataError(f"missing raw file {p} (Amazon product data, McAuley et al. 2014)")
+    events = []
+    with gzip.open(reviews, 'rt') as f:
+        for line in f:
+            r = json.loads(line)
+            events.append((r['reviewerID'], r['asin'], int(r['unixReviewTime'])))
+    while True:  # k-core: repeat until every user and item has >= 5 interactions
+        uc, ic = defaultdict(int), defaultdict(int)
+        for u, i, _ in events:
+            uc[u] += 1
+            ic[i] += 1
+        kept = [e for e in events if uc[e[0]] >= 5 and ic[e[1]] >= 5]
+        if len(kept) == len(events):
+            break
+        events = kept
+    by_user = defaultdict(list)
+    for u, i, t in events:
+        by_user[u].append((t, i))
+    user_ids, item_ids = {}, {}
+    lines = []
+    for u in by_user:  # users in first-appearance order
+        items = [i for _, i in sorted(by_user[u], key=lambda x: x[0])]
+        user_ids[u] = len(user_ids) + 1
+        for i in items:
+            item_ids.setdefault(i, len(item_ids) + 1)
+        lines.append(f"{user_ids[u]} " + ' '.join(str(item_ids[i]) for i in items))
+    attr_ids, item2attr = {}, {}
+    with gzip.open(meta, 'rt') as f:
+        for line in f:
+            m = ast.literal_eval(line)  # the 2014 dump is python-literal, not JSON
+            if m.get('asin') not in item_ids:
+                continue
+            names = ([f"brand:{m['brand']}"] if m.get('brand') else [])
+            for path in m.get('categories', [])[:1]:
+                names += [f"cat:{c}" for c in path[1:]]
+            item2attr[str(item_ids[m['asin']])] = [attr_ids.setdefault(a, len(attr_ids) + 1) for a in names]
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, f'{name}.txt'), 'w') as f:
+        f.write('\n'.join(lines) + '\n')
+    with open(os.path.join(out_dir, f'{name}_item2attributes.json'), 'w') as f:
+        json.dump(item2attr, f)
+
+
+# ----------------------------------------------------------------------------- vocabulary
+
+BUCKETS = {  # evidence token families: name -> upper edges of the buckets (the last bucket is open)
+    'share': [0, 1, 2],                  # history items that share this attribute: 0, 1, 2, 3+
+    'last': [0, 1, 2, 4, 8],             # co-occurrence with the last history item
+    'hist': [0, 1, 2, 4, 8],             # pre-ranker co-occurrence score against the recent history
+    'pop': [1, 3, 7, 15, 31, 63, 127],   # train interactions (log buckets)
+}
+SPECIALS = ['<eos>', '<bos>', '<mask>', '<cands>', '<think>', '<answer>']
+
+
+class Vocab:
+    """One token space: specials, evidence buckets, attributes, items (items last)."""
+
+    def __init__(self, n_items, n_attrs):
+        self.n_items, self.n_attrs = n_items, n_attrs
+        self.names = list(SPECIALS)
+        self.bucket0 = {}
+        for fam, edges in BUCKETS.items():
+            self.bucket0[fam] = len(self.names)
+            self.names += [f"{fam}{i}" for i in range(len(edges) + 1)]
+        self.attr0 = len(self.names) - 1   # attribute ids start at 1
+        self.item0 = self.attr0 + n_attrs  # item ids start at 1
+        self.size = self.item0 + n_items + 1
+        self.eos, self.bos, self.mask, self.cands, self.think, self.answer = range(6)
+
+    def item(self, i):
+        return self.item0 + int(i)
+
+    def attr(self, a):
+        return self.attr0 + int(a)
+
+    def bucket(self, fam, value):
+        return self.bucket0[fam] + int(np.searchsorted(BUCKETS[fam], value, side='left'))
+
+    def is_item(self, tok):
+        return tok > self.item0
+
+    def token_str(self, t):
+        t = int(t)
+        if t < len(self.names):
+            return self.names[t]
+        if t > self.item0:
+            return f"i{t - self.item0}"
+        return f"a{t - self.attr0}"
+
+    def decode(self, toks):
+        return ' '.join(self.token_str(t) for t in toks)
+
+
+# ----------------------------------------------------------------------------- statistics and pre-ranker
+
+def cooc_matrix(seqs, n_items, window, decay):
+    """C[a, b] = sum over train pairs 'a then b' within `window` steps of decay^(gap-1)."""
+    C = np.zeros((n_items + 1, n_items + 1), dtype=np.float32)
+    for s in seqs:
+        for g in range(1, min(window, len(s) - 1) + 1):
+            np.add.at(C, (s[:-g], s[g:]), np.float32(decay ** (g - 1)))
+    return C
+
+
+def windows_of(seqs):
+    """All (user, t) windows: train windows t = 1..n-3, validation t = n-2, test t = n-1."""
+    users, ts, split = [], [], []
+    for u, s in enumerate(seqs):
+        n = len(s)
+        for t in range(1, n):
+            users.append(u)
+            ts.append(t)
+            split.append(0 if t <= n - 3 else (1 if t == n - 2 else 2))
+    return np.array(users), np.array(ts), np.array(split)
+
+
+def prerank(seqs, C, pop, users, ts, cfg, batch=1024, leave_out=True):
+    """Top-N candidates for each window with leave-out statistics (SPEC item 7).
+
+    Returns cands (n, N) item ids in the pre-ranker's order, and leave-out evidence for them:
+    cooc with the last history item, the pre-ranker's co-occurrence score, popularity."""
+    n, N, m = len(users), cfg.n_cand, cfg.hist_items
+    w = np.array([cfg.hist_decay ** k for k in range(m)], dtype=np.float32)
+    cands = np.zeros((n, N), np.int64)
+    ev_last, ev_hist, ev_pop = (np.zeros((n, N), np.float32) for _ in range(3))
+    logpop = np.log1p(pop).astype(np.float32)
+    for b0 in range(0, n, batch):
+        b1 = min(n, b0 + batch)
+        R = []  # R[k]: (nb, I) leave-out co-occurrence rows of the k-th most recent history item
+        for k in range(m):
+            h = np.array([seqs[u][t - 1 - k] if t - 1 - k >= 0 else 0 for u, t in zip(users[b0:b1], ts[b0:b1])])
+            Rk = C[h].copy()
+            Rk[h == 0] = 0
+            R.append(Rk)
+        popb = np.broadcast_to(pop, (b1 - b0, len(pop))).copy()
+        for r, (u, t) in enumerate(zip(users[b0:b1], ts[b0:b1])):
+            if not leave_out:
+                break
+            s, L = seqs[u], len(seqs[u]) - 2           # the user's train part is s[:L]
+            q = np.arange(max(t - 1, 0), L)           # train positions >= t-1: left out of the statistics
+            popb[r, s[q]] -= 1
+            for k in range(m):
+                p = t - 1 - k
+                if p < 0 or p >= L:
+                    continue  # no history item, or one outside the train part (nothing of it in C)
+                gap = q - p
+                ok = (gap >= 1) & (gap <= cfg.cooc_window)
+                R[k][r, s[q[ok]]] -= cfg.cooc_decay ** (gap[ok] - 1)
+        cooc = sum(w[k] * R[k] for k in range(m))
+        score = cooc + cfg.pop_weight * np.log1p(np.maximum(popb, 0))
+        score[:, 0] = -np.inf
+        for r, (u, t) in enumerate(zip(users[b0:b1], ts[b0:b1])):
+            score[r, seqs[u][:t]] = -np.inf             # never return a history item
+        top = np.argpartition(-score, N, axis=1)[:, :N]
+        top_score = np.take_along_axis(score, top, 1)
+        order = np.lexsort((top, -top_score), axis=1)    # score desc, then item id: deterministic
+        top = np.take_along_axis(top, order, 1)
+        rows = np.arange(b1 - b0)[:, None]
+        cands[b0:b1] = top
+        ev_last[b0:b1] = np.maximum(R[0][rows, top], 0)
+        ev_hist[b0:b1] = np.maximum(cooc[rows, top], 0)
+        ev_pop[b0:b1] = np.maximum(popb[rows, top], 0)
+    return cands, ev_last, ev_hist, ev_pop
+
+
+# ----------------------------------------------------------------------------- traces and encoding
+
+def encode(hist, cands, target_idx, ev, attrs, vocab, trace=True):
+    """Prompt, response and per-token kind (0 trace, 1 answer) for one instance.
+
+    prompt   = <bos> (item attrs..)*history <cands> (item attrs..)*N <think>|<answer>
+    trace    = per candidate: item, (attr, share-bucket) pairs, last-cooc, hist-cooc and popularity buckets
+    answer   = <answer> target, then the other candidates in the pre-ranker's order, <eos>
+    The trace reads only the prompt and leave-out statistics; `target_idx` only shapes the answer."""
+    prompt = [vocab.bos]
+    for h in hist:
+        prompt += [vocab.item(h)] + [vocab.attr(a) for a in attrs[h]]
+    prompt.append(vocab.cands)
+    for c in cands:
+        prompt += [vocab.item(c)] + [vocab.attr(a) for a in attrs[c]]
+    prompt.append(vocab.think if trace else vocab.answer)
+    response, kind = [], []
+    if trace:
+        hist_attr_count = defaultdict(int)
+        for h in hist:
+            for a in set(attrs[h]):
+                hist_attr_count[a] += 1
+        for i, c in enumerate(cands):
+            response.append(vocab.item(c))
+            for a in attrs[c]:
+                response += [vocab.attr(a), vocab.bucket('share', hist_attr_count[a])]
+            response += [vocab.bucket('last', ev[0][i]), vocab.bucket('hist', ev[1][i]), vocab.bucket('pop', ev[2][i])]
+        response.append(vocab.answer)
+        kind = [0] * len(response)
+    order = [target_idx] + [i for i in range(len(cands)) if i != target_idx]
+    answer = [vocab.item(cands[i]) for i in order] + [vocab.eos]
+    return prompt, response + answer, kind + [1] * len(answer)
+
+
+class Split:
+    """Instances of one split as ragged token arrays plus their candidates, target and user."""
+
+    def __init__(self, prompts, responses, kinds, cands, target, users, ts):
+        self.prompts, self.responses, self.kinds = prompts, responses, kinds
+        self.cands, self.target, self.users, self.ts = cands, target, users, ts
+
+    def __len__(self):
+        return len(self.prompts)
+
+    def subset(self, idx):
+        idx = list(idx)
+        return Split([self.prompts[i] for i in idx], [self.responses[i] for i in idx],
+                     [self.kinds[i] for i in idx], self.cands[idx], self.target[idx], self.users[idx], self.ts[idx])
+
+
+def collate(split, idx, vocab, block=1, device='cpu'):
+    """Left-pad prompts to P, right-pad responses with <eos> to R (a multiple of `block`).
+
+    Left padding puts every response at the same columns, so a block covers the same columns in every row."""
+    idx = list(idx)
+    P = max(len(split.prompts[i]) for i in idx)
+    R = max(len(split.responses[i]) for i in idx)
+    R = -(-R // block) * block
+    prompt = torch.full((len(idx), P), vocab.eos, dtype=torch.long)
+    resp = torch.full((len(idx), R), vocab.eos, dtype=torch.long)
+    kind = torch.ones((len(idx), R), dtype=torch.long)
+    pad = torch.zeros(len(idx), dtype=torch.long)
+    resp_len = torch.zeros(len(idx), dtype=torch.long)
+    for r, i in enumerate(idx):
+        p, x, k = split.prompts[i], split.responses[i], split.kinds[i]
+        pad[r] = P - len(p)
+        prompt[r, P - len(p):] = torch.as_tensor(p)
+        resp[r, :len(x)] = torch.as_tensor(x)
+        kind[r, :len(k)] = torch.as_tensor(k)
+        resp_len[r] = len(x)
+    cands = torch.as_tensor(split.cands[idx] + vocab.item0)
+    return dict(prompt=prompt.to(device), pad=pad.to(device), resp=resp.to(device), kind=kind.to(device),
+                resp_len=resp_len.to(device), cands=cands.to(device),
+                target=torch.as_tensor(split.target[idx]).to(device))
+
+
+# ----------------------------------------------------------------------------- the data set
+
+class BeautyData:
+    """Everything downstream needs: vocab, attributes, and train / valid / test instances."""
+
+    def __init__(self, cfg: DataConfig, verbose=True):
+        self.cfg = cfg
+        if cfg.raw_dir:
+            build_from_raw(cfg.raw_dir, cfg.data_dir, cfg.name)
+        seqs, attrs, n_items, n_attrs = load_5core(cfg.data_dir, cfg.name)
+        self.seqs, self.attrs = seqs, attrs
+        self.vocab = Vocab(n_items, n_attrs)
+        key = self._cache_key()
+        path = os.path.join(cfg.cache_dir, f"{cfg.name}-{key}.pt")
+        if os.path.exists(path):
+            blob = torch.load(path, weights_only=False)
+        else:
+            blob = self._prerank_all(verbose)
+            os.makedirs(cfg.cache_dir, exist_ok=True)
+            torch.save(blob, path + '.tmp')
+            os.replace(path + '.tmp', path)
+        self.stats = blob['stats']
+        self.splits = {name: self._encode_split(blob[name]) for name in ('train', 'valid', 'test')}
+
+    def _cache_key(self):
+        settings = {k: v for k, v in asdict(self.cfg).items() if k not in ('trace', 'cache_dir', 'raw_dir', 'data_dir')}
+        h = hashlib.sha1(json.dumps(settings, sort_keys=True).encode())
+        for name in (f'{self.cfg.name}.txt', f'{self.cfg.name}_item2attributes.json'):
+            with open(os.path.join(self.cfg.data_dir, name), 'rb') as f:
+                h.update(f.read())
+        h.update(b'v1')  # bump when the construction changes
+        return h.hexdigest()[:12]
+
+    def _prerank_all(self, verbose):
+        """The slow part, cached: statistics, pre-ranked candidate lists and their leave-out evidence."""
+        cfg, seqs, vocab = self.cfg, self.seqs, self.vocab
+        train_part = [s[:-2] for s in seqs]  # every statistic comes from here only
+        C = cooc_matrix(train_part, vocab.n_items, cfg.cooc_window, cfg.cooc_decay)
+        pop = np.bincount(np.concatenate(train_part), minlength=vocab.n_items + 1).astype(np.float32)
+        users, ts, split = windows_of(seqs)
+        cands, ev_last, ev_hist, ev_pop = prerank(seqs, C, pop, users, ts, cfg)
+        targets = np.array([seqs[u][t] for u, t in zip(users, ts)])
+        hit = cands == targets[:, None]
+        in_list = hit.any(1)
+        target_idx = np.where(in_list, hit.argmax(1), -1)
+        blob = {'stats': {'users': len(seqs), 'items': vocab.n_items, 'attributes': vocab.n_attrs,
+                          'interactions': int(sum(len(s) for s in seqs)),
+                          'prerank_recall_at_10': float(in_list[split == 2].mean()),
+                          'prerank_recall_at_10_valid': float(in_list[split == 1].mean()),
+                          'train_windows': int((split == 0).sum())}}
+        for name, code in (('train', 0), ('valid', 1), ('test', 2)):
+            keep = np.where((split == code) & in_list)[0]
+            blob[name] = dict(users=users[keep], ts=ts[keep], cands=cands[keep], target=target_idx[keep],
+                              ev=np.stack([ev_last[keep], ev_hist[keep], ev_pop[keep]], 1))  # (n, 3, N)
+        return blob
+
+    def _encode_split(self, b):
+        P, X, K = [], [], []
+        for j in range(len(b['users'])):
+            u, t = b['users'][j], b['ts'][j]
+            hist = self.seqs[u][max(0, t - self.cfg.max_hist):t]
+            p, x, k = encode(hist, b['cands'][j], b['target'][j], b['ev'][j], self.attrs, self.vocab, self.cfg.trace)
+            P.append(np.array(p, np.int32))
+            X.append(np.array(x, np.int32))
+            K.append(np.array(k, np.int8))
+        return Split(P, X, K, b['cands'], b['target'], b['users'], b['ts'])
+
+
+# ----------------------------------------------------------------------------- metrics
+
+METRICS = ('R@1', 'R@3', 'R@5', 'N@3', 'N@5', 'MRR')
+
+
+def parse_answer(resp, cands, vocab):
+    """The ranking after <answer> up to <eos>, as candidate indices, or None if it is not a permutation."""
+    resp = [int(t) for t in resp]
+    if vocab.answer in resp:
+        resp = resp[resp.index(vocab.answer) + 1:]
+    elif len(resp) and not vocab.is_item(resp[0]):
+        return None  # a trace model must say <answer>; a direct model starts with an item
+    if vocab.eos in resp:
+        resp = resp[:resp.index(vocab.eos)]
+    else:
+        return None  # unfinished
+    pos = {int(c): i for i, c in enumerate(cands)}
+    if len(resp) != len(pos) or sorted(resp) != sorted(pos):
+        return None
+    return [pos[t] for t in resp]
+
+
+def target_rank(ranking, target_idx):
+    """1-based rank of the target; invalid output (None) is scored as the pre-ranker's order."""
+    if ranking is None:
+        return int(target_idx) + 1
+    return ranking.index(int(target_idx)) + 1
+
+
+def metrics_from_ranks(ranks):
+    r = np.asarray(ranks, dtype=np.float64)
+    ndcg = lambda k: np.where(r <= k, 1.0 / np.log2(r + 1), 0.0).mean()
+    return {'R@1': float((r <= 1).mean()), 'R@3': float((r <= 3).mean()), 'R@5': float((r <= 5).mean()),
+            'N@3': float(ndcg(3)), 'N@5': float(ndcg(5)), 'MRR': float((1.0 / r).mean())}
+
+
+def per_rank_metric(ranks, name):
+    """Per-user value of one metric (for bootstraps)."""
+    r = np.asarray(ranks, dtype=np.float64)
+    k = {'R@1': 1, 'R@3': 3, 'R@5': 5, 'N@3': 3, 'N@5': 5}.get(name)
+    if name.startswith('R@'):
+        return (r <= k).astype(np.float64)
+    if name.startswith('N@'):
+        return np.where(r <= k, 1.0 / np.log2(r + 1), 0.0)
+    return 1.0 / r
+
+
+def paired_bootstrap(ranks_a, ranks_b, metric='R@1', n_boot=10000, seed=0):
+    """Mean difference a - b of a metric over the same users, with a 95% interval from resampling users."""
+    a, b = per_rank_metric(ranks_a, metric), per_rank_metric(ranks_b, metric)
+    assert len(a) == len(b), "paired bootstrap needs the same users in the same order"
+    d = a - b
+    rng = np.random.default_rng(seed)
+    boots = d[rng.integers(0, len(d), size=(n_boot, len(d)))].mean(1)
+    return {'diff': float(d.mean()), 'lo': float(np.percentile(boots, 2.5)), 'hi': float(np.percentile(boots, 97.5))}
+
+
+def floor_ranks(split):
+    return [int(t) + 1 for t in split.target]
+
+
+# ----------------------------------------------------------------------------- script
+
+def main():
+    from common import parse_config, print_config, write_json, Timer, command_line, git_commit
+    cfg = parse_config(DataConfig)
+    print_config(cfg)
+    timer = Timer()
+    try:
+        data = BeautyData(cfg)
+    except DataError as e:
+        raise SystemExit(f"error: {e}")
+    v, st = data.vocab, data.stats
+    sp = data.splits
+    mean_len = lambda xs: float(np.mean([len(x) for x in xs]))
+    trace_lens = [int((k == 0).sum()) for k in sp['test'].kinds]
+    out = dict(st, n_train=len(sp['train']), n_valid=len(sp['valid']), n_test=len(sp['test']), vocab_size=v.size,
+               mean_prompt_tokens=mean_len(sp['test'].prompts), mean_trace_tokens=float(np.mean(trace_lens)),
+               mean_answer_tokens=float(np.mean([int((k == 1).sum()) for k in sp['test'].kinds])),
+               floor={s: metrics_from_ranks(floor_ranks(sp[s])) for s in ('valid', 'test')},
+               config=asdict(cfg), command=command_line(), commit=git_commit(), seconds=round(timer(), 1))
+    print(f"users {st['users']}  items {st['items']}  interactions {st['interactions']}  vocab {v.size}")
+    print(f"pre-ranker recall@10 (all users, test) {st['prerank_recall_at_10']:.4f}   "
+          f"instances train {out['n_train']} valid {out['n_valid']} test {out['n_test']}")
+    print(f"mean tokens: prompt {out['mean_prompt_tokens']:.1f} trace {out['mean_trace_tokens']:.1f} "
+          f"answer {out['mean_answer_tokens']:.1f}")
+    for s in ('valid', 'test'):
+        print(f"floor {s}: " + ' '.join(f"{k} {x:.4f}" for k, x in out['floor'][s].items()))
+    ex = sp['test']
+    print("\nexample (test instance 0):\n  prompt:   " + v.decode(ex.prompts[0]) +
+          "\n  response: " + v.decode(ex.responses[0]) + f"\n  target: candidate {ex.target[0] + 1} of {cfg.n_cand}")
+    if cfg.trace:
+        write_json('results/data.json', out)
+    print(f"done in {timer():.1f}s")
+
+
+if __name__ == '__main__':
+    main()

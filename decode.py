@@ -1,0 +1,162 @@
+"""Decode and evaluate any checkpoint on validation or test under the fixed protocol.
+
+    python decode.py --ckpt=out/ar.pt --name=ar                           # AR teacher, greedy, test
+    python decode.py --ckpt=out/cft.pt --name=cft --block=32 --tau=0.9    # block diffusion, threshold rule
+    python decode.py --ckpt=out/ar.pt --name=naive --block=32 --tau=0.9   # naive conversion of the AR model
+
+Writes results/eval_<name>.json: metrics, validity, floor, decode settings, and per-user ranks in user order
+(invalid output scored as the pre-ranker's order), so any two systems can be compared by a paired bootstrap.
+"""
+from dataclasses import dataclass, asdict
+
+import numpy as np
+import torch
+
+from common import (parse_config, print_config, pick_device, autocast, device_name, load_checkpoint,
+                    write_json, git_commit, command_line, Timer, CheckpointError)
+from data_beauty import (DataConfig, BeautyData, collate, parse_answer, target_rank, metrics_from_ranks,
+                         floor_ranks)
+from model import attention_mask, column_blocks, positions
+
+
+@dataclass
+class DecodeConfig:
+    ckpt: str = 'out/ar.pt'
+    name: str = ''              # results/eval_<name>.json; empty: only print
+    split: str = 'test'
+    data_dir: str = '../shared/data/beauty'
+    block: int = 0              # 0: autoregressive decoding; B >= 1: block diffusion with blocks of B tokens
+    tau: float = 0.9            # diffusion: commit every masked position with confidence >= tau (at least one)
+    k: int = 0                  # diffusion: if > 0, commit exactly the k most confident per step instead
+    batch_size: int = 256
+    limit: int = 0              # > 0: only the first `limit` instances (quick looks)
+    seed: int = 0
+    device: str = 'auto'
+
+
+@torch.no_grad()
+def generate_ar(model, prompt, pad, max_new, vocab):
+    """Greedy AR decoding with the KV cache; head and softmax in fp32. Returns tokens (B, max_new), lengths."""
+    B, P = prompt.shape
+    S = P + max_new
+    blk, valid = column_blocks(pad, P, max_new, 1)
+    pos = positions(pad, S)
+    cache = model.new_cache(B, S, prompt.device, dtype=next(model.parameters()).dtype)
+    cols = torch.arange(P, device=prompt.device)
+    h = model(prompt, pos[:, :P], attention_mask(blk, valid, cols), cache, cols)
+    logits = model.head(h[:, -1], fp32=True)
+    out = torch.full((B, max_new), vocab.eos, dtype=torch.long, device=prompt.device)
+    done = torch.zeros(B, dtype=torch.bool, device=prompt.device)
+    for j in range(max_new):
+        logits[:, vocab.mask] = -float('inf')
+        tok = torch.where(done, vocab.eos, logits.argmax(-1))
+        out[:, j] = tok
+        done |= tok == vocab.eos
+        if bool(done.all()) or j == max_new - 1:  # one host sync per step
+            break
+        col = torch.tensor([P + j], device=prompt.device)
+        h = model(tok[:, None], pos[:, col], attention_mask(blk, valid, col), cache, col)
+        logits = model.head(h[:, -1], fp32=True)
+    lengths = response_lengths(out, vocab)
+    return out, lengths
+
+
+def response_lengths(out, vocab):
+    """Tokens up to and including the first <eos> (all of them if there is none)."""
+    is_eos = out == vocab.eos
+    first = torch.where(is_eos.any(1), is_eos.float().argmax(1), torch.full_like(out[:, 0], out.shape[1] - 1))
+    return first + 1
+
+
+def decode_split(model, data, split, cfg, device, max_new=None):
+    """Decode every instance of a split; returns per-instance ranks, validity and decode statistics."""
+    from diffusion import generate_block
+    vocab = data.vocab
+    n = len(split) if not cfg.limit else min(cfg.limit, len(split))
+    order = sorted(range(n), key=lambda i: len(split.prompts[i]))  # less padding; results do not depend on it
+    max_resp = max_new or (max(len(split.responses[i]) for i in range(n)) + 32)
+    ranks, valid, texts = [0] * n, [False] * n, [None] * n
+    stats = {'n_tokens': 0, 'n_forwards': 0, 'trace_tokens': 0, 'trace_forwards': 0, 'answer_tokens': 0,
+             'answer_forwards': 0}
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    model.eval()
+    for b0 in range(0, n, cfg.batch_size):
+        idx = order[b0:b0 + cfg.batch_size]
+        batch = collate(split, idx, vocab, device=device)
+        with autocast(device):
+            if cfg.block <= 0:
+                out, lengths = generate_ar(model, batch['prompt'], batch['pad'], max_resp, vocab)
+                stats['n_tokens'] += int(lengths.sum())
+                stats['n_forwards'] += int(lengths.sum())  # one forward per token and sequence (prefill included)
+            else:
+                max_r = -(-max_resp // cfg.block) * cfg.block
+                res = generate_block(model, batch['prompt'], batch['pad'], max_r, vocab, block=cfg.block,
+                                     tau=cfg.tau, k=cfg.k, generator=gen)
+                out, lengths = res['tokens'], res['lengths']
+                for key in stats:
+                    stats[key] += int(res[key].sum())
+        for r, i in enumerate(idx):
+            toks = out[r, :int(lengths[r])].tolist()
+            ranking = parse_answer(toks, split.cands[i] + vocab.item0, vocab)
+            ranks[i] = target_rank(ranking, split.target[i])
+            valid[i] = ranking is not None
+            texts[i] = toks
+    return ranks, valid, texts, stats
+
+
+def evaluate(model, data, split_name, cfg, device, max_new=None):
+    """Metrics and the per-user record for one split (the schema of results/eval_<name>.json)."""
+    split = data.splits[split_name]
+    timer = Timer()
+    ranks, valid, texts, stats = decode_split(model, data, split, cfg, device, max_new)
+    n = len(ranks)
+    out = {'split': split_name, 'n': n, 'metrics': metrics_from_ranks(ranks), 'validity': float(np.mean(valid)),
+           'floor': metrics_from_ranks(floor_ranks(split)[:n]),
+           'decode': {'mode': 'ar' if cfg.block <= 0 else 'diffusion', 'block': cfg.block or None,
+                      'tau': cfg.tau if cfg.block > 0 and cfg.k <= 0 else None, 'k': cfg.k if cfg.block > 0 else None,
+                      'greedy': True},
+           'seconds': round(timer(), 2),
+           'per_user': {'user': [int(u) for u in split.users[:n]], 'rank': ranks, 'valid': valid}}
+    if stats['n_forwards']:
+        out['tokens_per_forward'] = stats['n_tokens'] / stats['n_forwards']
+    if stats['trace_forwards']:
+        out['tokens_per_forward_trace'] = stats['trace_tokens'] / stats['trace_forwards']
+    if stats['answer_forwards']:
+        out['tokens_per_forward_answer'] = stats['answer_tokens'] / stats['answer_forwards']
+    out['mean_response_tokens'] = stats['n_tokens'] / max(n, 1)
+    return out, texts
+
+
+def load_data_for(ckpt, data_dir):
+    """The data a checkpoint was trained on (same trace setting, same vocabulary)."""
+    dcfg = DataConfig(**{**ckpt['run_cfg']['data'], 'data_dir': data_dir})
+    return BeautyData(dcfg)
+
+
+def main():
+    cfg = parse_config(DecodeConfig)
+    print_config(cfg)
+    device = pick_device(cfg.device)
+    try:
+        model, ckpt = load_checkpoint(cfg.ckpt, device=device)
+    except CheckpointError as e:
+        raise SystemExit(f"error: {e}")
+    data = load_data_for(ckpt, cfg.data_dir)
+    if data.vocab.size != model.config.vocab_size:
+        raise SystemExit(f"error: {cfg.ckpt} has vocabulary {model.config.vocab_size}, data has {data.vocab.size}")
+    res, texts = evaluate(model, data, cfg.split, cfg, device)
+    res.update(name=cfg.name, ckpt=cfg.ckpt, stage=ckpt['stage'], seed=cfg.seed, device=device_name(device),
+               command=command_line(), commit=git_commit())
+    m = res['metrics']
+    print(f"{cfg.split} n={res['n']} validity {res['validity']:.4f} " + ' '.join(f"{k} {v:.4f}" for k, v in m.items()))
+    print("floor       " + ' '.join(f"{k} {v:.4f}" for k, v in res['floor'].items()))
+    if 'tokens_per_forward' in res:
+        print(f"tokens per forward {res['tokens_per_forward']:.2f} (trace {res.get('tokens_per_forward_trace', 0):.2f}, "
+              f"answer {res.get('tokens_per_forward_answer', 0):.2f})")
+    print("example: " + data.vocab.decode(texts[0]))
+    if cfg.name:
+        write_json(f"results/eval_{cfg.name}.json", res)
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,273 @@
+"""Block diffusion on top of the AR model: conversion, training loss, block-parallel sampler, replay, and the
+permutation-validity and distillation losses. The math of the paper lives here; optimizers do not.
+
+Layout: [prompt][response], the response cut into blocks of B tokens. Attention is block-causal (bidirectional
+inside a block, causal across blocks; every prompt token is a block of its own). The AR token shift is kept:
+the hidden state at column j-1 predicts token j, so a block's first token is predicted from the last clean
+position of the previous block (the AR distribution), and with B = 1 everything here is the AR model.
+References: BD3-LM (Arriola et al. 2025), MDLM (Sahoo et al. 2024), Fast-dLLM (Wu et al. 2025), TraceRL (2025).
+"""
+import torch
+import torch.nn.functional as F
+
+from model import attention_mask, column_blocks, positions
+
+
+@torch.no_grad()
+def convert(model, vocab):
+    """AR -> block diffusion: same weights; the mask token starts as the mean input embedding (a neutral
+    'unknown' input). Block-causal attention and the kept token shift live in the functions below."""
+    model.wte.weight[vocab.mask] = model.wte.weight.mean(0)
+    return model
+
+
+# ----------------------------------------------------------------------------- training (BD3-LM, vectorised)
+
+def bd3_columns(pad, P, R, block):
+    """Position ids and attention mask for one forward over [prompt ; noised response ; clean response].
+
+    A noised block sees the prompt, the clean copies of earlier blocks and itself; a clean block sees the
+    prompt and clean blocks up to itself (block-causal); clean copies reuse the noised copy's positions."""
+    B, dev = pad.shape[0], pad.device
+    S = P + 2 * R
+    col = torch.arange(S, device=dev)
+    kind = torch.where(col < P, 0, torch.where(col < P + R, 1, 2))      # 0 prompt, 1 noised, 2 clean
+    j = torch.where(kind == 1, col - P, col - P - R)                    # response index (prompt: negative)
+    rblk = torch.div(j, block, rounding_mode='floor')
+    q_kind, k_kind = kind[:, None], kind[None, :]
+    q_blk, k_blk = rblk[:, None], rblk[None, :]
+    prompt_key = (k_kind == 0) & ((q_kind != 0) | (col[None, :] <= col[:, None]))
+    noised_key = (k_kind == 1) & (q_kind == 1) & (k_blk == q_blk)
+    clean_key = (k_kind == 2) & (((q_kind == 1) & (k_blk < q_blk)) | ((q_kind == 2) & (k_blk <= q_blk)))
+    m = (prompt_key | noised_key | clean_key)[None] & (col[None, None, :] >= pad[:, None, None])  # (B, S, S)
+    m = m | torch.eye(S, dtype=torch.bool, device=dev)
+    pos_resp = torch.arange(R, device=dev)
+    pos = torch.cat([positions(pad, P), (P - pad)[:, None] + pos_resp, (P - pad)[:, None] + pos_resp], 1)  # (B, S)
+    return pos, m
+
+
+def predicting_columns(P, R, block, device):
+    """For response index j, the column whose hidden state predicts token j in the bd3 layout: the noised
+    column j-1 inside a block; for a block's first token the clean copy of the previous block's last token
+    (or the last prompt token). A plain shift over the concatenation would be wrong for these 1/B tokens."""
+    j = torch.arange(R, device=device)
+    first = (j % block) == 0
+    return torch.where(first, torch.where(j == 0, P - 1, P + R + j - 1), P + j - 1)
+
+
+def bd3_hidden(model, prompt, pad, xt, x0, block):
+    """Hidden states that predict every response token of the noised response xt, given clean x0: (B, R, C)."""
+    P, R = prompt.shape[1], x0.shape[1]
+    pos, mask = bd3_columns(pad, P, R, block)
+    h = model(torch.cat([prompt, xt, x0], 1), pos, mask)
+    return h[:, predicting_columns(P, R, block, prompt.device)]
+
+
+def loss_region(resp, resp_len, block):
+    """Response positions that are trained: everything up to the end of the block holding the first <eos>
+    (the sampler fills that block; later blocks are never decoded). With B = 1: up to and including <eos>."""
+    R = resp.shape[1]
+    end = torch.div(resp_len - 1, block, rounding_mode='floor') * block + block
+    return torch.arange(R, device=resp.device)[None, :] < end[:, None]
+
+
+def noise_blocks(resp, block, mask_id, generator=None, t_min=0.05):
+    """Mask each position with probability t, one t ~ U(t_min, 1) per block (BD3-LM)."""
+    B, R = resp.shape
+    t = torch.rand(B, R // block, device=resp.device, generator=generator) * (1 - t_min) + t_min
+    t = t.repeat_interleave(block, dim=1)                               # (B, R)
+    masked = torch.rand(B, R, device=resp.device, generator=generator) < t
+    return masked
+
+
+def diffusion_loss(model, batch, block, mask_id, masked=None, w_trace=1.0, w_answer=1.0, complementary=True,
+                   validity_weight=0.0, vocab=None, generator=None):
+    """Masked-token cross-entropy of the block-diffusion model (plain mean over masked tokens, Fast-dLLM v2),
+    with complementary masks (each example also with the opposite mask: every token supervised once), plus
+    optionally the permutation-validity loss on the answer positions. Returns (loss, parts dict)."""
+    prompt, resp, pad = batch['prompt'], batch['resp'], batch['pad']
+    region = loss_region(resp, batch['resp_len'], block)
+    if masked is None:
+        masked = noise_blocks(resp, block, mask_id, generator)
+    kind = batch['kind']
+    if complementary:
+        prompt, pad, resp, kind, region = (torch.cat([z, z]) for z in (prompt, pad, resp, kind, region))
+        masked = torch.cat([masked, ~masked])
+    xt = torch.where(masked, mask_id, resp)
+    h = bd3_hidden(model, prompt, pad, xt, resp, block)
+    logits = model.head(h).float()                                      # (B, R, V)
+    ce = F.cross_entropy(logits.reshape(-1, logits.size(-1)), resp.reshape(-1), reduction='none').view(resp.shape)
+    w = torch.where(kind == 0, w_trace, w_answer) * (masked & region)
+    ce_loss = (ce * w).sum() / w.sum().clamp(min=1)
+    parts = {'ce': ce_loss.detach()}
+    loss = ce_loss
+    if validity_weight > 0:
+        cands = torch.cat([batch['cands'], batch['cands']]) if complementary else batch['cands']
+        v = permutation_validity_loss(logits, resp, masked, cands, kind, vocab)
+        parts['validity_loss'] = v.detach()
+        loss = loss + validity_weight * v
+    return loss, parts
+
+
+def permutation_validity_loss(logits, resp, masked, cands, kind, vocab):
+    """Penalise (a) probability mass outside the candidate set at the answer positions and (b) candidates whose
+    expected count over the answer positions is not one (duplicates, drops). A revealed answer position
+    counts as one-hot on its token, a masked one as the model's distribution, so predicting an already
+    revealed candidate again is a duplicate. Zero exactly on a one-hot permutation of the candidates."""
+    answer = (kind == 1) & (resp > vocab.item0)                         # (B, R) the N ranked-item positions
+    probs = logits.softmax(-1)                                          # (B, R, V)
+    onehot = F.one_hot(resp, logits.size(-1)).to(probs.dtype)
+    q = torch.where(masked[..., None], probs, onehot) * answer[..., None]
+    q_cand = q.gather(2, cands[:, None, :].expand(-1, q.size(1), -1))  # (B, R, N) mass on each candidate
+    n_pos = answer.sum(1).clamp(min=1)
+    outside = ((1 - q_cand.sum(2)) * answer).sum(1) / n_pos            # (B,)
+    coverage = ((q_cand.sum(1) - 1) ** 2).mean(1)                       # (B,)
+    has = answer.any(1).float()
+    return ((outside + coverage) * has).sum() / has.sum().clamp(min=1)
+
+
+# ----------------------------------------------------------------------------- sampler
+
+def choose_tokens(logits, temperature, generator):
+    """Greedy (temperature 0) or sampled tokens and their confidence (probability of the chosen token), fp32."""
+    if temperature <= 0:
+        probs = logits.softmax(-1)
+        conf, tok = probs.max(-1)
+        return tok, conf
+    probs = (logits / temperature).softmax(-1)
+    flat = probs.reshape(-1, probs.size(-1))
+    tok = torch.multinomial(flat, 1, generator=generator).view(probs.shape[:-1])
+    return tok, probs.gather(-1, tok[..., None]).squeeze(-1)
+
+
+def commit_rule(conf, masked, tau, k):
+    """Which masked positions to commit this step: every one with confidence >= tau and at least the most
+    confident (Fast-dLLM threshold rule), or the k most confident (static k)."""
+    c = torch.where(masked, conf, -1.0)
+    if k > 0:
+        top = c.topk(min(k, c.size(1)), dim=1).indices
+        commit = torch.zeros_like(masked).scatter_(1, top, True)
+    else:
+        commit = c >= tau
+        commit.scatter_(1, c.argmax(1, keepdim=True), True)
+    return commit & masked
+
+
+@torch.no_grad()
+def generate_block(model, prompt, pad, max_resp, vocab, block, tau=0.9, k=0, temperature=0.0, generator=None):
+    """Block-by-block decoding over a KV cache of the prompt and finished blocks.
+
+    Inside a block, each step predicts every masked position at once and commits some of them (commit_rule).
+    A finished block's keys/values are written by one more pass, fused with the next block's first step
+    ([finished block ; masked block] in one forward: the finished block's last position also predicts the new
+    block's first token). Stops after the block that holds <eos> (per row; the batch until all are done).
+    Returns tokens (B, R), lengths (up to <eos>), steps (B, R: the step of its block at which each token was
+    committed, 1-based; 0 = not decoded), logp (its log-probability then) and per-row forward/token counts (total, trace blocks, answer blocks)."""
+    B, P = prompt.shape
+    R, dev = max_resp, prompt.device
+    assert R % block == 0, "the response length must be a multiple of the block size"
+    blk, valid = column_blocks(pad, P, R, block)
+    pos = positions(pad, P + R)
+    cache = model.new_cache(B, P + R, dev, dtype=next(model.parameters()).dtype)
+    cols = torch.arange(P, device=dev)
+    h = model(prompt, pos[:, :P], attention_mask(blk, valid, cols), cache, cols)
+    first_logits = model.head(h[:, -1], fp32=True)                      # predicts response token 0
+    x = torch.full((B, R), vocab.mask, dtype=torch.long, device=dev)
+    steps = torch.zeros((B, R), dtype=torch.long, device=dev)
+    logp = torch.zeros((B, R), device=dev)                              # log-prob of each token when committed
+    forwards = torch.ones(B, dtype=torch.long, device=dev)              # the prefill
+    block_steps = torch.zeros((B, R // block), dtype=torch.long, device=dev)
+    done = torch.zeros(B, dtype=torch.bool, device=dev)
+    for b in range(R // block):
+        s0 = P + b * block                                              # first column of this block
+        cur = torch.where(done[:, None], vocab.eos, x[:, b * block:(b + 1) * block])
+        pending = b > 0                                                 # previous block not yet in the cache
+        step = 0
+        while True:
+            masked = cur == vocab.mask
+            active = masked.any(1)
+            if not bool(active.any()):                                  # one host sync per step
+                break
+            step += 1
+            if pending:
+                qcols = torch.arange(s0 - block, s0 + block, device=dev)
+                h = model(torch.cat([x[:, (b - 1) * block:b * block], cur], 1), pos[:, qcols],
+                          attention_mask(blk, valid, qcols), cache, qcols)
+                first_logits = model.head(h[:, block - 1], fp32=True)
+                h = h[:, block:]
+                pending = False
+            elif block > 1:
+                qcols = torch.arange(s0, s0 + block, device=dev)
+                h = model(cur, pos[:, qcols], attention_mask(blk, valid, qcols), cache, qcols)
+            else:
+                h = None                                                # B = 1, first block: the prefill predicted it
+            if h is not None:
+                forwards += active
+            logits = first_logits[:, None] if block == 1 else \
+                torch.cat([first_logits[:, None], model.head(h[:, :block - 1], fp32=True)], 1)  # (B, block, V)
+            logits[..., vocab.mask] = -float('inf')
+            tok, conf = choose_tokens(logits, temperature, generator)
+            commit = commit_rule(conf, masked, tau, k)
+            cur = torch.where(commit, tok, cur)
+            steps[:, b * block:(b + 1) * block] += commit * step
+            logp[:, b * block:(b + 1) * block] += commit * conf.clamp(min=1e-30).log()
+            block_steps[:, b] += active
+        x[:, b * block:(b + 1) * block] = cur
+        done |= (cur == vocab.eos).any(1)
+        if bool(done.all()):
+            break
+    lengths = first_eos_lengths(x, vocab)
+    return dict(tokens=x, lengths=lengths, steps=steps, logp=logp, **count_by_kind(x, lengths, block_steps, forwards, block, vocab))
+
+
+def first_eos_lengths(x, vocab):
+    is_eos = x == vocab.eos
+    return torch.where(is_eos.any(1), is_eos.float().argmax(1) + 1, torch.full_like(x[:, 0], x.shape[1]))
+
+
+def count_by_kind(x, lengths, block_steps, forwards, block, vocab):
+    """Tokens (up to <eos>) and forwards per row, split into trace blocks and answer blocks (a block holding
+    <answer> or anything after it is an answer block)."""
+    B, R = x.shape
+    j = torch.arange(R, device=x.device)
+    is_ans = x == vocab.answer
+    ans_at = torch.where(is_ans.any(1), is_ans.float().argmax(1), torch.zeros_like(lengths))  # direct: all answer
+    blk_first = torch.arange(0, R, block, device=x.device)
+    answer_block = (blk_first[None, :] + block - 1) >= ans_at[:, None]                 # (B, nblk)
+    live = (j[None, :] < lengths[:, None]).view(B, -1, block).sum(2)                    # tokens per block
+    return {'n_tokens': lengths, 'n_forwards': forwards,
+            'trace_tokens': (live * ~answer_block).sum(1), 'trace_forwards': (block_steps * ~answer_block).sum(1),
+            'answer_tokens': (live * answer_block).sum(1), 'answer_forwards': (block_steps * answer_block).sum(1)}
+
+
+# ----------------------------------------------------------------------------- replay (OPD and RL)
+
+def replay_hidden(model, prompt, pad, tokens, steps, block, mask_id):
+    """Recompute, with gradients, the hidden state that predicted each committed token at the state in which
+    the sampler committed it: at step s of a block, tokens committed before s revealed, the rest masked.
+    The step states are stacked along the batch (one bd3 forward per step index), each over the clean
+    prefix. Returns (B, R, C); which positions got committed is not part of the computation."""
+    n_steps = int(steps.max())
+    B, R = tokens.shape
+    states = []
+    for s in range(1, n_steps + 1):
+        states.append(torch.where((steps >= s) | (steps == 0), mask_id, tokens))
+    xt = torch.cat(states)                                              # (n_steps * B, R)
+    rep = lambda z: z.repeat(n_steps, *([1] * (z.dim() - 1)))
+    h = bd3_hidden(model, rep(prompt), rep(pad), xt, rep(tokens), block)  # (n_steps * B, R, C)
+    h = h.view(n_steps, B, R, -1)
+    pick = (steps.clamp(min=1) - 1)                                     # (B, R) which state predicted token j
+    return h.gather(0, pick[None, :, :, None].expand(1, B, R, h.size(-1))).squeeze(0)
+
+
+def token_logprobs(logits, tokens, temperature=1.0):
+    """log pi(token) under the sampling temperature used by the rollouts."""
+    return (logits.float() / max(temperature, 1e-6)).log_softmax(-1).gather(-1, tokens[..., None]).squeeze(-1)
+
+
+def forward_kl(teacher_logits, student_logits, weight):
+    """KL(teacher || student) over the full vocabulary at each weighted position, averaged (on-policy distillation)."""
+    t = teacher_logits.float().log_softmax(-1)
+    s = student_logits.float().log_softmax(-1)
+    kl = (t.exp() * (t - s)).sum(-1)                                    # (B, R)
+    return (kl * weight).sum() / weight.sum().clamp(min=1)

@@ -1,0 +1,143 @@
+"""A small GPT with one attention path: the caller passes the mask (causal, block-causal, anything).
+
+Pre-norm transformer, learned positions taken from per-example position ids (left padding shifts them),
+tied input/output embeddings, and a static KV cache written at explicit columns, so the same forward serves
+training, autoregressive decoding and block-diffusion decoding (and can be captured in a CUDA graph).
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 12768
+    n_layer: int = 6
+    n_head: int = 8
+    n_embd: int = 256
+    max_pos: int = 512      # positions: prompt + response
+    dropout: float = 0.0
+
+
+class KVCache:
+    """Per-layer keys and values over a fixed number of columns; forward writes the columns it is given."""
+
+    def __init__(self, cfg, batch, n_cols, device, dtype):
+        shape = (cfg.n_layer, batch, cfg.n_head, n_cols, cfg.n_embd // cfg.n_head)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=False)
+        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
+        self.dropout = cfg.dropout
+
+    def forward(self, x, mask, cache=None, layer=0, cols=None):
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)
+        q, k, v = (z.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for z in (q, k, v))  # (B, nh, T, hs)
+        if cache is not None:
+            # write this forward's keys/values at their columns, then attend over every cached column;
+            # the mask decides which columns hold content this query may see
+            cache.k[layer].index_copy_(2, cols, k.to(cache.k.dtype))
+            cache.v[layer].index_copy_(2, cols, v.to(cache.v.dtype))
+            k, v = cache.k[layer].to(q.dtype), cache.v[layer].to(q.dtype)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.unsqueeze(1),
+                                           dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+        return self.proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=False)
+        self.proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=False)
+
+    def forward(self, x):
+        return self.proj(F.gelu(self.fc(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(cfg.n_embd)
+        self.attn = Attention(cfg)
+        self.ln2 = nn.LayerNorm(cfg.n_embd)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, mask, cache, layer, cols):
+        x = x + self.attn(self.ln1(x), mask, cache, layer, cols)
+        return x + self.mlp(self.ln2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.config = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.wpe = nn.Embedding(cfg.max_pos, cfg.n_embd)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.n_embd)
+        self.apply(self._init)
+        for name, p in self.named_parameters():  # GPT-2: scale residual projections by depth
+            if name.endswith('proj.weight'):
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @staticmethod
+    def _init(m):
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+
+    def forward(self, idx, pos, mask, cache=None, cols=None):
+        """Hidden states (B, T, C). idx, pos: (B, T); mask: (B, T, S) bool, True = may attend, where S = T
+        without a cache and S = the cache's columns with one (then `cols` (T,) says where idx's columns are)."""
+        x = self.wte(idx) + self.wpe(pos)
+        for i, block in enumerate(self.blocks):
+            x = block(x, mask, cache, i, cols)
+        return self.ln_f(x)
+
+    def head(self, h, fp32=False):
+        """Logits from hidden states; decoding asks for fp32 so that confidences are not bf16-rounded."""
+        if fp32:
+            return F.linear(h.float(), self.wte.weight.float())
+        return F.linear(h, self.wte.weight)
+
+    def new_cache(self, batch, n_cols, device, dtype=torch.float32):
+        return KVCache(self.config, batch, n_cols, device, dtype)
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+
+def attention_mask(blk, valid, q_cols):
+    """Block-causal attention over columns: a query may see a key iff the key's block <= the query's block and
+    the key is real (not padding). blk, valid: (B, S) per column (see column_blocks); q_cols: (T,) the query
+    columns. With one token per block (every prompt token is a block of its own) this is causal attention.
+    A query always sees itself, so padded rows stay finite. Returns (B, T, S)."""
+    S = blk.shape[1]
+    m = (blk[:, None, :] <= blk[:, q_cols, None]) & valid[:, None, :]
+    return m | (torch.arange(S, device=blk.device)[None, None, :] == q_cols[None, :, None])
+
+
+def column_blocks(pad, P, R, block):
+    """Block ids and validity of the columns of [left-padded prompt (P) ; response (R)]: prompt column c is block
+    c, response column P + j is block P + j // block. Returns (block_id (B, P+R), valid (B, P+R))."""
+    B = pad.shape[0]
+    col = torch.arange(P + R, device=pad.device)
+    blk = torch.where(col < P, col, P + (col - P) // block).expand(B, -1)
+    valid = col[None, :] >= pad[:, None]
+    return blk, valid
+
+
+def positions(pad, n_cols):
+    """Per-example position ids: left padding shifts them so that every prompt starts at 0."""
+    col = torch.arange(n_cols, device=pad.device)
+    return (col[None, :] - pad[:, None]).clamp(min=0)

@@ -1,0 +1,141 @@
+"""The protocol: split, leave-out statistics, pre-ranker, traces, metrics, bootstrap, errors."""
+import numpy as np
+import pytest
+
+from data_beauty import (DataConfig, BeautyData, DataError, Vocab, cooc_matrix, prerank, windows_of, encode,
+                         parse_answer, target_rank, metrics_from_ranks, paired_bootstrap, load_5core)
+
+
+def test_missing_data_dir_names_the_fix(tmp_path):
+    with pytest.raises(DataError, match='Beauty.txt.*--data_dir'):
+        BeautyData(DataConfig(data_dir=str(tmp_path / 'nowhere'), cache_dir=str(tmp_path)))
+
+
+def test_malformed_file_is_named(tmp_path):
+    (tmp_path / 'Beauty.txt').write_text('1 2 x 4\n')
+    (tmp_path / 'Beauty_item2attributes.json').write_text('{}')
+    with pytest.raises(DataError, match='malformed'):
+        load_5core(str(tmp_path))
+
+
+def test_split_and_instances(tiny_data):
+    d = tiny_data
+    for name, offset in (('valid', 2), ('test', 1)):
+        sp = d.splits[name]
+        assert len(set(sp.users.tolist())) == len(sp)  # one instance per user
+        for u, t in zip(sp.users, sp.ts):
+            assert t == len(d.seqs[u]) - offset
+    tr = d.splits['train']
+    for u, t in zip(tr.users, tr.ts):
+        assert t <= len(d.seqs[u]) - 3  # no validation or test target is a train window's target
+    for sp in d.splits.values():  # kept iff the target is in the list; target index points at it
+        for i in range(len(sp)):
+            assert sp.cands[i][sp.target[i]] == d.seqs[sp.users[i]][sp.ts[i]]
+
+
+def test_prerank_never_returns_history_and_is_deterministic(tiny_data):
+    d = tiny_data
+    for sp in d.splits.values():
+        for i in range(len(sp)):
+            hist = set(d.seqs[sp.users[i]][:sp.ts[i]].tolist())
+            assert not hist & set(sp.cands[i].tolist())
+            assert len(set(sp.cands[i].tolist())) == d.cfg.n_cand
+    again = BeautyData(d.cfg)
+    assert np.array_equal(again.splits['test'].cands, d.splits['test'].cands)
+
+
+def leave_out_reference(seqs, u, t, n_items, cfg):
+    """Statistics rebuilt from scratch without user u's train positions >= t-1."""
+    train = [s[:-2] for s in seqs]
+    train[u] = train[u][:max(t - 1, 0)]
+    C = cooc_matrix(train, n_items, cfg.cooc_window, cfg.cooc_decay)
+    pop = np.bincount(np.concatenate([x for x in train if len(x)]), minlength=n_items + 1).astype(np.float32)
+    return C, pop
+
+
+def test_leave_out_statistics_equal_a_rebuild(tiny_data):
+    """The window's candidates and evidence equal those from statistics rebuilt without the user's
+    interactions at positions >= t-1 (co-occurrence and popularity), for train, valid and test windows."""
+    d, cfg = tiny_data, tiny_data.cfg
+    seqs, n_items = d.seqs, d.vocab.n_items
+    train = [s[:-2] for s in seqs]
+    C = cooc_matrix(train, n_items, cfg.cooc_window, cfg.cooc_decay)
+    pop = np.bincount(np.concatenate(train), minlength=n_items + 1).astype(np.float32)
+    users, ts, _ = windows_of(seqs)
+    for j in list(range(0, len(users), max(1, len(users) // 25))):
+        u, t = users[j:j + 1], ts[j:j + 1]
+        got = prerank(seqs, C, pop, u, t, cfg)
+        C2, pop2 = leave_out_reference(seqs, u[0], t[0], n_items, cfg)
+        want = prerank(seqs, C2, pop2, u, t, cfg, leave_out=False)
+        assert np.array_equal(got[0], want[0]), (u, t)
+        for a, b in zip(got[1:], want[1:]):
+            np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_target_own_transition_left_out():
+    """A pair seen only in the user's own target transition gives the target no co-occurrence."""
+    seqs = [np.array([1, 2, 3, 4, 5, 6, 7]), np.array([8, 9, 10, 11, 12])]
+    cfg = DataConfig(cooc_window=1, n_cand=3)
+    train = [s[:-2] for s in seqs]
+    C = cooc_matrix(train, 12, 1, 1.0)
+    pop = np.bincount(np.concatenate(train), minlength=13).astype(np.float32)
+    cands, ev_last, _, ev_pop = prerank(seqs, C, pop, np.array([0]), np.array([3]), cfg)  # predict item 4 after 3
+    assert C[3, 4] == 1
+    i = list(cands[0]).index(4) if 4 in cands[0] else None
+    if i is not None:
+        assert ev_last[0, i] == 0 and ev_pop[0, i] == 0
+
+
+def test_trace_does_not_depend_on_target(tiny_data):
+    """Prompt and trace are identical whichever candidate is the target; only the answer moves it first."""
+    d = tiny_data
+    sp = d.splits['test']
+    hist = d.seqs[sp.users[0]][:sp.ts[0]][-d.cfg.max_hist:]
+    ev = np.ones((3, d.cfg.n_cand))
+    outs = [encode(hist, sp.cands[0], ti, ev, d.attrs, d.vocab) for ti in range(d.cfg.n_cand)]
+    n_answer = d.cfg.n_cand + 1
+    for p, r, k in outs:
+        assert p == outs[0][0] and r[:-n_answer] == outs[0][1][:-n_answer]
+    for ti, (p, r, k) in enumerate(outs):
+        assert r[-n_answer] == d.vocab.item(sp.cands[0][ti]) and r[-1] == d.vocab.eos
+
+
+def test_trace_length_and_no_target_in_prompt(tiny_data):
+    d = tiny_data
+    sp = d.splits['train']
+    v = d.vocab
+    for i in range(len(sp)):
+        assert (sp.kinds[i] == 0).sum() >= 40  # per-candidate evidence, no filler
+        assert v.answer not in sp.prompts[i][:-1]
+
+
+def test_metrics_by_hand():
+    m = metrics_from_ranks([1, 2, 4])
+    assert m['R@1'] == pytest.approx(1 / 3) and m['R@3'] == pytest.approx(2 / 3) and m['R@5'] == 1
+    assert m['N@3'] == pytest.approx((1 + 1 / np.log2(3)) / 3)
+    assert m['N@5'] == pytest.approx((1 + 1 / np.log2(3) + 1 / np.log2(5)) / 3)
+    assert m['MRR'] == pytest.approx((1 + 1 / 2 + 1 / 4) / 3)
+
+
+def test_parse_answer_and_invalid_scored_as_floor():
+    v = Vocab(n_items=20, n_attrs=5)
+    cands = [v.item(i) for i in (3, 7, 9)]
+    ok = [v.think, v.answer, v.item(9), v.item(3), v.item(7), v.eos]
+    assert parse_answer(ok, cands, v) == [2, 0, 1]
+    assert target_rank([2, 0, 1], 0) == 2
+    for bad in ([v.answer, v.item(9), v.item(9), v.item(7), v.eos],       # duplicate
+                [v.answer, v.item(9), v.item(3), v.eos],                   # drop
+                [v.answer, v.item(9), v.item(3), v.item(11), v.eos],       # out of set
+                [v.answer, v.item(9), v.item(3), v.item(7)],               # unfinished
+                [v.think, v.item(9), v.item(3), v.item(7), v.eos]):        # no <answer> after reasoning
+        assert parse_answer(bad, cands, v) is None
+    assert target_rank(None, 1) == 2  # the pre-ranker's order
+
+
+def test_paired_bootstrap_by_hand():
+    a, b = [1] * 50 + [2] * 50, [2] * 100
+    res = paired_bootstrap(a, b, 'R@1', n_boot=2000, seed=0)
+    assert res['diff'] == pytest.approx(0.5)
+    assert 0.38 < res['lo'] < 0.5 < res['hi'] < 0.62
+    same = paired_bootstrap(b, b, 'R@1', n_boot=100)
+    assert same == {'diff': 0.0, 'lo': 0.0, 'hi': 0.0}

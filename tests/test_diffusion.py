@@ -1,0 +1,150 @@
+"""Block diffusion: B = 1 is the AR model, masks match a dense reference, cached = uncached (replay), sampler
+properties, the validity loss, the distillation loss."""
+import torch
+
+from conftest import tiny_model
+from data_beauty import collate
+from decode import generate_ar
+from diffusion import (bd3_columns, bd3_hidden, convert, diffusion_loss, generate_block, replay_hidden,
+                       token_logprobs, permutation_validity_loss, forward_kl, predicting_columns)
+from train_ar import ar_response_loss
+
+
+def setup(tiny_data, n=5, block=4, seed=0):
+    d = tiny_data
+    model = convert(tiny_model(d.vocab.size, seed=seed), d.vocab)
+    batch = collate(d.splits['test'], range(n), d.vocab, block=block)
+    return d, model, batch
+
+
+def test_bd3_mask_equals_dense_reference():
+    pad = torch.tensor([0, 3])
+    P, R, block = 5, 6, 2
+    pos, m = bd3_columns(pad, P, R, block)
+    kind = lambda c: 0 if c < P else (1 if c < P + R else 2)
+    rb = lambda c: ((c - P) if kind(c) == 1 else (c - P - R)) // block
+    for b in range(2):
+        for q in range(P + 2 * R):
+            for k in range(P + 2 * R):
+                if q == k:
+                    want = True
+                elif k < pad[b]:
+                    want = False
+                elif kind(k) == 0:
+                    want = kind(q) != 0 or k <= q
+                elif kind(k) == 1:
+                    want = kind(q) == 1 and rb(k) == rb(q)
+                else:
+                    want = (kind(q) == 1 and rb(k) < rb(q)) or (kind(q) == 2 and rb(k) <= rb(q))
+                assert bool(m[b, q, k]) == want, (b, q, k)
+        assert pos[b, P] == P - pad[b] and pos[b, P + R] == P - pad[b]  # clean copy reuses positions
+
+
+def test_block_one_loss_equals_ar_loss(tiny_data):
+    d, model, batch = setup(tiny_data, block=1)
+    everything = torch.ones_like(batch['resp'], dtype=torch.bool)
+    diff, _ = diffusion_loss(model, batch, 1, d.vocab.mask, masked=everything, complementary=False,
+                             w_trace=0.5, w_answer=1.0)
+    ar = ar_response_loss(model, batch, w_trace=0.5, w_answer=1.0)
+    torch.testing.assert_close(diff, ar, atol=1e-5, rtol=1e-5)
+
+
+def test_block_one_sampler_equals_ar_decoding(tiny_data):
+    d, model, batch = setup(tiny_data, block=1)
+    ar, ar_len = generate_ar(model, batch['prompt'], batch['pad'], 24, d.vocab)
+    res = generate_block(model, batch['prompt'], batch['pad'], 24, d.vocab, block=1, tau=0.9)
+    for r in range(ar.shape[0]):
+        assert int(ar_len[r]) == int(res['lengths'][r])
+        assert torch.equal(ar[r, :int(ar_len[r])], res['tokens'][r, :int(ar_len[r])])
+    assert torch.equal(res['n_forwards'], res['n_tokens'])  # one forward per token, prefill included
+
+
+def test_first_token_of_a_block_gets_the_ar_distribution(tiny_data):
+    """It is predicted from the clean previous block, so the noised block's content cannot change it."""
+    d, model, batch = setup(tiny_data, block=4)
+    resp = batch['resp']
+    h_all = bd3_hidden(model, batch['prompt'], batch['pad'], torch.full_like(resp, d.vocab.mask), resp, 4)
+    h_none = bd3_hidden(model, batch['prompt'], batch['pad'], resp, resp, 4)
+    firsts = torch.arange(0, resp.shape[1], 4)
+    torch.testing.assert_close(h_all[:, firsts], h_none[:, firsts])
+    assert not torch.allclose(h_all[:, firsts + 1], h_none[:, firsts + 1])
+
+
+def test_cached_sampler_equals_uncached_replay(tiny_data):
+    """Log-probs the sampler computed with its KV cache equal an uncached recomputation at the recorded state."""
+    d, model, batch = setup(tiny_data, block=4)
+    g = torch.Generator().manual_seed(1)
+    res = generate_block(model, batch['prompt'], batch['pad'], 24, d.vocab, block=4, tau=0.3, temperature=1.0,
+                         generator=g)
+    h = replay_hidden(model, batch['prompt'], batch['pad'], res['tokens'], res['steps'], 4, d.vocab.mask)
+    logits = model.head(h, fp32=True)
+    logits[..., d.vocab.mask] = -float('inf')
+    lp = token_logprobs(logits, res['tokens'], 1.0)
+    live = res['steps'] > 0
+    assert live.sum() > 10
+    torch.testing.assert_close(lp[live], res['logp'][live], atol=1e-4, rtol=1e-4)
+
+
+def test_sampler_properties(tiny_data):
+    d, model, batch = setup(tiny_data, block=4)
+    prompt = batch['prompt'].clone()
+    for kw in (dict(tau=0.9), dict(tau=0.0), dict(k=2), dict(tau=0.5, temperature=1.0)):
+        g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+        a = generate_block(model, batch['prompt'], batch['pad'], 24, d.vocab, block=4, generator=g1, **kw)
+        b = generate_block(model, batch['prompt'], batch['pad'], 24, d.vocab, block=4, generator=g2, **kw)
+        assert torch.equal(a['tokens'], b['tokens'])                      # deterministic for a fixed generator
+        assert torch.equal(batch['prompt'], prompt)                       # the prompt is never touched
+        decoded = a['steps'] > 0
+        assert not (a['tokens'][decoded] == d.vocab.mask).any()           # finished: no mask left
+        # each position is committed exactly once (steps are recorded once, tokens never rewritten)
+        assert ((a['steps'] >= 0) & (a['steps'] <= 4)).all()
+    s1 = generate_block(model, batch['prompt'], batch['pad'], 24, d.vocab, block=4, tau=0.5, temperature=1.0,
+                        generator=torch.Generator().manual_seed(1))
+    s2 = generate_block(model, batch['prompt'], batch['pad'], 24, d.vocab, block=4, tau=0.5, temperature=1.0,
+                        generator=torch.Generator().manual_seed(2))
+    assert not torch.equal(s1['tokens'], s2['tokens'])
+
+
+def test_sampler_batch_invariance(tiny_data):
+    d, model, batch = setup(tiny_data, n=4, block=4)
+    res = generate_block(model, batch['prompt'], batch['pad'], 24, d.vocab, block=4, tau=0.5)
+    for r in range(4):
+        one = collate(d.splits['test'], [r], d.vocab, block=4)
+        res1 = generate_block(model, one['prompt'], one['pad'], 24, d.vocab, block=4, tau=0.5)
+        L = int(res1['lengths'][0])
+        assert torch.equal(res1['tokens'][0, :L], res['tokens'][r, :L])
+
+
+def test_validity_loss_zero_on_permutation_positive_otherwise(tiny_data):
+    d = tiny_data
+    v = d.vocab
+    cands = torch.tensor([[v.item(1), v.item(2), v.item(3)]])
+    resp = torch.tensor([[v.answer, v.item(2), v.item(1), v.item(3), v.eos]])
+    kind = torch.ones_like(resp)
+    masked = torch.tensor([[False, True, True, True, False]])
+
+    def loss_for(rows):
+        logits = torch.full((1, 5, v.size), -30.0)
+        for j, tok in rows.items():
+            logits[0, j, tok] = 30.0
+        logits.requires_grad_(True)
+        loss = permutation_validity_loss(logits, resp, masked, cands, kind, v)
+        loss.backward()
+        assert torch.isfinite(logits.grad).all()
+        return loss.item()
+
+    assert loss_for({1: v.item(2), 2: v.item(1), 3: v.item(3)}) < 1e-6           # a permutation
+    assert loss_for({1: v.item(2), 2: v.item(2), 3: v.item(3)}) > 0.5            # duplicate (and a drop)
+    assert loss_for({1: v.item(2), 2: v.item(7), 3: v.item(3)}) > 0.5            # out of set
+
+
+def test_forward_kl_zero_iff_equal():
+    a = torch.randn(2, 3, 11)
+    w = torch.ones(2, 3)
+    assert forward_kl(a, a, w).abs() < 1e-6
+    assert forward_kl(a, torch.randn(2, 3, 11), w) > 0.01
+
+
+def test_predicting_columns():
+    cols = predicting_columns(P=5, R=6, block=3, device='cpu')
+    assert cols.tolist() == [4, 5, 6, 5 + 6 + 2, 8, 9]

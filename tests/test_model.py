@@ -1,0 +1,118 @@
+"""The AR model: masks, cache, batch/padding invariance, learning, checkpoints."""
+import dataclasses
+
+import pytest
+import torch
+
+from common import save_checkpoint, load_checkpoint, CheckpointError
+from conftest import tiny_model
+from data_beauty import collate
+from decode import generate_ar
+from model import attention_mask, column_blocks, positions
+from train_ar import ar_response_loss, make_optimizer
+
+
+def test_block_causal_mask_equals_dense_reference():
+    pad = torch.tensor([0, 2, 5])
+    P, R, block = 6, 8, 3
+    blk, valid = column_blocks(pad, P, R, block)
+    cols = torch.arange(P + R)
+    m = attention_mask(blk, valid, cols)
+    for b in range(3):
+        for q in range(P + R):
+            for k in range(P + R):
+                if q == k:
+                    want = True
+                elif k < pad[b]:
+                    want = False
+                elif q < P:
+                    want = k <= q                      # the prompt is causal
+                elif k < P:
+                    want = True                        # the response sees the whole prompt
+                else:
+                    want = (k - P) // block <= (q - P) // block
+                assert bool(m[b, q, k]) == want, (b, q, k)
+
+
+def full_logits(model, prompt, pad, resp):
+    P, R = prompt.shape[1], resp.shape[1]
+    x = torch.cat([prompt, resp], 1)
+    blk, valid = column_blocks(pad, P, R, 1)
+    h = model(x, positions(pad, P + R), attention_mask(blk, valid, torch.arange(P + R)))
+    return model.head(h, fp32=True)
+
+
+def test_cached_ar_decoding_matches_recomputation(tiny_data):
+    d = tiny_data
+    model = tiny_model(d.vocab.size)
+    batch = collate(d.splits['test'], range(6), d.vocab)
+    out, lengths = generate_ar(model, batch['prompt'], batch['pad'], 20, d.vocab)
+    logits = full_logits(model, batch['prompt'], batch['pad'], out)
+    P = batch['prompt'].shape[1]
+    logits[..., d.vocab.mask] = -float('inf')
+    pred = logits[:, P - 1:P - 1 + 20].argmax(-1)
+    for r in range(6):
+        L = int(lengths[r])
+        assert torch.equal(pred[r, :L], out[r, :L])
+
+
+def test_results_do_not_depend_on_batch_or_padding(tiny_data):
+    d = tiny_data
+    model = tiny_model(d.vocab.size)
+    sp = d.splits['test']
+    order = sorted(range(len(sp)), key=lambda i: len(sp.prompts[i]))
+    idx = [order[0], order[-1]]  # the shortest prompt gets the most left padding
+    both = collate(sp, idx, d.vocab)
+    out2, len2 = generate_ar(model, both['prompt'], both['pad'], 15, d.vocab)
+    for r, i in enumerate(idx):
+        one = collate(sp, [i], d.vocab)
+        out1, len1 = generate_ar(model, one['prompt'], one['pad'], 15, d.vocab)
+        assert torch.equal(out1[0, :int(len1[0])], out2[r, :int(len2[r])])
+        a = full_logits(model, one['prompt'], one['pad'], one['resp'])[0, -one['resp'].shape[1]:]
+        b = full_logits(model, both['prompt'], both['pad'], both['resp'][:, :one['resp'].shape[1]])[r]
+        b = b[-one['resp'].shape[1]:]
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_padding_gives_no_nan(tiny_data):
+    d = tiny_data
+    model = tiny_model(d.vocab.size)
+    batch = collate(d.splits['test'], range(8), d.vocab)
+    assert (batch['pad'] > 0).any()
+    logits = full_logits(model, batch['prompt'], batch['pad'], batch['resp'])
+    assert torch.isfinite(logits).all()
+
+
+def test_tiny_model_overfits_a_batch(tiny_data):
+    d = tiny_data
+    model = tiny_model(d.vocab.size, n_embd=64)
+    model.train()
+    batch = collate(d.splits['train'], range(4), d.vocab)
+    opt = make_optimizer(model, 3e-3, 0.0)
+    first = None
+    for _ in range(150):
+        loss = ar_response_loss(model, batch)
+        first = first or loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.1 * first
+
+
+def test_checkpoint_round_trip_and_errors(tiny_data, tmp_path):
+    d = tiny_data
+    model = tiny_model(d.vocab.size)
+    path = str(tmp_path / 'ar.pt')
+    save_checkpoint(path, model, {'data': dataclasses.asdict(d.cfg)}, stage='ar', step=3)
+    loaded, ckpt = load_checkpoint(path, stages=['ar'])
+    batch = collate(d.splits['test'], range(3), d.vocab)
+    a = full_logits(model, batch['prompt'], batch['pad'], batch['resp'])
+    b = full_logits(loaded.eval(), batch['prompt'], batch['pad'], batch['resp'])
+    assert torch.equal(a, b) and ckpt['step'] == 3
+    with pytest.raises(CheckpointError, match='not found.*train_ar'):
+        load_checkpoint(str(tmp_path / 'missing.pt'))
+    with pytest.raises(CheckpointError, match="'ar' checkpoint, expected"):
+        load_checkpoint(path, stages=['cft'])
+    (tmp_path / 'junk.pt').write_bytes(b'not a checkpoint')
+    with pytest.raises(CheckpointError, match='not a readable checkpoint'):
+        load_checkpoint(str(tmp_path / 'junk.pt'))

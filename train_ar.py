@@ -1,0 +1,198 @@
+"""Train the AR reasoning re-ranker (the GR2 teacher): optional mid-training, then SFT on prompt -> trace -> answer.
+
+    python train_ar.py                                   # one GPU: d256 L6, about a minute -> out/ar.pt
+    python train_ar.py --trace=False --out=out/ar_direct.pt   # the ablation: same model, answers directly
+    python train_ar.py --n_layer=2 --n_embd=128 --n_head=4 --batch_size=32 --max_steps=1500 --device=cpu  # CPU
+
+Mid-training (GR2 mid-trains an LLM before SFT) is here the analogue: next-item prediction over users' train
+sequences written as in the prompt (item, then its attributes), which also aligns items with attributes.
+SFT weighs reasoning and answer tokens separately. Keeps the checkpoint with the best validation R@1.
+"""
+import os
+from dataclasses import dataclass, asdict
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from common import (parse_config, print_config, pick_device, autocast, device_name, save_checkpoint, JsonlLog,
+                    plot_curves, git_commit, command_line, write_json, Timer)
+from data_beauty import DataConfig, BeautyData, DataError, collate
+from decode import DecodeConfig, evaluate
+from model import GPT, GPTConfig, attention_mask, column_blocks, positions
+
+
+@dataclass
+class TrainARConfig:
+    data_dir: str = '../shared/data/beauty'
+    trace: bool = True           # False: prompt -> answer (the no-reasoning ablation)
+    out: str = 'out/ar.pt'
+    name: str = ''               # results/eval_<name>.json on test at the end; default ar / ar_direct
+    # model
+    n_layer: int = 6
+    n_head: int = 8
+    n_embd: int = 256
+    dropout: float = 0.1
+    # optimisation
+    mid_steps: int = 300         # mid-training steps (0 = skip)
+    max_steps: int = 1500        # SFT steps
+    batch_size: int = 128
+    lr: float = 2e-3
+    weight_decay: float = 0.1
+    warmup: int = 100
+    w_trace: float = 0.5         # loss weight of reasoning tokens
+    w_answer: float = 1.0        # loss weight of answer tokens
+    grad_clip: float = 1.0
+    # evaluation
+    eval_every: int = 250
+    eval_n: int = 0              # validation instances decoded at each evaluation (0 = all)
+    eval_batch: int = 512
+    seed: int = 0
+    device: str = 'auto'
+
+
+def lr_at(step, total, cfg):
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    return cfg.lr * 0.5 * (1 + np.cos(np.pi * min(1.0, (step - cfg.warmup) / max(1, total - cfg.warmup))))
+
+
+def make_optimizer(model, lr, weight_decay):
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and 'wpe' not in n]
+    rest = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and 'wpe' not in n)]
+    return torch.optim.AdamW([{'params': decay, 'weight_decay': weight_decay}, {'params': rest, 'weight_decay': 0.0}],
+                             lr=lr, betas=(0.9, 0.95))
+
+
+def ar_response_loss(model, batch, w_trace=1.0, w_answer=1.0):
+    """Teacher-forced AR cross-entropy over the response up to its first <eos>, weighted by token kind.
+
+    Logits are computed on response positions only (the head dominates the cost at this vocabulary)."""
+    prompt, resp, pad = batch['prompt'], batch['resp'], batch['pad']
+    B, P = prompt.shape
+    R = resp.shape[1]
+    x = torch.cat([prompt, resp[:, :-1]], 1)                       # (B, P+R-1)
+    blk, valid = column_blocks(pad, P, R - 1, 1)
+    cols = torch.arange(P + R - 1, device=x.device)
+    h = model(x, positions(pad, P + R - 1), attention_mask(blk, valid, cols))
+    logits = model.head(h[:, P - 1:])                              # (B, R, V): position j-1 predicts token j
+    ce = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), resp.reshape(-1), reduction='none').view(B, R)
+    live = torch.arange(R, device=x.device)[None, :] < batch['resp_len'][:, None]
+    w = torch.where(batch['kind'] == 0, w_trace, w_answer) * live
+    return (ce * w).sum() / w.sum()
+
+
+def history_lm_batches(data, batch_size, rng, max_items=20):
+    """Mid-training batches: <bos> (item attrs..)* over a user's train part, loss on every next token."""
+    v = data.vocab
+    while True:
+        users = rng.integers(0, len(data.seqs), batch_size)
+        rows = []
+        for u in users:
+            toks = [v.bos]
+            for i in data.seqs[u][:-2][-max_items:]:
+                toks += [v.item(i)] + [v.attr(a) for a in data.attrs[i]]
+            rows.append(toks)
+        T = max(len(r) for r in rows)
+        x = torch.full((batch_size, T), v.eos, dtype=torch.long)
+        live = torch.zeros((batch_size, T), dtype=torch.bool)
+        for r, toks in enumerate(rows):
+            x[r, :len(toks)] = torch.as_tensor(toks)
+            live[r, :len(toks)] = True
+        yield x, live
+
+
+def lm_loss(model, x, live):
+    B, T = x.shape
+    pos = torch.arange(T, device=x.device).expand(B, -1)
+    mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril().expand(B, -1, -1)
+    logits = model.head(model(x[:, :-1], pos[:, :-1], mask[:, :-1, :-1]))
+    ce = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), x[:, 1:].reshape(-1), reduction='none')
+    w = live[:, 1:].reshape(-1).float()
+    return (ce * w).sum() / w.sum()
+
+
+def validate(model, data, cfg, device, block=0, tau=0.9, k=0, split='valid'):
+    dcfg = DecodeConfig(block=block, tau=tau, k=k, batch_size=cfg.eval_batch, limit=cfg.eval_n, seed=cfg.seed)
+    res, _ = evaluate(model, data, split, dcfg, device)
+    return res
+
+
+def main():
+    cfg = parse_config(TrainARConfig)
+    print_config(cfg)
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    device = pick_device(cfg.device)
+    timer = Timer()
+    try:
+        data = BeautyData(DataConfig(data_dir=cfg.data_dir, trace=cfg.trace))
+    except DataError as e:
+        raise SystemExit(f"error: {e}")
+    train = data.splits['train']
+    mcfg = GPTConfig(vocab_size=data.vocab.size, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
+                     dropout=cfg.dropout)
+    model = GPT(mcfg).to(device)
+    print(f"model {model.num_params() / 1e6:.2f}M parameters on {device_name(device)}; "
+          f"{len(train)} train instances, trace={cfg.trace}")
+    name = cfg.name or ('ar' if cfg.trace else 'ar_direct')
+    log = JsonlLog(f"out/log_{name}.jsonl")
+    opt = make_optimizer(model, cfg.lr, cfg.weight_decay)
+
+    if cfg.mid_steps > 0:
+        batches = history_lm_batches(data, cfg.batch_size, rng)
+        pbar = tqdm(range(cfg.mid_steps), desc='mid-train', dynamic_ncols=True)
+        for step in pbar:
+            for g in opt.param_groups:
+                g['lr'] = lr_at(step, cfg.mid_steps, cfg)
+            x, live = next(batches)
+            with autocast(device):
+                loss = lm_loss(model, x.to(device), live.to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            pbar.set_postfix(loss=f"{loss.item():.3f}")
+            log.write(step=step - cfg.mid_steps, mid_loss=loss.item())
+        opt = make_optimizer(model, cfg.lr, cfg.weight_decay)  # fresh moments for SFT
+
+    best, best_step = None, -1
+    pbar = tqdm(range(cfg.max_steps), desc='sft', dynamic_ncols=True)
+    for step in pbar:
+        for g in opt.param_groups:
+            g['lr'] = lr_at(step, cfg.max_steps, cfg)
+        model.train()
+        idx = rng.integers(0, len(train), cfg.batch_size)
+        batch = collate(train, idx, data.vocab, device=device)
+        with autocast(device):
+            loss = ar_response_loss(model, batch, cfg.w_trace, cfg.w_answer)
+        if not torch.isfinite(loss):
+            raise SystemExit(f"error: loss is {loss.item()} at step {step}; lower --lr (now {cfg.lr})")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        pbar.set_postfix(loss=f"{loss.item():.3f}")
+        log.write(step=step, loss=loss.item(), lr=opt.param_groups[0]['lr'])
+        if (step + 1) % cfg.eval_every == 0 or step == cfg.max_steps - 1:
+            res = validate(model, data, cfg, device)
+            m = res['metrics']
+            log.write(step=step, val_R1=m['R@1'], val_N3=m['N@3'], val_validity=res['validity'])
+            tqdm.write(f"step {step + 1}: valid R@1 {m['R@1']:.4f} N@3 {m['N@3']:.4f} validity {res['validity']:.4f} "
+                       f"(floor R@1 {res['floor']['R@1']:.4f})")
+            if best is None or (m['R@1'], m['N@3']) > (best['R@1'], best['N@3']):
+                best, best_step = dict(m, validity=res['validity']), step + 1
+                save_checkpoint(cfg.out, model, {**asdict(cfg), 'data': asdict(data.cfg)}, stage='ar',
+                                step=step + 1, metrics={'valid': best})
+    print(f"best valid R@1 {best['R@1']:.4f} at step {best_step}; saved {cfg.out} ({timer():.0f}s)")
+    plot_curves(log.path, f"results/curves_{name}.png", ['mid_loss', 'loss', 'val_R1', 'val_validity'],
+                f"AR teacher ({name})")
+    write_json(f"results/train_{name}.json", {'name': name, 'best_step': best_step, 'valid': best,
+                                              'seconds': round(timer(), 1), 'device': device_name(device),
+                                              'params': model.num_params(), 'command': command_line(),
+                                              'commit': git_commit(), 'config': asdict(cfg)})
+
+
+if __name__ == '__main__':
+    main()
