@@ -487,6 +487,12 @@ def main():
           "\n  response: " + v.decode(ex.responses[0]) + f"\n  target: candidate {ex.target[0] + 1} of {cfg.n_cand}")
     if cfg.trace:
         write_json('results/data.json', out)
+        test = sp['test']  # the floor as a system of its own, in the evaluation schema, for paired comparisons
+        ranks = floor_ranks(test)
+        write_json('results/eval_floor.json', {
+            'name': 'floor', 'split': 'test', 'n': len(test), 'metrics': metrics_from_ranks(ranks), 'validity': 1.0,
+            'decode': None, 'command': command_line(), 'commit': git_commit(),
+            'per_user': {'user': [int(u) for u in test.users], 'rank': ranks, 'valid': [True] * len(test)}})
     print(f"done in {timer():.1f}s")
 
 

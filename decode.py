@@ -16,7 +16,7 @@ from common import (parse_config, print_config, pick_device, autocast, device_na
                     write_json, git_commit, command_line, Timer, CheckpointError)
 from data_beauty import (DataConfig, BeautyData, collate, parse_answer, target_rank, metrics_from_ranks,
                          floor_ranks)
-from model import attention_mask, column_blocks, positions
+from model import CachedForward
 
 
 @dataclass
@@ -35,15 +35,11 @@ class DecodeConfig:
 
 
 @torch.no_grad()
-def generate_ar(model, prompt, pad, max_new, vocab):
+def generate_ar(model, prompt, pad, max_new, vocab, runner=None):
     """Greedy AR decoding with the KV cache; head and softmax in fp32. Returns tokens (B, max_new), lengths."""
     B, P = prompt.shape
-    S = P + max_new
-    blk, valid = column_blocks(pad, P, max_new, 1)
-    pos = positions(pad, S)
-    cache = model.new_cache(B, S, prompt.device, dtype=next(model.parameters()).dtype)
-    cols = torch.arange(P, device=prompt.device)
-    h = model(prompt, pos[:, :P], attention_mask(blk, valid, cols), cache, cols)
+    run = runner or CachedForward(model, pad, P, max_new, 1)
+    h = run(prompt, torch.arange(P, device=prompt.device))
     logits = model.head(h[:, -1], fp32=True)
     out = torch.full((B, max_new), vocab.eos, dtype=torch.long, device=prompt.device)
     done = torch.zeros(B, dtype=torch.bool, device=prompt.device)
@@ -54,8 +50,7 @@ def generate_ar(model, prompt, pad, max_new, vocab):
         done |= tok == vocab.eos
         if bool(done.all()) or j == max_new - 1:  # one host sync per step
             break
-        col = torch.tensor([P + j], device=prompt.device)
-        h = model(tok[:, None], pos[:, col], attention_mask(blk, valid, col), cache, col)
+        h = run(tok[:, None], torch.tensor([P + j], device=prompt.device))
         logits = model.head(h[:, -1], fp32=True)
     lengths = response_lengths(out, vocab)
     return out, lengths

@@ -10,7 +10,7 @@ References: BD3-LM (Arriola et al. 2025), MDLM (Sahoo et al. 2024), Fast-dLLM (W
 import torch
 import torch.nn.functional as F
 
-from model import attention_mask, column_blocks, positions
+from model import CachedForward, positions
 
 
 @torch.no_grad()
@@ -154,7 +154,8 @@ def commit_rule(conf, masked, tau, k):
 
 
 @torch.no_grad()
-def generate_block(model, prompt, pad, max_resp, vocab, block, tau=0.9, k=0, temperature=0.0, generator=None):
+def generate_block(model, prompt, pad, max_resp, vocab, block, tau=0.9, k=0, temperature=0.0, generator=None,
+                   runner=None):
     """Block-by-block decoding over a KV cache of the prompt and finished blocks.
 
     Inside a block, each step predicts every masked position at once and commits some of them (commit_rule).
@@ -166,11 +167,8 @@ def generate_block(model, prompt, pad, max_resp, vocab, block, tau=0.9, k=0, tem
     B, P = prompt.shape
     R, dev = max_resp, prompt.device
     assert R % block == 0, "the response length must be a multiple of the block size"
-    blk, valid = column_blocks(pad, P, R, block)
-    pos = positions(pad, P + R)
-    cache = model.new_cache(B, P + R, dev, dtype=next(model.parameters()).dtype)
-    cols = torch.arange(P, device=dev)
-    h = model(prompt, pos[:, :P], attention_mask(blk, valid, cols), cache, cols)
+    run = runner or CachedForward(model, pad, P, R, block)              # the KV cache (and CUDA graphs)
+    h = run(prompt, torch.arange(P, device=dev))
     first_logits = model.head(h[:, -1], fp32=True)                      # predicts response token 0
     x = torch.full((B, R), vocab.mask, dtype=torch.long, device=dev)
     steps = torch.zeros((B, R), dtype=torch.long, device=dev)
@@ -191,14 +189,13 @@ def generate_block(model, prompt, pad, max_resp, vocab, block, tau=0.9, k=0, tem
             step += 1
             if pending:
                 qcols = torch.arange(s0 - block, s0 + block, device=dev)
-                h = model(torch.cat([x[:, (b - 1) * block:b * block], cur], 1), pos[:, qcols],
-                          attention_mask(blk, valid, qcols), cache, qcols)
+                h = run(torch.cat([x[:, (b - 1) * block:b * block], cur], 1), qcols)
                 first_logits = model.head(h[:, block - 1], fp32=True)
                 h = h[:, block:]
                 pending = False
             elif block > 1:
                 qcols = torch.arange(s0, s0 + block, device=dev)
-                h = model(cur, pos[:, qcols], attention_mask(blk, valid, qcols), cache, qcols)
+                h = run(cur, qcols)
             else:
                 h = None                                                # B = 1, first block: the prefill predicted it
             if h is not None:
@@ -269,5 +266,19 @@ def forward_kl(teacher_logits, student_logits, weight):
     """KL(teacher || student) over the full vocabulary at each weighted position, averaged (on-policy distillation)."""
     t = teacher_logits.float().log_softmax(-1)
     s = student_logits.float().log_softmax(-1)
-    kl = (t.exp() * (t - s)).sum(-1)                                    # (B, R)
+    kl = torch.where(torch.isfinite(t), t.exp() * (t - s), 0.0).sum(-1)  # tokens neither may emit add 0
     return (kl * weight).sum() / weight.sum().clamp(min=1)
+
+
+def live_tokens(res):
+    """Committed tokens up to and including <eos>: the ones that carry log-probs and losses."""
+    R = res['tokens'].shape[1]
+    return (res['steps'] > 0) & (torch.arange(R, device=res['tokens'].device)[None, :] < res['lengths'][:, None])
+
+
+def replay_logits(model, prompt, pad, res, block, vocab, live):
+    """Student logits (fp32, mask token excluded) at the commit state of every live token: (n_live, V)."""
+    h = replay_hidden(model, prompt, pad, res['tokens'], res['steps'], block, vocab.mask)
+    logits = model.head(h[live], fp32=True)
+    logits[:, vocab.mask] = -float('inf')
+    return logits

@@ -5,6 +5,7 @@ tied input/output embeddings, and a static KV cache written at explicit columns,
 training, autoregressive decoding and block-diffusion decoding (and can be captured in a CUDA graph).
 """
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -107,7 +108,8 @@ class GPT(nn.Module):
     def head(self, h, fp32=False):
         """Logits from hidden states; decoding asks for fp32 so that confidences are not bf16-rounded."""
         if fp32:
-            return F.linear(h.float(), self.wte.weight.float())
+            with torch.autocast(h.device.type, enabled=False):
+                return F.linear(h.float(), self.wte.weight.float())
         return F.linear(h, self.wte.weight)
 
     def new_cache(self, batch, n_cols, device, dtype=torch.float32):
@@ -115,6 +117,53 @@ class GPT(nn.Module):
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
+
+
+class CachedForward:
+    """Model forwards over one static KV cache for a batch of left-padded prompts (P columns) and responses
+    (R columns) in blocks of `block`. With graphs=True (CUDA) each input width is captured once as a CUDA
+    graph and replayed: at this model size kernel-launch overhead, not arithmetic, sets decode time.
+    A runner can be reused for another batch of the same shape (every column is rewritten before it is read)."""
+
+    def __init__(self, model, pad, P, R, block, graphs=False):
+        self.model, self.graphs, self.captured = model, graphs, {}
+        self.blk, self.valid = column_blocks(pad, P, R, block)
+        self.pos = positions(pad, P + R)
+        self.dtype = torch.bfloat16 if pad.device.type == 'cuda' else None  # bf16 on CUDA, exact fp32 elsewhere
+        self.cache = model.new_cache(pad.shape[0], P + R, pad.device, dtype=self.dtype or torch.float32)
+
+    def set_pad(self, pad):
+        """Reuse this runner (and its graphs) for another batch of the same shape: only the padding changes."""
+        n = self.pos.shape[1]
+        self.valid.copy_(torch.arange(n, device=pad.device)[None, :] >= pad[:, None])
+        self.pos.copy_(positions(pad, n))
+
+    def run(self, idx, qcols):
+        ctx = torch.autocast('cuda', dtype=self.dtype) if self.dtype is not None else nullcontext()
+        with ctx:
+            return self.model(idx, self.pos[:, qcols], attention_mask(self.blk, self.valid, qcols), self.cache, qcols)
+
+    def __call__(self, idx, qcols):
+        if not self.graphs:
+            return self.run(idx, qcols)
+        key = idx.shape[1]
+        if key not in self.captured:
+            static_idx, static_cols = idx.clone(), qcols.clone()
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):  # warm-up: same inputs, so the cache writes are what the real step writes
+                    self.run(static_idx, static_cols)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = self.run(static_idx, static_cols)
+            self.captured[key] = (graph, static_idx, static_cols, out)
+        graph, static_idx, static_cols, out = self.captured[key]
+        static_idx.copy_(idx)
+        static_cols.copy_(qcols)
+        graph.replay()
+        return out
 
 
 def attention_mask(blk, valid, q_cols):
@@ -135,6 +184,17 @@ def column_blocks(pad, P, R, block):
     blk = torch.where(col < P, col, P + (col - P) // block).expand(B, -1)
     valid = col[None, :] >= pad[:, None]
     return blk, valid
+
+
+def response_hidden(model, prompt, pad, resp):
+    """Causal (AR) hidden states that predict each response token given the prompt and the tokens before it:
+    (B, R, C). Column P-1+j predicts response token j (the AR token shift)."""
+    B, P = prompt.shape
+    R = resp.shape[1]
+    x = torch.cat([prompt, resp[:, :-1]], 1)                       # (B, P+R-1)
+    blk, valid = column_blocks(pad, P, R - 1, 1)
+    h = model(x, positions(pad, P + R - 1), attention_mask(blk, valid, torch.arange(P + R - 1, device=x.device)))
+    return h[:, P - 1:]
 
 
 def positions(pad, n_cols):

@@ -20,7 +20,7 @@ from common import (parse_config, print_config, pick_device, autocast, device_na
                     plot_curves, git_commit, command_line, write_json, Timer)
 from data_beauty import DataConfig, BeautyData, DataError, collate
 from decode import DecodeConfig, evaluate
-from model import GPT, GPTConfig, attention_mask, column_blocks, positions
+from model import GPT, GPTConfig, response_hidden
 
 
 @dataclass
@@ -48,6 +48,7 @@ class TrainARConfig:
     eval_every: int = 250
     eval_n: int = 0              # validation instances decoded at each evaluation (0 = all)
     eval_batch: int = 512
+    time_limit: float = 0.0      # seconds; > 0: stop training early (then evaluate and save as usual)
     seed: int = 0
     device: str = 'auto'
 
@@ -69,16 +70,11 @@ def ar_response_loss(model, batch, w_trace=1.0, w_answer=1.0):
     """Teacher-forced AR cross-entropy over the response up to its first <eos>, weighted by token kind.
 
     Logits are computed on response positions only (the head dominates the cost at this vocabulary)."""
-    prompt, resp, pad = batch['prompt'], batch['resp'], batch['pad']
-    B, P = prompt.shape
-    R = resp.shape[1]
-    x = torch.cat([prompt, resp[:, :-1]], 1)                       # (B, P+R-1)
-    blk, valid = column_blocks(pad, P, R - 1, 1)
-    cols = torch.arange(P + R - 1, device=x.device)
-    h = model(x, positions(pad, P + R - 1), attention_mask(blk, valid, cols))
-    logits = model.head(h[:, P - 1:])                              # (B, R, V): position j-1 predicts token j
+    resp = batch['resp']
+    B, R = resp.shape
+    logits = model.head(response_hidden(model, batch['prompt'], batch['pad'], resp))   # (B, R, V)
     ce = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), resp.reshape(-1), reduction='none').view(B, R)
-    live = torch.arange(R, device=x.device)[None, :] < batch['resp_len'][:, None]
+    live = torch.arange(R, device=resp.device)[None, :] < batch['resp_len'][:, None]
     w = torch.where(batch['kind'] == 0, w_trace, w_answer) * live
     return (ce * w).sum() / w.sum()
 
@@ -175,7 +171,8 @@ def main():
         opt.step()
         pbar.set_postfix(loss=f"{loss.item():.3f}")
         log.write(step=step, loss=loss.item(), lr=opt.param_groups[0]['lr'])
-        if (step + 1) % cfg.eval_every == 0 or step == cfg.max_steps - 1:
+        out_of_time = cfg.time_limit > 0 and timer() > cfg.time_limit
+        if (step + 1) % cfg.eval_every == 0 or step == cfg.max_steps - 1 or out_of_time:
             res = validate(model, data, cfg, device)
             m = res['metrics']
             log.write(step=step, val_R1=m['R@1'], val_N3=m['N@3'], val_validity=res['validity'])
@@ -185,6 +182,9 @@ def main():
                 best, best_step = dict(m, validity=res['validity']), step + 1
                 save_checkpoint(cfg.out, model, {**asdict(cfg), 'data': asdict(data.cfg)}, stage='ar',
                                 step=step + 1, metrics={'valid': best})
+        if out_of_time:
+            tqdm.write(f"time limit {cfg.time_limit:.0f}s reached at step {step + 1}")
+            break
     print(f"best valid R@1 {best['R@1']:.4f} at step {best_step}; saved {cfg.out} ({timer():.0f}s)")
     plot_curves(log.path, f"results/curves_{name}.png", ['mid_loss', 'loss', 'val_R1', 'val_validity'],
                 f"AR teacher ({name})")

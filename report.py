@@ -1,0 +1,97 @@
+"""Read results/ and print the paper's two tables (accuracy, speed) with bootstrap intervals and paired stage gains.
+
+    python report.py            # writes results/summary.json and results/tables.md
+
+Intervals: 95% bootstrap over test users (10,000 resamples). Stage gains: paired bootstrap of the R@1 and
+N@3 difference between a stage and its predecessor on the same users (SPEC items 9-10). With seed folders
+results/seeds/<seed>/ present, the mean and spread over seeds are reported too.
+"""
+import glob
+import json
+import os
+
+import numpy as np
+
+from common import write_json
+from data_beauty import per_rank_metric, paired_bootstrap, metrics_from_ranks
+
+ROWS = [  # (file name, label, predecessor for the paired gain)
+    ('floor', 'pre-rank floor', None),
+    ('ar', 'AR teacher (GR2-style)', 'floor'),
+    ('ar_direct', 'AR without trace', 'ar'),
+    ('ar_rl', 'AR + RL', 'ar'),
+    ('naive', 'naive diffusion (B=32)', 'ar'),
+    ('cft_novalid', '+ CFT, no validity loss', 'naive'),
+    ('cft', '+ CFT', 'naive'),
+    ('cft_more', '+ CFT, more (OPD control)', 'cft'),
+    ('opd', '+ CFT + OPD', 'cft'),
+    ('rl', '+ CFT + OPD + RL', 'opd'),
+]
+METRICS = ('R@1', 'R@3', 'R@5', 'N@3', 'N@5')
+
+
+def interval(ranks, metric, n_boot=10000, seed=0):
+    v = per_rank_metric(ranks, metric)
+    rng = np.random.default_rng(seed)
+    boots = v[rng.integers(0, len(v), size=(n_boot, len(v)))].mean(1)
+    return [float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))]
+
+
+def main(folder='results'):
+    evals = {}
+    for path in glob.glob(os.path.join(folder, 'eval_*.json')):
+        with open(path) as f:
+            e = json.load(f)
+        if e.get('split') == 'test':
+            evals[os.path.basename(path)[5:-5]] = e
+    summary = {'accuracy': [], 'gains': [], 'speed': []}
+    lines = ['| system | R@1 | R@3 | R@5 | N@3 | N@5 | validity | n |', '|---|---|---|---|---|---|---|---|']
+    for key, label, prev in ROWS:
+        if key not in evals:
+            continue
+        e = evals[key]
+        ranks = e['per_user']['rank']
+        m = metrics_from_ranks(ranks)
+        ci = {k: interval(ranks, k) for k in ('R@1', 'N@3')}
+        row = {'name': key, 'label': label, 'n': len(ranks), 'metrics': m, 'validity': e.get('validity', 1.0),
+               'ci95': ci, 'device': e.get('device'), 'commit': e.get('commit')}
+        seeds = sorted(glob.glob(os.path.join(folder, 'seeds', '*', f'eval_{key}.json')))
+        if seeds:
+            vals = [json.load(open(p))['metrics']['R@1'] for p in seeds]
+            row['seeds'] = {'n': len(vals), 'R@1_mean': float(np.mean(vals)), 'R@1_std': float(np.std(vals))}
+        summary['accuracy'].append(row)
+        lines.append(f"| {label} | " + ' | '.join(f"{m[k]:.4f}" for k in METRICS) +
+                     f" | {row['validity']:.3f} | {len(ranks)} |")
+        if prev in evals and evals[prev]['per_user']['user'] == e['per_user']['user']:
+            g = {'name': key, 'vs': prev}
+            for k in ('R@1', 'N@3'):
+                g[k] = paired_bootstrap(ranks, evals[prev]['per_user']['rank'], k)
+            summary['gains'].append(g)
+    gain_lines = ['| stage | vs | R@1 diff [95% CI] | N@3 diff [95% CI] |', '|---|---|---|---|']
+    for g in summary['gains']:
+        gain_lines.append(f"| {g['name']} | {g['vs']} | " + ' | '.join(
+            f"{g[k]['diff']:+.4f} [{g[k]['lo']:+.4f}, {g[k]['hi']:+.4f}]" for k in ('R@1', 'N@3')) + ' |')
+    speed_lines = []
+    bench_path = os.path.join(folder, 'bench.json')
+    if os.path.exists(bench_path):
+        with open(bench_path) as f:
+            bench = json.load(f)
+        summary['speed'] = bench['rows']
+        speed_lines = [f"device: {bench['device']}, torch {bench['torch']}, commit {bench['commit']}", '',
+                       '| decoding | batch | graphs | R@1 | validity | tok/s | fwd/token | speedup |',
+                       '|---|---|---|---|---|---|---|---|']
+        for r in bench['rows']:
+            r1 = '' if r['R@1'] is None else f"{r['R@1']:.4f}"
+            val = '' if r['validity'] is None else f"{r['validity']:.3f}"
+            speed_lines.append(f"| {r['label']} | {r['batch']} | {r['graphs']} | {r1} | {val} | {r['tok_per_s']:.0f} | "
+                               f"{r['forwards_per_token']:.3f} | {r['speedup']:.2f}x |")
+    text = '\n'.join(['## Accuracy (test)', ''] + lines + ['', '## Stage gains (paired bootstrap)', ''] + gain_lines +
+                     (['', '## Speed', ''] + speed_lines if speed_lines else [])) + '\n'
+    print(text)
+    write_json(os.path.join(folder, 'summary.json'), summary)
+    with open(os.path.join(folder, 'tables.md'), 'w') as f:
+        f.write(text)
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# The whole recipe for one seed, then the two tables:
+#   data -> AR teacher (+ no-trace ablation) -> naive conversion -> CFT (+ no-validity ablation)
+#   -> OPD (+ off-policy control) -> RL (+ RL-tuned AR) -> test evaluation -> bench -> report
+#
+#   bash run.sh            # one GPU, default config
+#   bash run.sh cpu        # this kind of 2-core CPU: a small model and short stages, labelled CPU in results/
+# Environment: DATA_DIR (default ../shared/data/beauty), SEED (default 0), BUDGET (seconds; optional stages
+# are skipped once it is spent, so a time-boxed run still ends with the tables).
+set -euo pipefail
+cd "$(dirname "$0")"
+MODE=${1:-gpu}
+SEED=${SEED:-0}
+BUDGET=${BUDGET:-100000}
+D="--data_dir=${DATA_DIR:-../shared/data/beauty} --seed=$SEED"
+if [ "$MODE" = cpu ]; then
+  DEV="--device=cpu"
+  SIZE="--n_layer=2 --n_embd=128 --n_head=4"
+  AR="$SIZE --batch_size=32 --mid_steps=100 --max_steps=700 --eval_every=350 --eval_n=400 --eval_batch=400"
+  DIR="$AR"
+  CFT="--batch_size=16 --max_steps=250 --eval_every=125 --eval_n=300 --eval_batch=300"
+  OPD="--n_prompts=4 --max_steps=15 --eval_every=15 --eval_n=300 --eval_batch=300"
+  MORE="--batch_size=16 --max_steps=40 --eval_every=40 --eval_n=300 --eval_batch=300"
+  RL="--n_prompts=4 --max_steps=10 --eval_every=10 --eval_n=300 --eval_batch=300"
+  BENCH="--batches=(1,16) --graphs=(False,) --n_time=32 --n_time_b1=4 --repeats=1 --accuracy=False"
+  EVAL="--batch_size=400"
+else
+  DEV=""
+  AR="--time_limit=90"; DIR="--time_limit=45"
+  CFT="--time_limit=60"; OPD="--time_limit=60"; MORE="--max_steps=300 --time_limit=35"; RL="--time_limit=60"
+  BENCH="--graphs=(True,) --repeats=2 --n_time_b1=8"
+  EVAL="--batch_size=512"
+fi
+left() { [ "$SECONDS" -lt "$BUDGET" ]; }
+ev() { python decode.py $D $DEV $EVAL --split=test "$@"; }
+
+python data_beauty.py ${DATA_DIR:+--data_dir=$DATA_DIR}
+python train_ar.py $D $DEV $AR
+ev --ckpt=out/ar.pt --name=ar
+ev --ckpt=out/ar.pt --name=naive --block=32 --tau=0.9
+python train_cft.py $D $DEV $CFT
+ev --ckpt=out/cft.pt --name=cft --block=32 --tau=0.9
+python train_opd.py $D $DEV $OPD
+ev --ckpt=out/opd.pt --name=opd --block=32 --tau=0.9
+python train_rl.py $D $DEV $RL
+ev --ckpt=out/rl.pt --name=rl --block=32 --tau=0.9
+left && python bench.py ${DATA_DIR:+--data_dir=$DATA_DIR} $DEV $BENCH
+if left; then python train_ar.py $D $DEV $DIR --trace=False --out=out/ar_direct.pt && ev --ckpt=out/ar_direct.pt --name=ar_direct; fi
+if left; then python train_cft.py $D $DEV $CFT --validity_weight=0.0 --out=out/cft_novalid.pt --name=cft_novalid && ev --ckpt=out/cft_novalid.pt --name=cft_novalid --block=32 --tau=0.9; fi
+if left; then python train_cft.py $D $DEV $MORE --parent=out/cft.pt --out=out/cft_more.pt --name=cft_more && ev --ckpt=out/cft_more.pt --name=cft_more --block=32 --tau=0.9; fi
+if left; then python train_rl.py $D $DEV $RL --policy=out/ar.pt --block=1 --out=out/ar_rl.pt --name=ar_rl && ev --ckpt=out/ar_rl.pt --name=ar_rl --block=1 --tau=0.9; fi
+python report.py

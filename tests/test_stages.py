@@ -1,0 +1,151 @@
+"""Each stage runs end to end on the tiny setting, refuses wrong inputs clearly, and the RL pieces behave."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from train_rl import rank_reward, group_advantages
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = {
+    'train_ar.py': ['--n_layer=1', '--n_embd=32', '--n_head=2', '--batch_size=8', '--max_steps=6', '--mid_steps=2',
+                    '--eval_every=6'],
+    'train_cft.py': ['--block=8', '--batch_size=4', '--max_steps=3', '--eval_every=3'],
+    'train_opd.py': ['--n_prompts=2', '--group=2', '--max_steps=2', '--eval_every=2'],
+    'train_rl.py': ['--n_prompts=2', '--group=4', '--max_steps=2', '--eval_every=2'],
+}
+
+
+def run(script, cwd, *args):
+    cmd = [sys.executable, os.path.join(ROOT, script), '--device=cpu', *args]
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope='module')
+def pipeline(tiny_dir, tmp_path_factory):
+    """The tiny recipe: AR -> CFT -> OPD -> RL -> evaluation, in a scratch folder."""
+    cwd = str(tmp_path_factory.mktemp('run'))
+    data = f'--data_dir={tiny_dir}'
+    for script in ('train_ar.py', 'train_cft.py', 'train_opd.py', 'train_rl.py'):
+        p = run(script, cwd, data, *TINY[script])
+        assert p.returncode == 0, p.stderr[-3000:]
+    p = run('decode.py', cwd, data, '--ckpt=out/rl.pt', '--name=rl', '--block=8')
+    assert p.returncode == 0, p.stderr[-3000:]
+    return cwd, data
+
+
+def test_recipe_runs_end_to_end(pipeline):
+    cwd, _ = pipeline
+    for f in ('ar.pt', 'cft.pt', 'opd.pt', 'rl.pt'):
+        assert os.path.exists(os.path.join(cwd, 'out', f))
+    import json
+    res = json.load(open(os.path.join(cwd, 'results', 'eval_rl.json')))
+    assert res['n'] == len(res['per_user']['rank']) and res['decode']['block'] == 8
+    assert res['per_user']['user'] == sorted(res['per_user']['user'])
+    ck = torch.load(os.path.join(cwd, 'out', 'rl.pt'), weights_only=True)
+    assert ck['stage'] == 'rl' and ck['parent'] == 'out/opd.pt'
+
+
+def test_wrong_or_missing_parent_is_refused(pipeline, tmp_path):
+    cwd, data = pipeline
+    p = run('train_cft.py', str(tmp_path), data, '--parent=out/nothing.pt')
+    assert p.returncode != 0 and 'not found' in p.stderr + p.stdout and 'train_ar' in p.stderr + p.stdout
+    p = run('train_opd.py', cwd, data, '--student=out/ar.pt')
+    assert p.returncode != 0 and "'ar' checkpoint, expected" in p.stderr + p.stdout
+    p = run('train_cft.py', cwd, data, '--parent=out/cft.pt', '--block=4', '--max_steps=1')
+    assert p.returncode != 0 and 'block' in p.stderr + p.stdout
+
+
+def test_missing_data_dir_is_refused(tmp_path):
+    p = run('train_ar.py', str(tmp_path), f'--data_dir={tmp_path}/none', '--max_steps=1')
+    assert p.returncode != 0 and 'missing data file' in p.stderr + p.stdout
+
+
+def test_unknown_flag_is_refused(tmp_path):
+    p = run('train_ar.py', str(tmp_path), '--no_such_flag=1')
+    assert p.returncode != 0 and 'unknown option --no_such_flag' in p.stderr + p.stdout
+
+
+def test_rank_reward_by_hand():
+    before = [3, 1, 4, 2, 5]
+    after = [1, 1, 4, 3, 5]
+    valid = [True, True, True, True, False]
+    r = rank_reward(before, after, valid, n_cand=10)
+    np.testing.assert_allclose(r, [0.2 + 0.2, 0.0 + 0.2, 0.0, -0.1, -1.0])  # improved, stays 1st, same, worse, invalid
+
+
+def test_group_advantages_drop_zero_variance():
+    adv, keep = group_advantages([0.2, 0.2, 0.2, 0.2, 1.0, 0.0, 0.5, 0.5], group=4)
+    assert not keep[:4].any() and keep[4:].all()
+    assert np.all(adv[:4] == 0)
+    assert abs(adv[4:].mean()) < 1e-9 and adv[4] > 0 > adv[5]
+
+
+def test_one_rl_step_changes_parameters(tiny_data):
+    """A policy-gradient step through the replay path moves the weights and stays finite."""
+    from conftest import tiny_model
+    from data_beauty import collate
+    from diffusion import convert, generate_block, live_tokens, replay_logits, token_logprobs
+    d = tiny_data
+    model = convert(tiny_model(d.vocab.size), d.vocab)
+    batch = collate(d.splits['train'], [0, 0, 1, 1], d.vocab, block=4)
+    res = generate_block(model, batch['prompt'], batch['pad'], 24, d.vocab, block=4, tau=0.5, temperature=1.0,
+                         generator=torch.Generator().manual_seed(0))
+    live = live_tokens(res)
+    with torch.no_grad():
+        old = token_logprobs(replay_logits(model, batch['prompt'], batch['pad'], res, 4, d.vocab, live),
+                             res['tokens'][live])
+    new = token_logprobs(replay_logits(model, batch['prompt'], batch['pad'], res, 4, d.vocab, live),
+                         res['tokens'][live])
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5])[:, None].expand_as(live)[live]
+    ratio = (new - old).exp()
+    loss = -torch.minimum(ratio * adv, ratio.clamp(0.8, 1.2) * adv).mean()
+    before = [p.detach().clone() for p in model.parameters()]
+    loss.backward()
+    torch.optim.SGD(model.parameters(), lr=0.1).step()
+    assert torch.isfinite(loss)
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_bench_outputs_equal_decode(tiny_data):
+    """The benchmark times the very decoding that evaluation uses: same tokens at the same settings."""
+    from bench import time_setting
+    from conftest import tiny_model
+    from data_beauty import collate
+    from decode import generate_ar
+    from diffusion import convert, generate_block
+    d = tiny_data
+    model = convert(tiny_model(d.vocab.size), d.vocab)
+    full = collate(d.splits['test'], range(4), d.vocab)
+    batches = [{k: v[a:a + 2] for k, v in full.items()} for a in (0, 2)]
+    for block, tau, k in ((0, 0.0, 0), (4, 0.6, 0), (4, 0.0, 2)):
+        outs, t = time_setting(model, batches, d.vocab, 24, block, tau, k, False, repeats=1)
+        for batch, (tokens, lengths, _) in zip(batches, outs):
+            if block == 0:
+                ref, ref_len = generate_ar(model, batch['prompt'], batch['pad'], 24, d.vocab)
+            else:
+                r = generate_block(model, batch['prompt'], batch['pad'], 24, d.vocab, block=block, tau=tau, k=k)
+                ref, ref_len = r['tokens'], r['lengths']
+            assert torch.equal(lengths, ref_len)
+            for row in range(2):
+                assert torch.equal(tokens[row, :int(ref_len[row])], ref[row, :int(ref_len[row])])
+        assert t['tok_per_s'] > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
+def test_cuda_graphs_match_eager(tiny_data):
+    from bench import time_setting
+    from conftest import tiny_model
+    from data_beauty import collate
+    from diffusion import convert
+    d = tiny_data
+    model = convert(tiny_model(d.vocab.size), d.vocab).cuda()
+    full = collate(d.splits['test'], range(4), d.vocab, device='cuda')
+    batches = [full]
+    for block in (0, 4):
+        eager, _ = time_setting(model, batches, d.vocab, 24, block, 0.6, 0, False, repeats=1)
+        graphed, _ = time_setting(model, batches, d.vocab, 24, block, 0.6, 0, True, repeats=1)
+        assert torch.equal(eager[0][0], graphed[0][0])

@@ -1,0 +1,126 @@
+"""CFT: conversion fine-tuning of the AR teacher into a block-diffusion re-ranker (block-causal, B = 32).
+
+    python train_cft.py                                    # one GPU, about a minute: out/ar.pt -> out/cft.pt
+    python train_cft.py --validity_weight=0 --out=out/cft_novalid.pt     # ablation without the validity loss
+    python train_cft.py --parent=out/cft.pt --out=out/cft_more.pt --max_steps=200   # more off-policy CFT
+    python train_cft.py --batch_size=16 --max_steps=300 --eval_n=200 --device=cpu       # CPU
+
+The model learns to denoise its own trace and answer block by block (BD3-LM loss over [noised ; clean]) and,
+through the permutation-validity loss, to land its answer on a valid permutation of the candidates without
+any constrained decoder. Keeps the checkpoint with the best validation R@1 under the evaluation's decoding.
+"""
+from dataclasses import dataclass, asdict
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from common import (parse_config, print_config, pick_device, autocast, device_name, save_checkpoint,
+                    load_checkpoint, JsonlLog, plot_curves, git_commit, command_line, write_json, Timer,
+                    CheckpointError)
+from data_beauty import DataError, collate
+from decode import load_data_for
+from diffusion import convert, diffusion_loss
+from train_ar import make_optimizer, lr_at, validate
+
+
+@dataclass
+class TrainCFTConfig:
+    parent: str = 'out/ar.pt'    # an AR teacher (converted here) or a CFT model (training continues)
+    out: str = 'out/cft.pt'
+    name: str = 'cft'
+    data_dir: str = '../shared/data/beauty'
+    block: int = 32              # B: tokens per block
+    validity_weight: float = 1.0  # permutation-validity loss weight (0 = ablation)
+    complementary: bool = True   # each example also with the opposite mask
+    w_trace: float = 0.5
+    w_answer: float = 1.0
+    max_steps: int = 600
+    batch_size: int = 64
+    lr: float = 5e-4
+    weight_decay: float = 0.1
+    warmup: int = 50
+    grad_clip: float = 1.0
+    tau: float = 0.9             # evaluation decoding (greedy, threshold rule)
+    k: int = 0
+    eval_every: int = 200
+    eval_n: int = 0
+    eval_batch: int = 512
+    time_limit: float = 0.0      # seconds; > 0: stop training early (then evaluate and save as usual)
+    seed: int = 0
+    device: str = 'auto'
+
+
+def main():
+    cfg = parse_config(TrainCFTConfig)
+    print_config(cfg)
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    device = pick_device(cfg.device)
+    timer = Timer()
+    try:
+        model, ckpt = load_checkpoint(cfg.parent, stages=['ar', 'cft'], device=device)
+        data = load_data_for(ckpt, cfg.data_dir)
+    except (CheckpointError, DataError) as e:
+        raise SystemExit(f"error: {e}")
+    if ckpt['stage'] == 'ar':
+        convert(model, data.vocab)
+        print(f"converted AR teacher {cfg.parent} to block diffusion with B = {cfg.block}")
+    elif ckpt['run_cfg'].get('block') != cfg.block:
+        raise SystemExit(f"error: {cfg.parent} was trained with block {ckpt['run_cfg'].get('block')}, "
+                         f"this run asks for --block={cfg.block}")
+    train, vocab = data.splits['train'], data.vocab
+    log = JsonlLog(f"out/log_{cfg.name}.jsonl")
+    opt = make_optimizer(model, cfg.lr, cfg.weight_decay)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    run_cfg = {**asdict(cfg), 'data': asdict(data.cfg)}
+
+    def evaluate_and_keep(step, best):
+        res = validate(model, data, cfg, device, block=cfg.block, tau=cfg.tau, k=cfg.k)
+        m = res['metrics']
+        log.write(step=step, val_R1=m['R@1'], val_N3=m['N@3'], val_validity=res['validity'],
+                  val_tok_per_fwd=res.get('tokens_per_forward'))
+        tqdm.write(f"step {step}: valid R@1 {m['R@1']:.4f} N@3 {m['N@3']:.4f} validity {res['validity']:.4f} "
+                   f"tokens/forward {res.get('tokens_per_forward', 0):.2f}")
+        if best is None or (m['R@1'], m['N@3']) > (best['R@1'], best['N@3']):
+            best = dict(m, validity=res['validity'], tokens_per_forward=res.get('tokens_per_forward'), step=step)
+            save_checkpoint(cfg.out, model, run_cfg, stage='cft', parent=cfg.parent, step=step,
+                            metrics={'valid': best})
+        return best
+
+    model.eval()  # dropout stays off: the sampler and the loss must see the same network
+    best = evaluate_and_keep(0, None) if ckpt['stage'] == 'cft' else None
+    pbar = tqdm(range(cfg.max_steps), desc='cft', dynamic_ncols=True)
+    for step in pbar:
+        for g in opt.param_groups:
+            g['lr'] = lr_at(step, cfg.max_steps, cfg)
+        batch = collate(train, rng.integers(0, len(train), cfg.batch_size), vocab, block=cfg.block, device=device)
+        with autocast(device):
+            loss, parts = diffusion_loss(model, batch, cfg.block, vocab.mask, w_trace=cfg.w_trace,
+                                         w_answer=cfg.w_answer, complementary=cfg.complementary,
+                                         validity_weight=cfg.validity_weight, vocab=vocab, generator=gen)
+        if not torch.isfinite(loss):
+            raise SystemExit(f"error: loss is {loss.item()} at step {step}; lower --lr (now {cfg.lr})")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        pbar.set_postfix(loss=f"{loss.item():.3f}")
+        log.write(step=step + 1, loss=loss.item(), **{k: v.item() for k, v in parts.items()})
+        out_of_time = cfg.time_limit > 0 and timer() > cfg.time_limit
+        if (step + 1) % cfg.eval_every == 0 or step == cfg.max_steps - 1 or out_of_time:
+            best = evaluate_and_keep(step + 1, best)
+        if out_of_time:
+            tqdm.write(f"time limit {cfg.time_limit:.0f}s reached at step {step + 1}")
+            break
+    print(f"best valid R@1 {best['R@1']:.4f} validity {best['validity']:.4f} at step {best['step']}; "
+          f"saved {cfg.out} ({timer():.0f}s)")
+    plot_curves(log.path, f"results/curves_{cfg.name}.png", ['loss', 'validity_loss', 'val_R1', 'val_validity'],
+                f"CFT ({cfg.name})")
+    write_json(f"results/train_{cfg.name}.json", {'name': cfg.name, 'valid': best, 'seconds': round(timer(), 1),
+                                                  'device': device_name(device), 'command': command_line(),
+                                                  'commit': git_commit(), 'config': asdict(cfg)})
+
+
+if __name__ == '__main__':
+    main()

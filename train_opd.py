@@ -1,0 +1,159 @@
+"""OPD: on-policy distillation of the block-diffusion student from the frozen AR teacher.
+
+    python train_opd.py                                     # one GPU: out/cft.pt + out/ar.pt -> out/opd.pt
+    python train_opd.py --n_prompts=4 --max_steps=20 --eval_n=200 --device=cpu          # CPU
+
+Per prompt the student decodes G' = 4 rollouts of its own (temperature sampling, the evaluation's B and tau);
+the teacher scores each rollout once by teacher forcing (it conditions on the rollout's prefix o<j); the loss is
+the forward KL(teacher || student) over the full vocabulary at every committed token up to <eos>.
+The student's distribution is taken at its COMMIT state (the block as the sampler saw it when it committed
+that token, recomputed by replay), so the student is corrected exactly where its parallel decoding acted;
+with B > 1 this KL cannot reach zero (the teacher sees the full left context, the student a partly masked
+block), with B = 1 it is the AR distillation loss and is zero when student = teacher.
+"""
+from dataclasses import dataclass, asdict
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from common import (parse_config, print_config, pick_device, autocast, device_name, save_checkpoint,
+                    load_checkpoint, JsonlLog, plot_curves, git_commit, command_line, write_json, Timer,
+                    CheckpointError, check_data_matches)
+from data_beauty import DataError, collate
+from decode import load_data_for
+from diffusion import generate_block, live_tokens, replay_logits, forward_kl
+from model import response_hidden
+from train_ar import make_optimizer, lr_at, validate
+
+
+@dataclass
+class TrainOPDConfig:
+    student: str = 'out/cft.pt'
+    teacher: str = 'out/ar.pt'
+    out: str = 'out/opd.pt'
+    name: str = 'opd'
+    data_dir: str = '../shared/data/beauty'
+    n_prompts: int = 16          # prompts per step
+    group: int = 4               # G': student rollouts per prompt
+    temperature: float = 1.0     # rollouts sample; evaluation is greedy
+    tau: float = 0.9             # the evaluation's threshold rule, also used for rollouts
+    k: int = 0
+    max_steps: int = 100
+    micro_batch: int = 32        # rollouts per replay forward (memory)
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    warmup: int = 10
+    grad_clip: float = 1.0
+    eval_every: int = 20
+    eval_n: int = 0
+    eval_batch: int = 512
+    time_limit: float = 0.0      # seconds; > 0: stop training early (then evaluate and save as usual)
+    seed: int = 0
+    device: str = 'auto'
+
+
+def load_student_and_teacher(cfg, device, student_stages):
+    """The student (a diffusion checkpoint), its block size and data, and the frozen AR teacher."""
+    try:
+        student, sck = load_checkpoint(cfg.student, stages=student_stages, device=device)
+        teacher, tck = load_checkpoint(cfg.teacher, stages=['ar'], device=device)
+        data = load_data_for(sck, cfg.data_dir)
+        check_data_matches(tck, sck['run_cfg']['data'], cfg.teacher)
+    except (CheckpointError, DataError) as e:
+        raise SystemExit(f"error: {e}")
+    teacher.eval().requires_grad_(False)
+    return student, sck, teacher, data
+
+
+def rollouts(model, data, idx, group, block, cfg, gen, device):
+    """`group` sampled decodings of each prompt in idx (rows grouped prompt by prompt)."""
+    sp = data.splits['train']
+    rows = np.repeat(np.asarray(idx), group)
+    batch = collate(sp, rows, data.vocab, block=block, device=device)
+    max_r = -(-(batch['resp'].shape[1] + block) // block) * block
+    model.eval()
+    with torch.no_grad(), autocast(device):
+        res = generate_block(model, batch['prompt'], batch['pad'], max_r, data.vocab, block=block, tau=cfg.tau,
+                             k=cfg.k, temperature=cfg.temperature, generator=gen)
+    return batch, res, rows
+
+
+def chunks(n, size):
+    for a in range(0, n, size):
+        yield slice(a, min(n, a + size))
+
+
+def main():
+    cfg = parse_config(TrainOPDConfig)
+    print_config(cfg)
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    device = pick_device(cfg.device)
+    timer = Timer()
+    student, sck, teacher, data = load_student_and_teacher(cfg, device, ['cft', 'opd'])
+    block, vocab, train = sck['run_cfg']['block'], data.vocab, data.splits['train']
+    print(f"student {cfg.student} (B = {block}), teacher {cfg.teacher}; {cfg.n_prompts} prompts x {cfg.group} rollouts")
+    log = JsonlLog(f"out/log_{cfg.name}.jsonl")
+    opt = make_optimizer(student, cfg.lr, cfg.weight_decay)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    run_cfg = {**asdict(cfg), 'block': block, 'data': sck['run_cfg']['data']}
+    best = None
+
+    def evaluate_and_keep(step):
+        nonlocal best
+        res = validate(student, data, cfg, device, block=block, tau=cfg.tau, k=cfg.k)
+        m = res['metrics']
+        log.write(step=step, val_R1=m['R@1'], val_N3=m['N@3'], val_validity=res['validity'])
+        tqdm.write(f"step {step}: valid R@1 {m['R@1']:.4f} N@3 {m['N@3']:.4f} validity {res['validity']:.4f}")
+        if best is None or (m['R@1'], m['N@3']) > (best['R@1'], best['N@3']):
+            best = dict(m, validity=res['validity'], step=step)
+            save_checkpoint(cfg.out, student, run_cfg, stage='opd', parent=cfg.student, step=step,
+                            metrics={'valid': best})
+
+    evaluate_and_keep(0)
+    pbar = tqdm(range(cfg.max_steps), desc='opd', dynamic_ncols=True)
+    for step in pbar:
+        for g in opt.param_groups:
+            g['lr'] = lr_at(step, cfg.max_steps, cfg)
+        idx = rng.integers(0, len(train), cfg.n_prompts)
+        batch, res, _ = rollouts(student, data, idx, cfg.group, block, cfg, gen, device)
+        live = live_tokens(res)
+        n_live = live.sum()
+        opt.zero_grad(set_to_none=True)
+        total = 0.0
+        for sl in chunks(len(live), cfg.micro_batch):
+            part = {k: v[sl] for k, v in res.items()}
+            with torch.no_grad(), autocast(device):
+                t_logits = teacher.head(response_hidden(teacher, batch['prompt'][sl], batch['pad'][sl],
+                                                        part['tokens'])[live[sl]], fp32=True)
+                t_logits[:, vocab.mask] = -float('inf')
+            with autocast(device):
+                s_logits = replay_logits(student, batch['prompt'][sl], batch['pad'][sl], part, block, vocab, live[sl])
+                loss = forward_kl(t_logits, s_logits, torch.ones(len(t_logits), device=device)) * live[sl].sum() / n_live
+            loss.backward()
+            total += loss.item()
+        if not np.isfinite(total):
+            raise SystemExit(f"error: KL is {total} at step {step}; lower --lr (now {cfg.lr})")
+        torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
+        opt.step()
+        pbar.set_postfix(kl=f"{total:.3f}")
+        log.write(step=step + 1, kl=total, rollout_len=res['lengths'].float().mean().item(),
+                  tok_per_fwd=(res['n_tokens'].sum() / res['n_forwards'].sum()).item())
+        out_of_time = cfg.time_limit > 0 and timer() > cfg.time_limit
+        if (step + 1) % cfg.eval_every == 0 or step == cfg.max_steps - 1 or out_of_time:
+            evaluate_and_keep(step + 1)
+        if out_of_time:
+            tqdm.write(f"time limit {cfg.time_limit:.0f}s reached at step {step + 1}")
+            break
+    print(f"best valid R@1 {best['R@1']:.4f} validity {best['validity']:.4f} at step {best['step']}; "
+          f"saved {cfg.out} ({timer():.0f}s)")
+    plot_curves(log.path, f"results/curves_{cfg.name}.png", ['kl', 'tok_per_fwd', 'val_R1', 'val_validity'],
+                f"OPD ({cfg.name})")
+    write_json(f"results/train_{cfg.name}.json", {'name': cfg.name, 'valid': best, 'seconds': round(timer(), 1),
+                                                  'device': device_name(device), 'command': command_line(),
+                                                  'commit': git_commit(), 'config': asdict(cfg)})
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,201 @@
+"""RL on the re-ranking reward: trajectory-level GRPO with TraceRL-style replay, from the OPD policy.
+
+    python train_rl.py                                              # one GPU: out/opd.pt -> out/rl.pt
+    python train_rl.py --policy=out/ar.pt --block=1 --out=out/ar_rl.pt --name=ar_rl   # RL-tuned AR reference
+    python train_rl.py --n_prompts=4 --max_steps=10 --eval_n=200 --device=cpu            # CPU
+
+Per prompt, G = 8 rollouts sampled with the evaluation's B and tau. Reward = (rank before - rank after) / N
++ 0.2 x format, the format reward paid only when the target's rank improved or it stays first (otherwise
+copying the incoming order pays: GR2's reward hacking); invalid output gets -1 and stays in its group.
+Advantages are group-normalised; zero-variance groups are dropped. A trajectory's log-probability is the sum
+over its committed tokens at the states in which they were committed (replay); pi_old is that replay before
+the update, without gradients; the ratio is clipped at 0.2 per token.
+"""
+import copy
+from dataclasses import dataclass, asdict
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from common import (parse_config, print_config, pick_device, autocast, device_name, save_checkpoint,
+                    load_checkpoint, JsonlLog, plot_curves, git_commit, command_line, write_json, Timer,
+                    CheckpointError)
+from data_beauty import DataError, parse_answer, target_rank
+from decode import load_data_for
+from diffusion import convert, live_tokens, replay_logits, token_logprobs
+from train_ar import make_optimizer, lr_at, validate
+from train_opd import rollouts, chunks
+
+
+@dataclass
+class TrainRLConfig:
+    policy: str = 'out/opd.pt'   # start policy: a diffusion checkpoint, or out/ar.pt with --block=1
+    block: int = 0               # 0: the policy's own block size
+    out: str = 'out/rl.pt'
+    name: str = 'rl'
+    data_dir: str = '../shared/data/beauty'
+    n_prompts: int = 16
+    group: int = 8               # G
+    temperature: float = 1.0
+    tau: float = 0.9
+    k: int = 0
+    clip: float = 0.2
+    format_weight: float = 0.2
+    updates: int = 1             # policy updates per batch of rollouts
+    max_steps: int = 60
+    micro_batch: int = 32
+    lr: float = 5e-5
+    warmup: int = 5
+    grad_clip: float = 1.0
+    eval_every: int = 10
+    eval_n: int = 0
+    eval_batch: int = 512
+    time_limit: float = 0.0      # seconds; > 0: stop training early (then evaluate and save as usual)
+    seed: int = 0
+    device: str = 'auto'
+
+
+def rank_reward(rank_before, rank_after, valid, n_cand, format_weight=0.2):
+    """(before - after) / N, + format_weight if valid and (improved or still first); invalid: -1."""
+    before, after = np.asarray(rank_before, float), np.asarray(rank_after, float)
+    valid = np.asarray(valid, bool)
+    fmt = valid & ((after < before) | (after == 1))
+    return np.where(valid, (before - after) / n_cand + format_weight * fmt, -1.0)
+
+
+def group_advantages(rewards, group):
+    """Group-normalised advantages (n_prompts * G,) and which groups carry signal (non-zero variance)."""
+    r = np.asarray(rewards, float).reshape(-1, group)
+    std = r.std(1, keepdims=True)
+    keep = std[:, 0] > 1e-8
+    adv = np.where(keep[:, None], (r - r.mean(1, keepdims=True)) / np.maximum(std, 1e-8), 0.0)
+    return adv.reshape(-1), np.repeat(keep, group)
+
+
+def score_rollouts(res, data, rows):
+    """Parse each rollout: its target rank after re-ranking (invalid = the pre-ranker's), validity, and
+    whether a valid output copies the incoming order."""
+    sp, vocab = data.splits['train'], data.vocab
+    ranks, valid, copies = [], [], []
+    for r, i in enumerate(rows):
+        toks = res['tokens'][r, :int(res['lengths'][r])].tolist()
+        ranking = parse_answer(toks, sp.cands[i] + vocab.item0, vocab)
+        ranks.append(target_rank(ranking, sp.target[i]))
+        valid.append(ranking is not None)
+        copies.append(ranking == list(range(len(sp.cands[i]))))
+    return np.array(ranks), np.array(valid), np.array(copies)
+
+
+def main():
+    cfg = parse_config(TrainRLConfig)
+    print_config(cfg)
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    device = pick_device(cfg.device)
+    timer = Timer()
+    try:
+        policy, ck = load_checkpoint(cfg.policy, stages=['ar', 'cft', 'opd', 'rl'], device=device)
+        data = load_data_for(ck, cfg.data_dir)
+    except (CheckpointError, DataError) as e:
+        raise SystemExit(f"error: {e}")
+    block = cfg.block or ck['run_cfg'].get('block', 0)
+    if ck['stage'] == 'ar':
+        if block <= 0:
+            raise SystemExit(f"error: {cfg.policy} is an AR model; pass --block=1 (the RL-tuned AR reference) "
+                             f"or --block=32 (naive conversion)")
+        convert(policy, data.vocab)
+    elif block != ck['run_cfg'].get('block'):
+        raise SystemExit(f"error: {cfg.policy} decodes with block {ck['run_cfg'].get('block')}, not {block}")
+    vocab, train, N = data.vocab, data.splits['train'], data.cfg.n_cand
+    reference = copy.deepcopy(policy).eval().requires_grad_(False)  # the start policy, for the KL we log
+    print(f"policy {cfg.policy} (B = {block}); {cfg.n_prompts} prompts x {cfg.group} rollouts")
+    log = JsonlLog(f"out/log_{cfg.name}.jsonl")
+    opt = make_optimizer(policy, cfg.lr, 0.0)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    run_cfg = {**asdict(cfg), 'block': block, 'data': ck['run_cfg']['data']}
+    best = None
+
+    def evaluate_and_keep(step):
+        nonlocal best
+        res = validate(policy, data, cfg, device, block=block, tau=cfg.tau, k=cfg.k)
+        m = res['metrics']
+        log.write(step=step, val_R1=m['R@1'], val_N3=m['N@3'], val_validity=res['validity'])
+        tqdm.write(f"step {step}: valid R@1 {m['R@1']:.4f} N@3 {m['N@3']:.4f} validity {res['validity']:.4f}")
+        if best is None or (m['R@1'], m['N@3']) > (best['R@1'], best['N@3']):
+            best = dict(m, validity=res['validity'], step=step)
+            save_checkpoint(cfg.out, policy, run_cfg, stage='rl', parent=cfg.policy, step=step,
+                            metrics={'valid': best})
+
+    evaluate_and_keep(0)
+    pbar = tqdm(range(cfg.max_steps), desc=cfg.name, dynamic_ncols=True)
+    for step in pbar:
+        for g in opt.param_groups:
+            g['lr'] = lr_at(step, cfg.max_steps, cfg)
+        idx = rng.integers(0, len(train), cfg.n_prompts)
+        batch, res, rows = rollouts(policy, data, idx, cfg.group, block, cfg, gen, device)
+        ranks, valid, copies = score_rollouts(res, data, rows)
+        before = train.target[rows] + 1
+        rewards = rank_reward(before, ranks, valid, N, cfg.format_weight)
+        adv, keep = group_advantages(rewards, cfg.group)
+        live = live_tokens(res)
+        stats = dict(step=step + 1, reward=rewards.mean(), validity=valid.mean(), rank_change=(before - ranks).mean(),
+                     copy_share=float(copies[before > 1].mean()) if (before > 1).any() else None,
+                     groups_kept=keep.reshape(-1, cfg.group)[:, 0].mean())
+        rows_kept = np.where(keep)[0]
+        if len(rows_kept):
+            sel = torch.as_tensor(rows_kept, device=device)
+            sub = {k: v[sel] for k, v in res.items()}
+            prompt, pad, lv = batch['prompt'][sel], batch['pad'][sel], live[sel]
+            A = torch.as_tensor(adv[rows_kept], dtype=torch.float32, device=device)
+            n_live = lv.sum()
+            old, ref = [], []
+            with torch.no_grad(), autocast(device):  # pi_old (and the start policy) from the replay path
+                for sl in chunks(len(sel), cfg.micro_batch):
+                    part = {k: v[sl] for k, v in sub.items()}
+                    old.append(token_logprobs(replay_logits(policy, prompt[sl], pad[sl], part, block, vocab, lv[sl]),
+                                              part['tokens'][lv[sl]], cfg.temperature))
+                    ref.append(token_logprobs(replay_logits(reference, prompt[sl], pad[sl], part, block, vocab,
+                                                            lv[sl]), part['tokens'][lv[sl]], cfg.temperature))
+            sampler_lp = sub['logp'][lv]
+            old_all = torch.cat(old)
+            stats.update(kl_to_start=(old_all - torch.cat(ref)).mean().item(),
+                         replay_gap=(old_all - sampler_lp).abs().max().item())
+            for _ in range(cfg.updates):
+                opt.zero_grad(set_to_none=True)
+                total = 0.0
+                for ci, sl in enumerate(chunks(len(sel), cfg.micro_batch)):
+                    part = {k: v[sl] for k, v in sub.items()}
+                    with autocast(device):
+                        new = token_logprobs(replay_logits(policy, prompt[sl], pad[sl], part, block, vocab, lv[sl]),
+                                             part['tokens'][lv[sl]], cfg.temperature)
+                    a = A[sl][:, None].expand_as(lv[sl])[lv[sl]]          # each token gets its rollout's advantage
+                    ratio = (new - old[ci]).exp()
+                    obj = torch.minimum(ratio * a, ratio.clamp(1 - cfg.clip, 1 + cfg.clip) * a)
+                    loss = -obj.sum() / n_live                            # token-level mean (DAPO)
+                    loss.backward()
+                    total += loss.item()
+                if not np.isfinite(total):
+                    raise SystemExit(f"error: loss is {total} at step {step}; lower --lr (now {cfg.lr})")
+                torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
+                opt.step()
+            stats['loss'] = total
+        log.write(**stats)
+        pbar.set_postfix(reward=f"{rewards.mean():.3f}", valid=f"{valid.mean():.2f}")
+        out_of_time = cfg.time_limit > 0 and timer() > cfg.time_limit
+        if (step + 1) % cfg.eval_every == 0 or step == cfg.max_steps - 1 or out_of_time:
+            evaluate_and_keep(step + 1)
+        if out_of_time:
+            tqdm.write(f"time limit {cfg.time_limit:.0f}s reached at step {step + 1}")
+            break
+    print(f"best valid R@1 {best['R@1']:.4f} validity {best['validity']:.4f} at step {best['step']}; "
+          f"saved {cfg.out} ({timer():.0f}s)")
+    plot_curves(log.path, f"results/curves_{cfg.name}.png",
+                ['reward', 'validity', 'rank_change', 'copy_share', 'kl_to_start', 'val_R1'], f"RL ({cfg.name})")
+    write_json(f"results/train_{cfg.name}.json", {'name': cfg.name, 'valid': best, 'seconds': round(timer(), 1),
+                                                  'device': device_name(device), 'command': command_line(),
+                                                  'commit': git_commit(), 'config': asdict(cfg)})
+
+
+if __name__ == '__main__':
+    main()
