@@ -252,19 +252,27 @@ def prerank(seqs, C, pop, users, ts, cfg, batch=1024, leave_out=True):
 
 # ----------------------------------------------------------------------------- traces and encoding
 
+def stat_tokens(ev, i, vocab):
+    """Candidate i's leave-out statistics as bucket tokens: co-occurrence with the last history item, the
+    pre-ranker's co-occurrence score against the recent history, popularity."""
+    return [vocab.bucket('last', ev[0][i]), vocab.bucket('hist', ev[1][i]), vocab.bucket('pop', ev[2][i])]
+
+
 def encode(hist, cands, target_idx, ev, attrs, vocab, trace=True):
     """Prompt, response and per-token kind (0 trace, 1 answer) for one instance.
 
-    prompt   = <bos> (item attrs..)*history <cands> (item attrs..)*N <think>|<answer>
-    trace    = per candidate: item, (attr, share-bucket) pairs, last-cooc, hist-cooc and popularity buckets
+    prompt   = <bos> (item attrs..)*history <cands> (item attrs.. last hist pop)*N <think>|<answer>
+    trace    = per candidate: item, (attr, share-bucket) pairs, then its last-cooc, hist-cooc and popularity
+               buckets gathered beside it (the statistics come with the prompt, as retrieved item facts do
+               in an LLM re-ranker's prompt: a small model cannot recall pair counts it never sees)
     answer   = <answer> target, then the other candidates in the pre-ranker's order, <eos>
     The trace reads only the prompt and leave-out statistics; `target_idx` only shapes the answer."""
     prompt = [vocab.bos]
     for h in hist:
         prompt += [vocab.item(h)] + [vocab.attr(a) for a in attrs[h]]
     prompt.append(vocab.cands)
-    for c in cands:
-        prompt += [vocab.item(c)] + [vocab.attr(a) for a in attrs[c]]
+    for i, c in enumerate(cands):  # each candidate with its attributes and its retrieved statistics
+        prompt += [vocab.item(c)] + [vocab.attr(a) for a in attrs[c]] + stat_tokens(ev, i, vocab)
     prompt.append(vocab.think if trace else vocab.answer)
     response, kind = [], []
     if trace:
@@ -276,7 +284,7 @@ def encode(hist, cands, target_idx, ev, attrs, vocab, trace=True):
             response.append(vocab.item(c))
             for a in attrs[c]:
                 response += [vocab.attr(a), vocab.bucket('share', hist_attr_count[a])]
-            response += [vocab.bucket('last', ev[0][i]), vocab.bucket('hist', ev[1][i]), vocab.bucket('pop', ev[2][i])]
+            response += stat_tokens(ev, i, vocab)
         response.append(vocab.answer)
         kind = [0] * len(response)
     order = [target_idx] + [i for i in range(len(cands)) if i != target_idx]

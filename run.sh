@@ -26,8 +26,8 @@ if [ "$MODE" = cpu ]; then
   EVAL="--batch_size=400"
 else
   DEV=""
-  AR="--time_limit=90"; DIR="--time_limit=45"
-  CFT="--time_limit=60"; OPD="--time_limit=60"; MORE="--max_steps=300 --time_limit=35"; RL="--time_limit=60"
+  AR="--time_limit=110"; DIR="--time_limit=45"
+  CFT="--time_limit=55"; OPD="--time_limit=40"; MORE="--max_steps=300 --time_limit=35"; RL="--time_limit=40"
   BENCH="--graphs=(True,) --repeats=2 --n_time_b1=8"
   EVAL="--batch_size=512"
 fi
@@ -40,11 +40,11 @@ ev --ckpt=out/ar.pt --name=ar
 ev --ckpt=out/ar.pt --name=naive --block=32 --tau=0.9
 python train_cft.py $D $DEV $CFT
 ev --ckpt=out/cft.pt --name=cft --block=32 --tau=0.9
+left && python bench.py ${DATA_DIR:+--data_dir=$DATA_DIR} $DEV $BENCH
 python train_opd.py $D $DEV $OPD
 ev --ckpt=out/opd.pt --name=opd --block=32 --tau=0.9
 python train_rl.py $D $DEV $RL
 ev --ckpt=out/rl.pt --name=rl --block=32 --tau=0.9
-left && python bench.py ${DATA_DIR:+--data_dir=$DATA_DIR} $DEV $BENCH
 if left; then python train_ar.py $D $DEV $DIR --trace=False --out=out/ar_direct.pt && ev --ckpt=out/ar_direct.pt --name=ar_direct; fi
 if left; then python train_cft.py $D $DEV $CFT --validity_weight=0.0 --out=out/cft_novalid.pt --name=cft_novalid && ev --ckpt=out/cft_novalid.pt --name=cft_novalid --block=32 --tau=0.9; fi
 if left; then python train_cft.py $D $DEV $MORE --parent=out/cft.pt --out=out/cft_more.pt --name=cft_more && ev --ckpt=out/cft_more.pt --name=cft_more --block=32 --tau=0.9; fi

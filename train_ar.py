@@ -33,10 +33,10 @@ class TrainARConfig:
     n_layer: int = 6
     n_head: int = 8
     n_embd: int = 256
-    dropout: float = 0.1
+    dropout: float = 0.0
     # optimisation
     mid_steps: int = 300         # mid-training steps (0 = skip)
-    max_steps: int = 1500        # SFT steps
+    max_steps: int = 3000        # SFT steps
     batch_size: int = 128
     lr: float = 2e-3
     weight_decay: float = 0.1
@@ -45,7 +45,7 @@ class TrainARConfig:
     w_answer: float = 1.0        # loss weight of answer tokens
     grad_clip: float = 1.0
     # evaluation
-    eval_every: int = 250
+    eval_every: int = 500
     eval_n: int = 0              # validation instances decoded at each evaluation (0 = all)
     eval_batch: int = 512
     time_limit: float = 0.0      # seconds; > 0: stop training early (then evaluate and save as usual)

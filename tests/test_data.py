@@ -139,3 +139,28 @@ def test_paired_bootstrap_by_hand():
     assert 0.38 < res['lo'] < 0.5 < res['hi'] < 0.62
     same = paired_bootstrap(b, b, 'R@1', n_boot=100)
     assert same == {'diff': 0.0, 'lo': 0.0, 'hi': 0.0}
+
+
+def test_build_from_raw_amazon_files(tmp_path):
+    """The raw reviews + meta dump becomes the 5-core format: time order, k-core filter, brand + categories."""
+    import gzip
+    import json
+    from data_beauty import build_from_raw
+    raw = tmp_path / 'raw'
+    raw.mkdir()
+    reviews = []
+    for u in range(6):            # 6 users x 5 items each: a 5-core; user 'x' has too few and is dropped
+        for t, i in enumerate(range(5)):
+            reviews.append({'reviewerID': f'u{u}', 'asin': f'A{(i + u) % 5}', 'unixReviewTime': 100 * t + u})
+    reviews.append({'reviewerID': 'x', 'asin': 'A0', 'unixReviewTime': 5})
+    with gzip.open(raw / 'reviews_Beauty_5.json.gz', 'wt') as f:
+        f.write('\n'.join(json.dumps(r) for r in reviews))
+    metas = [{'asin': f'A{i}', 'brand': f'B{i % 2}', 'categories': [['Beauty', 'Makeup', f'C{i}']]} for i in range(5)]
+    with gzip.open(raw / 'meta_Beauty.json.gz', 'wt') as f:
+        f.write('\n'.join(repr(m) for m in metas))  # the 2014 dump writes python literals
+    build_from_raw(str(raw), str(tmp_path / 'out'))
+    seqs, attrs, n_items, n_attrs = load_5core(str(tmp_path / 'out'))
+    assert len(seqs) == 6 and n_items == 5 and all(len(s) == 5 for s in seqs)
+    assert seqs[0].tolist() == [1, 2, 3, 4, 5]          # ids by first appearance, in time order
+    assert all(len(attrs[i]) == 3 for i in range(1, 6))  # brand, Makeup, C<i>
+    assert attrs[1][0] != attrs[2][0] and attrs[1][0] == attrs[3][0]  # B0 / B1 brands
