@@ -121,6 +121,15 @@ def check_data_matches(ckpt, data_cfg_dict, path):
                                   f"{data_cfg_dict[key]!r}: pass --{key}={parent[key]!r} or retrain the parent")
 
 
+def is_better(new, best, min_validity):
+    """Checkpoint selection on validation. A model at or above the validity bar beats one below it; above the
+    bar R@1 (then N@3) decides, below it validity does. (Invalid output is scored as the pre-ranker's order,
+    so a mostly invalid model scores about the floor and would otherwise win over a valid model just below it,
+    and be useless as a teacher.)"""
+    key = lambda r: ((True, r['R@1'], r['N@3']) if r['validity'] >= min_validity else (False, r['validity'], 0.0))
+    return best is None or key(new) > key(best)
+
+
 # ----------------------------------------------------------------------------- logs, plots, results
 
 class JsonlLog:

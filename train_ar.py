@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (parse_config, print_config, pick_device, autocast, device_name, save_checkpoint, JsonlLog,
-                    plot_curves, git_commit, command_line, write_json, Timer)
+from common import (parse_config, print_config, pick_device, autocast, device_name, save_checkpoint,
+                    load_checkpoint, JsonlLog, plot_curves, git_commit, is_better, command_line, write_json, Timer)
 from data_beauty import DataConfig, BeautyData, DataError, collate
 from decode import DecodeConfig, evaluate
 from model import GPT, GPTConfig, response_hidden
@@ -46,6 +46,7 @@ class TrainARConfig:
     grad_clip: float = 1.0
     # evaluation
     eval_every: int = 500
+    min_validity: float = 0.95   # checkpoint selection: see common.is_better
     eval_n: int = 0              # validation instances decoded at each evaluation (0 = all)
     eval_batch: int = 512
     time_limit: float = 0.0      # seconds; > 0: stop training early (then evaluate and save as usual)
@@ -107,6 +108,23 @@ def lm_loss(model, x, live):
     ce = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), x[:, 1:].reshape(-1), reduction='none')
     w = live[:, 1:].reshape(-1).float()
     return (ce * w).sum() / w.sum()
+
+
+@torch.no_grad()
+def trace_confidence(model, split, vocab, device, n=512, batch=32):
+    """Share of trace tokens the model predicts (teacher-forced) with probability > 0.99: how much of the
+    trace is near-certain restatement rather than inference (reported beside every result)."""
+    model.eval()
+    hits, total = 0, 0
+    for a in range(0, min(n, len(split)), batch):
+        b = collate(split, range(a, min(n, len(split), a + batch)), vocab, device=device)
+        with autocast(device):
+            h = response_hidden(model, b['prompt'], b['pad'], b['resp'])
+        p = model.head(h, fp32=True).softmax(-1).gather(-1, b['resp'][..., None]).squeeze(-1)  # (B, R)
+        trace = (b['kind'] == 0) & (torch.arange(p.shape[1], device=device)[None, :] < b['resp_len'][:, None])
+        hits += int(((p > 0.99) & trace).sum())
+        total += int(trace.sum())
+    return hits / max(total, 1)
 
 
 def validate(model, data, cfg, device, block=0, tau=0.9, k=0, split='valid'):
@@ -178,14 +196,20 @@ def main():
             log.write(step=step, val_R1=m['R@1'], val_N3=m['N@3'], val_validity=res['validity'])
             tqdm.write(f"step {step + 1}: valid R@1 {m['R@1']:.4f} N@3 {m['N@3']:.4f} validity {res['validity']:.4f} "
                        f"(floor R@1 {res['floor']['R@1']:.4f})")
-            if best is None or (m['R@1'], m['N@3']) > (best['R@1'], best['N@3']):
+            if is_better(dict(m, validity=res['validity']), best, cfg.min_validity):
                 best, best_step = dict(m, validity=res['validity']), step + 1
                 save_checkpoint(cfg.out, model, {**asdict(cfg), 'data': asdict(data.cfg)}, stage='ar',
                                 step=step + 1, metrics={'valid': best})
         if out_of_time:
             tqdm.write(f"time limit {cfg.time_limit:.0f}s reached at step {step + 1}")
             break
-    print(f"best valid R@1 {best['R@1']:.4f} at step {best_step}; saved {cfg.out} ({timer():.0f}s)")
+    print(f"best valid R@1 {best['R@1']:.4f} validity {best['validity']:.4f} at step {best_step}; saved {cfg.out} "
+          f"({timer():.0f}s)")
+    if cfg.trace:
+        best_model, _ = load_checkpoint(cfg.out, device=device)
+        best['trace_p99_share'] = trace_confidence(best_model, data.splits['valid'], data.vocab, device)
+        print(f"share of trace tokens predicted with p > 0.99 (validation, teacher-forced): "
+              f"{best['trace_p99_share']:.3f}")
     plot_curves(log.path, f"results/curves_{name}.png", ['mid_loss', 'loss', 'val_R1', 'val_validity'],
                 f"AR teacher ({name})")
     write_json(f"results/train_{name}.json", {'name': name, 'best_step': best_step, 'valid': best,

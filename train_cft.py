@@ -16,8 +16,8 @@ import torch
 from tqdm import tqdm
 
 from common import (parse_config, print_config, pick_device, autocast, device_name, save_checkpoint,
-                    load_checkpoint, JsonlLog, plot_curves, git_commit, command_line, write_json, Timer,
-                    CheckpointError)
+                    load_checkpoint, JsonlLog, plot_curves, git_commit, is_better, command_line, write_json,
+                    Timer, CheckpointError)
 from data_beauty import DataError, collate
 from decode import load_data_for
 from diffusion import convert, diffusion_loss
@@ -43,7 +43,9 @@ class TrainCFTConfig:
     grad_clip: float = 1.0
     tau: float = 0.9             # evaluation decoding (greedy, threshold rule)
     k: int = 0
+    sweep: bool = True           # at the end: validation accuracy and speed at tau 0.9 / 0.6 / 0.4 and k = 1
     eval_every: int = 200
+    min_validity: float = 0.95   # checkpoint selection: see common.is_better
     eval_n: int = 0
     eval_batch: int = 512
     time_limit: float = 0.0      # seconds; > 0: stop training early (then evaluate and save as usual)
@@ -82,7 +84,7 @@ def main():
                   val_tok_per_fwd=res.get('tokens_per_forward'))
         tqdm.write(f"step {step}: valid R@1 {m['R@1']:.4f} N@3 {m['N@3']:.4f} validity {res['validity']:.4f} "
                    f"tokens/forward {res.get('tokens_per_forward', 0):.2f}")
-        if best is None or (m['R@1'], m['N@3']) > (best['R@1'], best['N@3']):
+        if is_better(dict(m, validity=res['validity']), best, cfg.min_validity):
             best = dict(m, validity=res['validity'], tokens_per_forward=res.get('tokens_per_forward'), step=step)
             save_checkpoint(cfg.out, model, run_cfg, stage='cft', parent=cfg.parent, step=step,
                             metrics={'valid': best})
@@ -115,6 +117,19 @@ def main():
             break
     print(f"best valid R@1 {best['R@1']:.4f} validity {best['validity']:.4f} at step {best['step']}; "
           f"saved {cfg.out} ({timer():.0f}s)")
+    if cfg.sweep:  # decoding settings of the kept model on validation: accuracy against tokens per forward
+        model, _ = load_checkpoint(cfg.out, device=device)
+        sweep = []
+        for tau, k in ((0.9, 0), (0.6, 0), (0.4, 0), (0.0, 1)):
+            res = validate(model, data, cfg, device, block=cfg.block, tau=tau, k=k)
+            sweep.append({'tau': tau if k == 0 else None, 'k': k or None, 'R@1': res['metrics']['R@1'],
+                          'validity': res['validity'], 'tokens_per_forward': res.get('tokens_per_forward'),
+                          'tokens_per_forward_trace': res.get('tokens_per_forward_trace'),
+                          'tokens_per_forward_answer': res.get('tokens_per_forward_answer')})
+            print(f"valid tau={tau} k={k}: R@1 {sweep[-1]['R@1']:.4f} validity {sweep[-1]['validity']:.4f} "
+                  f"tokens/forward {sweep[-1]['tokens_per_forward']:.2f}")
+        write_json(f"results/sweep_{cfg.name}.json", {'split': 'valid', 'n': res['n'], 'block': cfg.block,
+                                                      'rows': sweep, 'device': device_name(device)})
     plot_curves(log.path, f"results/curves_{cfg.name}.png", ['loss', 'validity_loss', 'val_R1', 'val_validity'],
                 f"CFT ({cfg.name})")
     write_json(f"results/train_{cfg.name}.json", {'name': cfg.name, 'valid': best, 'seconds': round(timer(), 1),

@@ -18,8 +18,8 @@ import torch
 from tqdm import tqdm
 
 from common import (parse_config, print_config, pick_device, autocast, device_name, save_checkpoint,
-                    load_checkpoint, JsonlLog, plot_curves, git_commit, command_line, write_json, Timer,
-                    CheckpointError, check_data_matches)
+                    load_checkpoint, JsonlLog, plot_curves, git_commit, is_better, command_line, write_json,
+                    Timer, CheckpointError, check_data_matches)
 from data_beauty import DataError, collate
 from decode import load_data_for
 from diffusion import generate_block, live_tokens, replay_logits, forward_kl
@@ -46,6 +46,7 @@ class TrainOPDConfig:
     warmup: int = 10
     grad_clip: float = 1.0
     eval_every: int = 20
+    min_validity: float = 0.95   # checkpoint selection: see common.is_better
     eval_n: int = 0
     eval_batch: int = 512
     time_limit: float = 0.0      # seconds; > 0: stop training early (then evaluate and save as usual)
@@ -106,7 +107,7 @@ def main():
         m = res['metrics']
         log.write(step=step, val_R1=m['R@1'], val_N3=m['N@3'], val_validity=res['validity'])
         tqdm.write(f"step {step}: valid R@1 {m['R@1']:.4f} N@3 {m['N@3']:.4f} validity {res['validity']:.4f}")
-        if best is None or (m['R@1'], m['N@3']) > (best['R@1'], best['N@3']):
+        if is_better(dict(m, validity=res['validity']), best, cfg.min_validity):
             best = dict(m, validity=res['validity'], step=step)
             save_checkpoint(cfg.out, student, run_cfg, stage='opd', parent=cfg.student, step=step,
                             metrics={'valid': best})
