@@ -112,6 +112,42 @@ def load_checkpoint(path, stages=None, device='cpu'):
     return model.to(device), ckpt
 
 
+def save_resume(out, model, opt, run_cfg, step, state):
+    """Training state at an evaluation point (weights, optimizer, step, selection state, RNG), written
+    atomically beside the checkpoint, so that an interrupted run continues where it was when rerun."""
+    tmp = out + '.resume.tmp'
+    torch.save({'model': model.state_dict(), 'opt': opt.state_dict(), 'run_cfg': resume_key(run_cfg), 'step': step,
+                'state': state, 'torch_rng': torch.get_rng_state()}, tmp)
+    os.replace(tmp, out + '.resume')
+
+
+def load_resume(out, model, opt, run_cfg):
+    """The saved state of an interrupted run of this same configuration, loaded into model and opt, or None."""
+    path = out + '.resume'
+    if not os.path.exists(path):
+        return None
+    saved = torch.load(path, map_location='cpu', weights_only=True)
+    if saved['run_cfg'] != resume_key(run_cfg):
+        print(f"note: {path} belongs to another configuration; starting afresh")
+        return None
+    model.load_state_dict(saved['model'])
+    opt.load_state_dict(saved['opt'])
+    torch.set_rng_state(saved['torch_rng'])
+    print(f"resuming from {path} at step {saved['step']}")
+    return saved
+
+
+def finish_resume(out):
+    if os.path.exists(out + '.resume'):
+        os.remove(out + '.resume')
+
+
+def resume_key(run_cfg):
+    """What must match for a resume: everything but how long we are willing to wait."""
+    d = dataclasses.asdict(run_cfg) if dataclasses.is_dataclass(run_cfg) else dict(run_cfg)
+    return {k: v for k, v in d.items() if k not in ('time_limit', 'device')}
+
+
 def check_data_matches(ckpt, data_cfg_dict, path):
     """A later stage must read the data the parent was trained on (same vocabulary, same instances)."""
     parent = ckpt['run_cfg'].get('data', {})

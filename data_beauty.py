@@ -210,7 +210,6 @@ def prerank(seqs, C, pop, users, ts, cfg, batch=1024, leave_out=True):
     w = np.array([cfg.hist_decay ** k for k in range(m)], dtype=np.float32)
     cands = np.zeros((n, N), np.int64)
     ev_last, ev_hist, ev_pop = (np.zeros((n, N), np.float32) for _ in range(3))
-    logpop = np.log1p(pop).astype(np.float32)
     for b0 in range(0, n, batch):
         b1 = min(n, b0 + batch)
         R = []  # R[k]: (nb, I) leave-out co-occurrence rows of the k-th most recent history item

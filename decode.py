@@ -7,7 +7,7 @@
 Writes results/eval_<name>.json: metrics, validity, floor, decode settings, and per-user ranks in user order
 (invalid output scored as the pre-ranker's order), so any two systems can be compared by a paired bootstrap.
 """
-from dataclasses import dataclass, asdict
+from dataclasses import dataclass
 
 import numpy as np
 import torch

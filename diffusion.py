@@ -28,7 +28,7 @@ def bd3_columns(pad, P, R, block):
 
     A noised block sees the prompt, the clean copies of earlier blocks and itself; a clean block sees the
     prompt and clean blocks up to itself (block-causal); clean copies reuse the noised copy's positions."""
-    B, dev = pad.shape[0], pad.device
+    dev = pad.device
     S = P + 2 * R
     col = torch.arange(S, device=dev)
     kind = torch.where(col < P, 0, torch.where(col < P + R, 1, 2))      # 0 prompt, 1 noised, 2 clean

@@ -8,7 +8,6 @@ Mid-training (GR2 mid-trains an LLM before SFT) is here the analogue: next-item 
 sequences written as in the prompt (item, then its attributes), which also aligns items with attributes.
 SFT weighs reasoning and answer tokens separately. Keeps the checkpoint with the best validation R@1.
 """
-import os
 from dataclasses import dataclass, asdict
 
 import numpy as np
@@ -17,7 +16,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common import (parse_config, print_config, pick_device, autocast, device_name, save_checkpoint,
-                    load_checkpoint, JsonlLog, plot_curves, git_commit, is_better, command_line, write_json, Timer)
+                    load_checkpoint, JsonlLog, plot_curves, git_commit, is_better, command_line, write_json, Timer,
+                    save_resume, load_resume, finish_resume)
 from data_beauty import DataConfig, BeautyData, DataError, collate
 from decode import DecodeConfig, evaluate
 from model import GPT, GPTConfig, response_hidden
@@ -151,10 +151,12 @@ def main():
     print(f"model {model.num_params() / 1e6:.2f}M parameters on {device_name(device)}; "
           f"{len(train)} train instances, trace={cfg.trace}")
     name = cfg.name or ('ar' if cfg.trace else 'ar_direct')
-    log = JsonlLog(f"out/log_{name}.jsonl")
+    run_cfg = {**asdict(cfg), 'data': asdict(data.cfg)}
     opt = make_optimizer(model, cfg.lr, cfg.weight_decay)
+    resumed = load_resume(cfg.out, model, opt, run_cfg)  # an interrupted run of this config continues
+    log = JsonlLog(f"out/log_{name}.jsonl", fresh=resumed is None)
 
-    if cfg.mid_steps > 0:
+    if cfg.mid_steps > 0 and resumed is None:
         batches = history_lm_batches(data, cfg.batch_size, rng)
         pbar = tqdm(range(cfg.mid_steps), desc='mid-train', dynamic_ncols=True)
         for step in pbar:
@@ -171,11 +173,13 @@ def main():
             log.write(step=step - cfg.mid_steps, mid_loss=loss.item())
         opt = make_optimizer(model, cfg.lr, cfg.weight_decay)  # fresh moments for SFT
 
-    best, best_step = None, -1
-    pbar = tqdm(range(cfg.max_steps), desc='sft', dynamic_ncols=True)
+    start = resumed['step'] if resumed else 0
+    best, best_step = (resumed['state']['best'], resumed['state']['best_step']) if resumed else (None, -1)
+    pbar = tqdm(range(start, cfg.max_steps), desc='sft', dynamic_ncols=True, initial=start, total=cfg.max_steps)
     for step in pbar:
         for g in opt.param_groups:
             g['lr'] = lr_at(step, cfg.max_steps, cfg)
+        rng = np.random.default_rng([cfg.seed, step])  # batches depend on the step only: a resumed run sees the same
         model.train()
         idx = rng.integers(0, len(train), cfg.batch_size)
         batch = collate(train, idx, data.vocab, device=device)
@@ -198,13 +202,14 @@ def main():
                        f"(floor R@1 {res['floor']['R@1']:.4f})")
             if is_better(dict(m, validity=res['validity']), best, cfg.min_validity):
                 best, best_step = dict(m, validity=res['validity']), step + 1
-                save_checkpoint(cfg.out, model, {**asdict(cfg), 'data': asdict(data.cfg)}, stage='ar',
-                                step=step + 1, metrics={'valid': best})
+                save_checkpoint(cfg.out, model, run_cfg, stage='ar', step=step + 1, metrics={'valid': best})
+            save_resume(cfg.out, model, opt, run_cfg, step + 1, {'best': best, 'best_step': best_step})
         if out_of_time:
             tqdm.write(f"time limit {cfg.time_limit:.0f}s reached at step {step + 1}")
             break
     print(f"best valid R@1 {best['R@1']:.4f} validity {best['validity']:.4f} at step {best_step}; saved {cfg.out} "
           f"({timer():.0f}s)")
+    finish_resume(cfg.out)
     if cfg.trace:
         best_model, _ = load_checkpoint(cfg.out, device=device)
         best['trace_p99_share'] = trace_confidence(best_model, data.splits['valid'], data.vocab, device)

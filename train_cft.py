@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from common import (parse_config, print_config, pick_device, autocast, device_name, save_checkpoint,
                     load_checkpoint, JsonlLog, plot_curves, git_commit, is_better, command_line, write_json,
-                    Timer, CheckpointError)
+                    Timer, CheckpointError, save_resume, load_resume, finish_resume)
 from data_beauty import DataError, collate
 from decode import load_data_for
 from diffusion import convert, diffusion_loss
@@ -57,7 +57,6 @@ def main():
     cfg = parse_config(TrainCFTConfig)
     print_config(cfg)
     torch.manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
     device = pick_device(cfg.device)
     timer = Timer()
     try:
@@ -72,10 +71,13 @@ def main():
         raise SystemExit(f"error: {cfg.parent} was trained with block {ckpt['run_cfg'].get('block')}, "
                          f"this run asks for --block={cfg.block}")
     train, vocab = data.splits['train'], data.vocab
-    log = JsonlLog(f"out/log_{cfg.name}.jsonl")
     opt = make_optimizer(model, cfg.lr, cfg.weight_decay)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     run_cfg = {**asdict(cfg), 'data': asdict(data.cfg)}
+    resumed = load_resume(cfg.out, model, opt, run_cfg)  # an interrupted run of this config continues
+    if resumed:
+        gen.set_state(resumed['state']['gen'])
+    log = JsonlLog(f"out/log_{cfg.name}.jsonl", fresh=resumed is None)
 
     def evaluate_and_keep(step, best):
         res = validate(model, data, cfg, device, block=cfg.block, tau=cfg.tau, k=cfg.k)
@@ -88,14 +90,19 @@ def main():
             best = dict(m, validity=res['validity'], tokens_per_forward=res.get('tokens_per_forward'), step=step)
             save_checkpoint(cfg.out, model, run_cfg, stage='cft', parent=cfg.parent, step=step,
                             metrics={'valid': best})
+        save_resume(cfg.out, model, opt, run_cfg, step, {'best': best, 'gen': gen.get_state()})
         return best
 
     model.eval()  # dropout stays off: the sampler and the loss must see the same network
-    best = evaluate_and_keep(0, None) if ckpt['stage'] == 'cft' else None
-    pbar = tqdm(range(cfg.max_steps), desc='cft', dynamic_ncols=True)
+    if resumed:
+        start, best = resumed['step'], resumed['state']['best']
+    else:
+        start, best = 0, (evaluate_and_keep(0, None) if ckpt['stage'] == 'cft' else None)
+    pbar = tqdm(range(start, cfg.max_steps), desc='cft', dynamic_ncols=True, initial=start, total=cfg.max_steps)
     for step in pbar:
         for g in opt.param_groups:
             g['lr'] = lr_at(step, cfg.max_steps, cfg)
+        rng = np.random.default_rng([cfg.seed, step])  # batches depend on the step only: a resumed run sees the same
         batch = collate(train, rng.integers(0, len(train), cfg.batch_size), vocab, block=cfg.block, device=device)
         with autocast(device):
             loss, parts = diffusion_loss(model, batch, cfg.block, vocab.mask, w_trace=cfg.w_trace,
@@ -115,6 +122,7 @@ def main():
         if out_of_time:
             tqdm.write(f"time limit {cfg.time_limit:.0f}s reached at step {step + 1}")
             break
+    finish_resume(cfg.out)
     print(f"best valid R@1 {best['R@1']:.4f} validity {best['validity']:.4f} at step {best['step']}; "
           f"saved {cfg.out} ({timer():.0f}s)")
     if cfg.sweep:  # decoding settings of the kept model on validation: accuracy against tokens per forward

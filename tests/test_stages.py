@@ -149,3 +149,28 @@ def test_cuda_graphs_match_eager(tiny_data):
         eager, _ = time_setting(model, batches, d.vocab, 24, block, 0.6, 0, False, repeats=1)
         graphed, _ = time_setting(model, batches, d.vocab, 24, block, 0.6, 0, True, repeats=1)
         assert torch.equal(eager[0][0], graphed[0][0])
+
+
+def test_interrupted_training_resumes(tiny_dir, tmp_path):
+    """A rerun of the same command continues from the state saved at the last evaluation."""
+    import dataclasses
+    from common import save_resume
+    from data_beauty import DataConfig
+    from model import GPT, GPTConfig
+    from train_ar import TrainARConfig, make_optimizer
+    args = dict(data_dir=tiny_dir, n_layer=1, n_embd=32, n_head=2, batch_size=8, max_steps=6, mid_steps=2,
+                eval_every=3, device='cpu')
+    cfg = TrainARConfig(**args)
+    data_cfg = DataConfig(data_dir=tiny_dir, trace=True)
+    from data_beauty import BeautyData
+    vocab_size = BeautyData(dataclasses.replace(data_cfg, cache_dir=str(tmp_path / 'out' / 'cache'))).vocab.size
+    model = GPT(GPTConfig(vocab_size=vocab_size, n_layer=1, n_head=2, n_embd=32, dropout=cfg.dropout))
+    opt = make_optimizer(model, cfg.lr, cfg.weight_decay)
+    os.makedirs(tmp_path / 'out', exist_ok=True)
+    run_cfg = {**dataclasses.asdict(cfg), 'data': dataclasses.asdict(data_cfg)}
+    save_resume(str(tmp_path / 'out' / 'ar.pt'), model, opt, run_cfg, 3, {'best': None, 'best_step': -1})
+    p = run('train_ar.py', str(tmp_path), *[f'--{k}={v}' for k, v in args.items() if k != 'device'])
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert 'resuming from' in p.stdout and 'at step 3' in p.stdout
+    assert 'mid-train' not in p.stderr                       # mid-training was done before the interruption
+    assert not os.path.exists(tmp_path / 'out' / 'ar.pt.resume') and os.path.exists(tmp_path / 'out' / 'ar.pt')
