@@ -133,6 +133,30 @@ def validate(model, data, cfg, device, block=0, tau=0.9, k=0, split='valid'):
     return res
 
 
+def validate_and_keep(model, data, cfg, device, log, step, best, run_cfg, stage, parent=None, block=0):
+    """Decode validation with the run's decoding settings, log it, and write the checkpoint if it is the best so
+    far (common.is_better). Returns the best record."""
+    res = validate(model, data, cfg, device, block=block, tau=getattr(cfg, 'tau', 0.9), k=getattr(cfg, 'k', 0))
+    m = res['metrics']
+    row = dict(m, validity=res['validity'], tokens_per_forward=res.get('tokens_per_forward'), step=step)
+    log.write(step=step, val_R1=m['R@1'], val_N3=m['N@3'], val_validity=res['validity'],
+              val_tok_per_fwd=res.get('tokens_per_forward'))
+    tqdm.write(f"step {step}: valid R@1 {m['R@1']:.4f} N@3 {m['N@3']:.4f} validity {res['validity']:.4f} "
+               f"tokens/forward {res.get('tokens_per_forward', 0):.2f} (floor R@1 {res['floor']['R@1']:.4f})")
+    if is_better(row, best, cfg.min_validity):
+        best = row
+        save_checkpoint(cfg.out, model, run_cfg, stage=stage, parent=parent, step=step, metrics={'valid': best})
+    return best
+
+
+def finish(cfg, name, title, log, best, timer, device, keys, **extra):
+    """The end of every stage: curves, and results/train_<name>.json with the kept model's validation record."""
+    plot_curves(log.path, f"results/curves_{name}.png", keys, title)
+    write_json(f"results/train_{name}.json", {'name': name, 'valid': best, 'seconds': round(timer(), 1),
+                                              'device': device_name(device), 'command': command_line(),
+                                              'commit': git_commit(), 'config': asdict(cfg), **extra})
+
+
 def main():
     cfg = parse_config(TrainARConfig)
     print_config(cfg)
@@ -174,7 +198,7 @@ def main():
         opt = make_optimizer(model, cfg.lr, cfg.weight_decay)  # fresh moments for SFT
 
     start = resumed['step'] if resumed else 0
-    best, best_step = (resumed['state']['best'], resumed['state']['best_step']) if resumed else (None, -1)
+    best = resumed['state']['best'] if resumed else None
     pbar = tqdm(range(start, cfg.max_steps), desc='sft', dynamic_ncols=True, initial=start, total=cfg.max_steps)
     for step in pbar:
         for g in opt.param_groups:
@@ -195,19 +219,12 @@ def main():
         log.write(step=step, loss=loss.item(), lr=opt.param_groups[0]['lr'])
         out_of_time = cfg.time_limit > 0 and timer() > cfg.time_limit
         if (step + 1) % cfg.eval_every == 0 or step == cfg.max_steps - 1 or out_of_time:
-            res = validate(model, data, cfg, device)
-            m = res['metrics']
-            log.write(step=step, val_R1=m['R@1'], val_N3=m['N@3'], val_validity=res['validity'])
-            tqdm.write(f"step {step + 1}: valid R@1 {m['R@1']:.4f} N@3 {m['N@3']:.4f} validity {res['validity']:.4f} "
-                       f"(floor R@1 {res['floor']['R@1']:.4f})")
-            if is_better(dict(m, validity=res['validity']), best, cfg.min_validity):
-                best, best_step = dict(m, validity=res['validity']), step + 1
-                save_checkpoint(cfg.out, model, run_cfg, stage='ar', step=step + 1, metrics={'valid': best})
-            save_resume(cfg.out, model, opt, run_cfg, step + 1, {'best': best, 'best_step': best_step})
+            best = validate_and_keep(model, data, cfg, device, log, step + 1, best, run_cfg, 'ar')
+            save_resume(cfg.out, model, opt, run_cfg, step + 1, {'best': best})
         if out_of_time:
             tqdm.write(f"time limit {cfg.time_limit:.0f}s reached at step {step + 1}")
             break
-    print(f"best valid R@1 {best['R@1']:.4f} validity {best['validity']:.4f} at step {best_step}; saved {cfg.out} "
+    print(f"best valid R@1 {best['R@1']:.4f} validity {best['validity']:.4f} at step {best['step']}; saved {cfg.out} "
           f"({timer():.0f}s)")
     finish_resume(cfg.out)
     if cfg.trace:
@@ -215,12 +232,8 @@ def main():
         best['trace_p99_share'] = trace_confidence(best_model, data.splits['valid'], data.vocab, device)
         print(f"share of trace tokens predicted with p > 0.99 (validation, teacher-forced): "
               f"{best['trace_p99_share']:.3f}")
-    plot_curves(log.path, f"results/curves_{name}.png", ['mid_loss', 'loss', 'val_R1', 'val_validity'],
-                f"AR teacher ({name})")
-    write_json(f"results/train_{name}.json", {'name': name, 'best_step': best_step, 'valid': best,
-                                              'seconds': round(timer(), 1), 'device': device_name(device),
-                                              'params': model.num_params(), 'command': command_line(),
-                                              'commit': git_commit(), 'config': asdict(cfg)})
+    finish(cfg, name, f"AR teacher ({name})", log, best, timer, device, ['mid_loss', 'loss', 'val_R1', 'val_validity'],
+           params=model.num_params())
 
 
 if __name__ == '__main__':

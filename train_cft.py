@@ -15,13 +15,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common import (parse_config, print_config, pick_device, autocast, device_name, save_checkpoint,
-                    load_checkpoint, JsonlLog, plot_curves, git_commit, is_better, command_line, write_json,
-                    Timer, CheckpointError, save_resume, load_resume, finish_resume)
+from common import (parse_config, print_config, pick_device, autocast, device_name, load_checkpoint, JsonlLog,
+                    write_json, Timer, CheckpointError, save_resume, load_resume, finish_resume)
 from data_beauty import DataError, collate
 from decode import load_data_for
 from diffusion import convert, diffusion_loss
-from train_ar import make_optimizer, lr_at, validate
+from train_ar import make_optimizer, lr_at, validate, validate_and_keep, finish
 
 
 @dataclass
@@ -80,16 +79,7 @@ def main():
     log = JsonlLog(f"out/log_{cfg.name}.jsonl", fresh=resumed is None)
 
     def evaluate_and_keep(step, best):
-        res = validate(model, data, cfg, device, block=cfg.block, tau=cfg.tau, k=cfg.k)
-        m = res['metrics']
-        log.write(step=step, val_R1=m['R@1'], val_N3=m['N@3'], val_validity=res['validity'],
-                  val_tok_per_fwd=res.get('tokens_per_forward'))
-        tqdm.write(f"step {step}: valid R@1 {m['R@1']:.4f} N@3 {m['N@3']:.4f} validity {res['validity']:.4f} "
-                   f"tokens/forward {res.get('tokens_per_forward', 0):.2f}")
-        if is_better(dict(m, validity=res['validity']), best, cfg.min_validity):
-            best = dict(m, validity=res['validity'], tokens_per_forward=res.get('tokens_per_forward'), step=step)
-            save_checkpoint(cfg.out, model, run_cfg, stage='cft', parent=cfg.parent, step=step,
-                            metrics={'valid': best})
+        best = validate_and_keep(model, data, cfg, device, log, step, best, run_cfg, 'cft', cfg.parent, cfg.block)
         save_resume(cfg.out, model, opt, run_cfg, step, {'best': best, 'gen': gen.get_state()})
         return best
 
@@ -138,12 +128,7 @@ def main():
                   f"tokens/forward {sweep[-1]['tokens_per_forward']:.2f}")
         write_json(f"results/sweep_{cfg.name}.json", {'split': 'valid', 'n': res['n'], 'block': cfg.block,
                                                       'rows': sweep, 'device': device_name(device)})
-    plot_curves(log.path, f"results/curves_{cfg.name}.png", ['loss', 'validity_loss', 'val_R1', 'val_validity'],
-                f"CFT ({cfg.name})")
-    write_json(f"results/train_{cfg.name}.json", {'name': cfg.name, 'valid': best, 'seconds': round(timer(), 1),
-                                                  'device': device_name(device), 'command': command_line(),
-                                                  'commit': git_commit(), 'config': asdict(cfg)})
-
+    finish(cfg, cfg.name, f"CFT ({cfg.name})", log, best, timer, device, ['loss', 'validity_loss', 'val_R1', 'val_validity'])
 
 if __name__ == '__main__':
     main()

@@ -17,14 +17,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common import (parse_config, print_config, pick_device, autocast, device_name, save_checkpoint,
-                    load_checkpoint, JsonlLog, plot_curves, git_commit, is_better, command_line, write_json,
-                    Timer, CheckpointError, check_data_matches)
+from common import (parse_config, print_config, pick_device, autocast, load_checkpoint, JsonlLog, Timer,
+                    CheckpointError, check_data_matches)
 from data_beauty import DataError, collate
 from decode import load_data_for
 from diffusion import generate_block, live_tokens, replay_logits, forward_kl
 from model import response_hidden
-from train_ar import make_optimizer, lr_at, validate
+from train_ar import make_optimizer, lr_at, validate_and_keep, finish
 
 
 @dataclass
@@ -103,14 +102,7 @@ def main():
 
     def evaluate_and_keep(step):
         nonlocal best
-        res = validate(student, data, cfg, device, block=block, tau=cfg.tau, k=cfg.k)
-        m = res['metrics']
-        log.write(step=step, val_R1=m['R@1'], val_N3=m['N@3'], val_validity=res['validity'])
-        tqdm.write(f"step {step}: valid R@1 {m['R@1']:.4f} N@3 {m['N@3']:.4f} validity {res['validity']:.4f}")
-        if is_better(dict(m, validity=res['validity']), best, cfg.min_validity):
-            best = dict(m, validity=res['validity'], step=step)
-            save_checkpoint(cfg.out, student, run_cfg, stage='opd', parent=cfg.student, step=step,
-                            metrics={'valid': best})
+        best = validate_and_keep(student, data, cfg, device, log, step, best, run_cfg, 'opd', cfg.student, block)
 
     evaluate_and_keep(0)
     pbar = tqdm(range(cfg.max_steps), desc='opd', dynamic_ncols=True)
@@ -149,12 +141,7 @@ def main():
             break
     print(f"best valid R@1 {best['R@1']:.4f} validity {best['validity']:.4f} at step {best['step']}; "
           f"saved {cfg.out} ({timer():.0f}s)")
-    plot_curves(log.path, f"results/curves_{cfg.name}.png", ['kl', 'tok_per_fwd', 'val_R1', 'val_validity'],
-                f"OPD ({cfg.name})")
-    write_json(f"results/train_{cfg.name}.json", {'name': cfg.name, 'valid': best, 'seconds': round(timer(), 1),
-                                                  'device': device_name(device), 'command': command_line(),
-                                                  'commit': git_commit(), 'config': asdict(cfg)})
-
+    finish(cfg, cfg.name, f"OPD ({cfg.name})", log, best, timer, device, ['kl', 'tok_per_fwd', 'val_R1', 'val_validity'])
 
 if __name__ == '__main__':
     main()

@@ -18,13 +18,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common import (parse_config, print_config, pick_device, autocast, device_name, save_checkpoint,
-                    load_checkpoint, JsonlLog, plot_curves, git_commit, is_better, command_line, write_json,
-                    Timer, CheckpointError)
+from common import (parse_config, print_config, pick_device, autocast, load_checkpoint, JsonlLog, Timer,
+                    CheckpointError)
 from data_beauty import DataError, parse_answer, target_rank
 from decode import load_data_for
 from diffusion import convert, live_tokens, replay_logits, token_logprobs
-from train_ar import make_optimizer, lr_at, validate
+from train_ar import make_optimizer, lr_at, validate_and_keep, finish
 from train_opd import rollouts, chunks
 
 
@@ -119,14 +118,7 @@ def main():
 
     def evaluate_and_keep(step):
         nonlocal best
-        res = validate(policy, data, cfg, device, block=block, tau=cfg.tau, k=cfg.k)
-        m = res['metrics']
-        log.write(step=step, val_R1=m['R@1'], val_N3=m['N@3'], val_validity=res['validity'])
-        tqdm.write(f"step {step}: valid R@1 {m['R@1']:.4f} N@3 {m['N@3']:.4f} validity {res['validity']:.4f}")
-        if is_better(dict(m, validity=res['validity']), best, cfg.min_validity):
-            best = dict(m, validity=res['validity'], step=step)
-            save_checkpoint(cfg.out, policy, run_cfg, stage='rl', parent=cfg.policy, step=step,
-                            metrics={'valid': best})
+        best = validate_and_keep(policy, data, cfg, device, log, step, best, run_cfg, 'rl', cfg.policy, block)
 
     evaluate_and_keep(0)
     pbar = tqdm(range(cfg.max_steps), desc=cfg.name, dynamic_ncols=True)
@@ -191,12 +183,7 @@ def main():
             break
     print(f"best valid R@1 {best['R@1']:.4f} validity {best['validity']:.4f} at step {best['step']}; "
           f"saved {cfg.out} ({timer():.0f}s)")
-    plot_curves(log.path, f"results/curves_{cfg.name}.png",
-                ['reward', 'validity', 'rank_change', 'copy_share', 'kl_to_start', 'val_R1'], f"RL ({cfg.name})")
-    write_json(f"results/train_{cfg.name}.json", {'name': cfg.name, 'valid': best, 'seconds': round(timer(), 1),
-                                                  'device': device_name(device), 'command': command_line(),
-                                                  'commit': git_commit(), 'config': asdict(cfg)})
-
+    finish(cfg, cfg.name, f"RL ({cfg.name})", log, best, timer, device, ['reward', 'validity', 'rank_change', 'copy_share', 'kl_to_start', 'val_R1'])
 
 if __name__ == '__main__':
     main()
