@@ -2,7 +2,8 @@
 
     python data_beauty.py                                  # real data from ../shared/data/beauty (~1 min, cached after)
     python data_beauty.py --data_dir=path/to/folder        # any folder with Beauty.txt + Beauty_item2attributes.json
-    python data_beauty.py --raw_dir=path/to/raw            # build that format from reviews_Beauty_5.json.gz + meta_Beauty.json.gz
+    python data_beauty.py --raw_dir=path/to/raw            # build that format from the raw Amazon dump
+                                                           # (reviews_Beauty_5.json.gz + meta_Beauty.json.gz)
 
 Protocol (SPEC "Evaluation protocol"): leave-one-out; a co-occurrence pre-ranker hands the re-ranker its top
 N = 10; a user is an instance iff the target is in that list. Every statistic comes from the train part, and a

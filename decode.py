@@ -16,6 +16,7 @@ from common import (parse_config, print_config, pick_device, autocast, device_na
                     write_json, git_commit, command_line, Timer, CheckpointError)
 from data_beauty import (DataConfig, BeautyData, collate, parse_answer, target_rank, metrics_from_ranks,
                          floor_ranks)
+from diffusion import first_eos_lengths, generate_block
 from model import CachedForward
 
 
@@ -52,20 +53,11 @@ def generate_ar(model, prompt, pad, max_new, vocab, runner=None):
             break
         h = run(tok[:, None], torch.tensor([P + j], device=prompt.device))
         logits = model.head(h[:, -1], fp32=True)
-    lengths = response_lengths(out, vocab)
-    return out, lengths
-
-
-def response_lengths(out, vocab):
-    """Tokens up to and including the first <eos> (all of them if there is none)."""
-    is_eos = out == vocab.eos
-    first = torch.where(is_eos.any(1), is_eos.float().argmax(1), torch.full_like(out[:, 0], out.shape[1] - 1))
-    return first + 1
+    return out, first_eos_lengths(out, vocab)
 
 
 def decode_split(model, data, split, cfg, device, max_new=None):
     """Decode every instance of a split; returns per-instance ranks, validity and decode statistics."""
-    from diffusion import generate_block
     vocab = data.vocab
     n = len(split) if not cfg.limit else min(cfg.limit, len(split))
     order = sorted(range(n), key=lambda i: len(split.prompts[i]))  # less padding; results do not depend on it
@@ -146,7 +138,8 @@ def main():
     print(f"{cfg.split} n={res['n']} validity {res['validity']:.4f} " + ' '.join(f"{k} {v:.4f}" for k, v in m.items()))
     print("floor       " + ' '.join(f"{k} {v:.4f}" for k, v in res['floor'].items()))
     if 'tokens_per_forward' in res:
-        print(f"tokens per forward {res['tokens_per_forward']:.2f} (trace {res.get('tokens_per_forward_trace', 0):.2f}, "
+        print(f"tokens per forward {res['tokens_per_forward']:.2f} "
+              f"(trace {res.get('tokens_per_forward_trace', 0):.2f}, "
               f"answer {res.get('tokens_per_forward_answer', 0):.2f})")
     print("example: " + data.vocab.decode(texts[0]))
     if cfg.name:

@@ -163,7 +163,8 @@ def generate_block(model, prompt, pad, max_resp, vocab, block, tau=0.9, k=0, tem
     ([finished block ; masked block] in one forward: the finished block's last position also predicts the new
     block's first token). Stops after the block that holds <eos> (per row; the batch until all are done).
     Returns tokens (B, R), lengths (up to <eos>), steps (B, R: the step of its block at which each token was
-    committed, 1-based; 0 = not decoded), logp (its log-probability then) and per-row forward/token counts (total, trace blocks, answer blocks)."""
+    committed, 1-based; 0 = not decoded), logp (its log-probability then) and per-row forward and token
+    counts (total, trace blocks, answer blocks)."""
     B, P = prompt.shape
     R, dev = max_resp, prompt.device
     assert R % block == 0, "the response length must be a multiple of the block size"
@@ -214,10 +215,12 @@ def generate_block(model, prompt, pad, max_resp, vocab, block, tau=0.9, k=0, tem
         if bool(done.all()):
             break
     lengths = first_eos_lengths(x, vocab)
-    return dict(tokens=x, lengths=lengths, steps=steps, logp=logp, **count_by_kind(x, lengths, block_steps, forwards, block, vocab))
+    return dict(tokens=x, lengths=lengths, steps=steps, logp=logp,
+                **count_by_kind(x, lengths, block_steps, forwards, block, vocab))
 
 
 def first_eos_lengths(x, vocab):
+    """Tokens up to and including the first <eos> (all of them if there is none)."""
     is_eos = x == vocab.eos
     return torch.where(is_eos.any(1), is_eos.float().argmax(1) + 1, torch.full_like(x[:, 0], x.shape[1]))
 

@@ -128,7 +128,8 @@ def main():
                   f"tokens/forward {sweep[-1]['tokens_per_forward']:.2f}")
         write_json(f"results/sweep_{cfg.name}.json", {'split': 'valid', 'n': res['n'], 'block': cfg.block,
                                                       'rows': sweep, 'device': device_name(device)})
-    finish(cfg, cfg.name, f"CFT ({cfg.name})", log, best, timer, device, ['loss', 'validity_loss', 'val_R1', 'val_validity'])
+    finish(cfg, cfg.name, f"CFT ({cfg.name})", log, best, timer, device,
+           ['loss', 'validity_loss', 'val_R1', 'val_validity'])
 
 if __name__ == '__main__':
     main()

@@ -123,7 +123,8 @@ def main():
                 t_logits[:, vocab.mask] = -float('inf')
             with autocast(device):
                 s_logits = replay_logits(student, batch['prompt'][sl], batch['pad'][sl], part, block, vocab, live[sl])
-                loss = forward_kl(t_logits, s_logits, torch.ones(len(t_logits), device=device)) * live[sl].sum() / n_live
+                weight = torch.ones(len(t_logits), device=device)
+                loss = forward_kl(t_logits, s_logits, weight) * live[sl].sum() / n_live  # a token mean overall
             loss.backward()
             total += loss.item()
         if not np.isfinite(total):
@@ -141,7 +142,8 @@ def main():
             break
     print(f"best valid R@1 {best['R@1']:.4f} validity {best['validity']:.4f} at step {best['step']}; "
           f"saved {cfg.out} ({timer():.0f}s)")
-    finish(cfg, cfg.name, f"OPD ({cfg.name})", log, best, timer, device, ['kl', 'tok_per_fwd', 'val_R1', 'val_validity'])
+    finish(cfg, cfg.name, f"OPD ({cfg.name})", log, best, timer, device,
+           ['kl', 'tok_per_fwd', 'val_R1', 'val_validity'])
 
 if __name__ == '__main__':
     main()

@@ -183,7 +183,8 @@ def main():
             break
     print(f"best valid R@1 {best['R@1']:.4f} validity {best['validity']:.4f} at step {best['step']}; "
           f"saved {cfg.out} ({timer():.0f}s)")
-    finish(cfg, cfg.name, f"RL ({cfg.name})", log, best, timer, device, ['reward', 'validity', 'rank_change', 'copy_share', 'kl_to_start', 'val_R1'])
+    finish(cfg, cfg.name, f"RL ({cfg.name})", log, best, timer, device,
+           ['reward', 'validity', 'rank_change', 'copy_share', 'kl_to_start', 'val_R1'])
 
 if __name__ == '__main__':
     main()
