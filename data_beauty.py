@@ -259,7 +259,8 @@ def stat_tokens(ev, i, vocab):
 
 
 def encode(hist, cands, target_idx, ev, attrs, vocab, trace=True):
-    """Prompt, response and per-token kind (0 trace, 1 answer) for one instance.
+    """Prompt, response and per-token kind (0 trace, 1 answer, 2 the choice: the first ranked item, the one token
+    that moves the ranking) for one instance.
 
     prompt   = <bos> (item attrs..)*history <cands> (item attrs.. last hist pop)*N <think>|<answer>
     trace    = per candidate: item, (attr, share-bucket) pairs, then its last-cooc, hist-cooc and popularity
@@ -289,7 +290,12 @@ def encode(hist, cands, target_idx, ev, attrs, vocab, trace=True):
         kind = [0] * len(response)
     order = [target_idx] + [i for i in range(len(cands)) if i != target_idx]
     answer = [vocab.item(cands[i]) for i in order] + [vocab.eos]
-    return prompt, response + answer, kind + [1] * len(answer)
+    return prompt, response + answer, kind + [2] + [1] * (len(answer) - 1)
+
+
+def kind_weights(kind, w_trace, w_answer, w_choice):
+    """Per-token loss weights from the token kinds of encode()."""
+    return torch.tensor([w_trace, w_answer, w_choice], device=kind.device)[kind]
 
 
 class Split:
@@ -480,7 +486,7 @@ def main():
     trace_lens = [int((k == 0).sum()) for k in sp['test'].kinds]
     out = dict(st, n_train=len(sp['train']), n_valid=len(sp['valid']), n_test=len(sp['test']), vocab_size=v.size,
                mean_prompt_tokens=mean_len(sp['test'].prompts), mean_trace_tokens=float(np.mean(trace_lens)),
-               mean_answer_tokens=float(np.mean([int((k == 1).sum()) for k in sp['test'].kinds])),
+               mean_answer_tokens=float(np.mean([int((k >= 1).sum()) for k in sp['test'].kinds])),
                floor={s: metrics_from_ranks(floor_ranks(sp[s])) for s in ('valid', 'test')},
                config=asdict(cfg), command=command_line(), commit=git_commit(), seconds=round(timer(), 1))
     print(f"users {st['users']}  items {st['items']}  interactions {st['interactions']}  vocab {v.size}")

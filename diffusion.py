@@ -10,6 +10,7 @@ References: BD3-LM (Arriola et al. 2025), MDLM (Sahoo et al. 2024), Fast-dLLM (W
 import torch
 import torch.nn.functional as F
 
+from data_beauty import kind_weights
 from model import CachedForward, positions
 
 
@@ -80,8 +81,8 @@ def noise_blocks(resp, block, mask_id, generator=None, t_min=0.05):
     return masked
 
 
-def diffusion_loss(model, batch, block, mask_id, masked=None, w_trace=1.0, w_answer=1.0, complementary=True,
-                   validity_weight=0.0, vocab=None, generator=None):
+def diffusion_loss(model, batch, block, mask_id, masked=None, w_trace=1.0, w_answer=1.0, w_choice=1.0,
+                   complementary=True, validity_weight=0.0, vocab=None, generator=None):
     """Masked-token cross-entropy of the block-diffusion model (plain mean over masked tokens, Fast-dLLM v2),
     with complementary masks (each example also with the opposite mask: every token supervised once), plus
     optionally the permutation-validity loss on the answer positions. Returns (loss, parts dict)."""
@@ -97,7 +98,7 @@ def diffusion_loss(model, batch, block, mask_id, masked=None, w_trace=1.0, w_ans
     h = bd3_hidden(model, prompt, pad, xt, resp, block)
     logits = model.head(h).float()                                      # (B, R, V)
     ce = F.cross_entropy(logits.reshape(-1, logits.size(-1)), resp.reshape(-1), reduction='none').view(resp.shape)
-    w = torch.where(kind == 0, w_trace, w_answer) * (masked & region)
+    w = kind_weights(kind, w_trace, w_answer, w_choice) * (masked & region)
     ce_loss = (ce * w).sum() / w.sum().clamp(min=1)
     parts = {'ce': ce_loss.detach()}
     loss = ce_loss
@@ -114,7 +115,7 @@ def permutation_validity_loss(logits, resp, masked, cands, kind, vocab):
     expected count over the answer positions is not one (duplicates, drops). A revealed answer position
     counts as one-hot on its token, a masked one as the model's distribution, so predicting an already
     revealed candidate again is a duplicate. Zero exactly on a one-hot permutation of the candidates."""
-    answer = (kind == 1) & (resp > vocab.item0)                         # (B, R) the N ranked-item positions
+    answer = (kind >= 1) & (resp > vocab.item0)                         # (B, R) the N ranked-item positions
     probs = logits.softmax(-1)                                          # (B, R, V)
     onehot = F.one_hot(resp, logits.size(-1)).to(probs.dtype)
     q = torch.where(masked[..., None], probs, onehot) * answer[..., None]

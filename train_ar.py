@@ -18,7 +18,7 @@ from tqdm import tqdm
 from common import (parse_config, print_config, pick_device, autocast, device_name, save_checkpoint,
                     load_checkpoint, JsonlLog, plot_curves, git_commit, is_better, command_line, write_json, Timer,
                     save_resume, load_resume, finish_resume)
-from data_beauty import DataConfig, BeautyData, DataError, collate
+from data_beauty import DataConfig, BeautyData, DataError, collate, kind_weights
 from decode import DecodeConfig, evaluate
 from model import GPT, GPTConfig, response_hidden
 
@@ -43,6 +43,7 @@ class TrainARConfig:
     warmup: int = 100
     w_trace: float = 0.5         # loss weight of reasoning tokens
     w_answer: float = 1.0        # loss weight of answer tokens
+    w_choice: float = 1.0        # loss weight of the first ranked item (the decision)
     grad_clip: float = 1.0
     # evaluation
     eval_every: int = 500
@@ -67,7 +68,7 @@ def make_optimizer(model, lr, weight_decay):
                              lr=lr, betas=(0.9, 0.95))
 
 
-def ar_response_loss(model, batch, w_trace=1.0, w_answer=1.0):
+def ar_response_loss(model, batch, w_trace=1.0, w_answer=1.0, w_choice=1.0):
     """Teacher-forced AR cross-entropy over the response up to its first <eos>, weighted by token kind.
 
     Logits are computed on response positions only (the head dominates the cost at this vocabulary)."""
@@ -76,7 +77,7 @@ def ar_response_loss(model, batch, w_trace=1.0, w_answer=1.0):
     logits = model.head(response_hidden(model, batch['prompt'], batch['pad'], resp))   # (B, R, V)
     ce = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), resp.reshape(-1), reduction='none').view(B, R)
     live = torch.arange(R, device=resp.device)[None, :] < batch['resp_len'][:, None]
-    w = torch.where(batch['kind'] == 0, w_trace, w_answer) * live
+    w = kind_weights(batch['kind'], w_trace, w_answer, w_choice) * live
     return (ce * w).sum() / w.sum()
 
 
@@ -208,7 +209,7 @@ def main():
         idx = rng.integers(0, len(train), cfg.batch_size)
         batch = collate(train, idx, data.vocab, device=device)
         with autocast(device):
-            loss = ar_response_loss(model, batch, cfg.w_trace, cfg.w_answer)
+            loss = ar_response_loss(model, batch, cfg.w_trace, cfg.w_answer, cfg.w_choice)
         if not torch.isfinite(loss):
             raise SystemExit(f"error: loss is {loss.item()} at step {step}; lower --lr (now {cfg.lr})")
         opt.zero_grad(set_to_none=True)

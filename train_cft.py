@@ -34,6 +34,7 @@ class TrainCFTConfig:
     complementary: bool = True   # each example also with the opposite mask
     w_trace: float = 0.5
     w_answer: float = 1.0
+    w_choice: float = 1.0        # the first ranked item
     max_steps: int = 600
     batch_size: int = 64
     lr: float = 5e-4
@@ -96,7 +97,7 @@ def main():
         batch = collate(train, rng.integers(0, len(train), cfg.batch_size), vocab, block=cfg.block, device=device)
         with autocast(device):
             loss, parts = diffusion_loss(model, batch, cfg.block, vocab.mask, w_trace=cfg.w_trace,
-                                         w_answer=cfg.w_answer, complementary=cfg.complementary,
+                                         w_answer=cfg.w_answer, w_choice=cfg.w_choice, complementary=cfg.complementary,
                                          validity_weight=cfg.validity_weight, vocab=vocab, generator=gen)
         if not torch.isfinite(loss):
             raise SystemExit(f"error: loss is {loss.item()} at step {step}; lower --lr (now {cfg.lr})")

@@ -98,6 +98,7 @@ def test_trace_does_not_depend_on_target(tiny_data):
         assert p == outs[0][0] and r[:-n_answer] == outs[0][1][:-n_answer]
     for ti, (p, r, k) in enumerate(outs):
         assert r[-n_answer] == d.vocab.item(sp.cands[0][ti]) and r[-1] == d.vocab.eos
+        assert k[-n_answer] == 2 and k[-n_answer - 1] == 0 and set(k[-n_answer + 1:]) == {1}  # the choice token
 
 
 def test_trace_length_and_no_target_in_prompt(tiny_data):

@@ -44,8 +44,8 @@ def test_block_one_loss_equals_ar_loss(tiny_data):
     d, model, batch = setup(tiny_data, block=1)
     everything = torch.ones_like(batch['resp'], dtype=torch.bool)
     diff, _ = diffusion_loss(model, batch, 1, d.vocab.mask, masked=everything, complementary=False,
-                             w_trace=0.5, w_answer=1.0)
-    ar = ar_response_loss(model, batch, w_trace=0.5, w_answer=1.0)
+                             w_trace=0.5, w_answer=1.0, w_choice=3.0)
+    ar = ar_response_loss(model, batch, w_trace=0.5, w_answer=1.0, w_choice=3.0)
     torch.testing.assert_close(diff, ar, atol=1e-5, rtol=1e-5)
 
 
