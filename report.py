@@ -1,6 +1,7 @@
 """Read results/ and print the paper's two tables (accuracy, speed) with bootstrap intervals and paired stage gains.
 
-    python report.py            # writes results/summary.json and results/tables.md
+    python report.py                # writes results/summary.json and results/tables.md
+    python report.py results/cpu    # the same for another results folder
 
 Intervals: 95% bootstrap over test users (10,000 resamples). Stage gains: paired bootstrap of the R@1 and
 N@3 difference between a stage and its predecessor on the same users (SPEC items 9-10). With seed folders
@@ -9,6 +10,7 @@ results/seeds/<seed>/ present, the mean and spread over seeds are reported too.
 import glob
 import json
 import os
+import sys
 
 import numpy as np
 
@@ -94,4 +96,4 @@ def main(folder='results'):
 
 
 if __name__ == '__main__':
-    main()
+    main(*sys.argv[1:2])
