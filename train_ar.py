@@ -68,6 +68,16 @@ def make_optimizer(model, lr, weight_decay):
                              lr=lr, betas=(0.9, 0.95))
 
 
+def optimizer_step(model, opt, loss, grad_clip, step, lr):
+    """Backward, clip, step; a non-finite loss stops the run and says what to change."""
+    if not torch.isfinite(loss):
+        raise SystemExit(f"error: loss is {loss.item()} at step {step}; lower --lr (now {lr})")
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    opt.step()
+
+
 def ar_response_loss(model, batch, w_trace=1.0, w_answer=1.0, w_choice=1.0):
     """Teacher-forced AR cross-entropy over the response up to its first <eos>, weighted by token kind.
 
@@ -190,10 +200,7 @@ def main():
             x, live = next(batches)
             with autocast(device):
                 loss = lm_loss(model, x.to(device), live.to(device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
+            optimizer_step(model, opt, loss, cfg.grad_clip, step, cfg.lr)
             pbar.set_postfix(loss=f"{loss.item():.3f}")
             log.write(step=step - cfg.mid_steps, mid_loss=loss.item())
         opt = make_optimizer(model, cfg.lr, cfg.weight_decay)  # fresh moments for SFT
@@ -210,12 +217,7 @@ def main():
         batch = collate(train, idx, data.vocab, device=device)
         with autocast(device):
             loss = ar_response_loss(model, batch, cfg.w_trace, cfg.w_answer, cfg.w_choice)
-        if not torch.isfinite(loss):
-            raise SystemExit(f"error: loss is {loss.item()} at step {step}; lower --lr (now {cfg.lr})")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
+        optimizer_step(model, opt, loss, cfg.grad_clip, step, cfg.lr)
         pbar.set_postfix(loss=f"{loss.item():.3f}")
         log.write(step=step, loss=loss.item(), lr=opt.param_groups[0]['lr'])
         out_of_time = cfg.time_limit > 0 and timer() > cfg.time_limit

@@ -20,7 +20,7 @@ from common import (parse_config, print_config, pick_device, autocast, device_na
 from data_beauty import DataError, collate
 from decode import load_data_for
 from diffusion import convert, diffusion_loss
-from train_ar import make_optimizer, lr_at, validate, validate_and_keep, finish
+from train_ar import make_optimizer, optimizer_step, lr_at, validate, validate_and_keep, finish
 
 
 @dataclass
@@ -99,12 +99,7 @@ def main():
             loss, parts = diffusion_loss(model, batch, cfg.block, vocab.mask, w_trace=cfg.w_trace,
                                          w_answer=cfg.w_answer, w_choice=cfg.w_choice, complementary=cfg.complementary,
                                          validity_weight=cfg.validity_weight, vocab=vocab, generator=gen)
-        if not torch.isfinite(loss):
-            raise SystemExit(f"error: loss is {loss.item()} at step {step}; lower --lr (now {cfg.lr})")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
+        optimizer_step(model, opt, loss, cfg.grad_clip, step, cfg.lr)
         pbar.set_postfix(loss=f"{loss.item():.3f}")
         log.write(step=step + 1, loss=loss.item(), **{k: v.item() for k, v in parts.items()})
         out_of_time = cfg.time_limit > 0 and timer() > cfg.time_limit
