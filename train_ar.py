@@ -138,6 +138,26 @@ def trace_confidence(model, split, vocab, device, n=512, batch=32):
     return hits / max(total, 1)
 
 
+@torch.no_grad()
+def choice_accuracy(model, split, vocab, device, n=1024, batch=64):
+    """Teacher-forced R@1 of the decision alone: at the first answer position (full gold trace as context),
+    the most probable of the N candidate tokens. Separates 'cannot point at a candidate yet' from 'points at the
+    wrong one' while validity is still low. The floor (always the first candidate) scores R@1 of the floor."""
+    model.eval()
+    hits, total = 0, 0
+    for a in range(0, min(n, len(split)), batch):
+        idx = range(a, min(n, len(split), a + batch))
+        b = collate(split, idx, vocab, device=device)
+        with autocast(device):
+            h = response_hidden(model, b['prompt'], b['pad'], b['resp'])
+        at = (b['kind'] == 2).float().argmax(1)                               # the choice token's position
+        logits = model.head(h[torch.arange(len(at), device=device), at], fp32=True)  # (B, V)
+        pick = logits.gather(1, b['cands']).argmax(1)
+        hits += int((pick == b['target']).sum())
+        total += len(at)
+    return hits / max(total, 1)
+
+
 def validate(model, data, cfg, device, block=0, tau=0.9, k=0, split='valid'):
     dcfg = DecodeConfig(block=block, tau=tau, k=k, batch_size=cfg.eval_batch, limit=cfg.eval_n, seed=cfg.seed)
     res, _ = evaluate(model, data, split, dcfg, device)
@@ -223,6 +243,9 @@ def main():
         out_of_time = cfg.time_limit > 0 and timer() > cfg.time_limit
         if (step + 1) % cfg.eval_every == 0 or step == cfg.max_steps - 1 or out_of_time:
             best = validate_and_keep(model, data, cfg, device, log, step + 1, best, run_cfg, 'ar')
+            choice = choice_accuracy(model, data.splits['valid'], data.vocab, device)
+            log.write(step=step + 1, val_choice_R1=choice)
+            tqdm.write(f"step {step + 1}: teacher-forced choice R@1 {choice:.4f} (valid, first 1024)")
             save_resume(cfg.out, model, opt, run_cfg, step + 1, {'best': best})
         if out_of_time:
             tqdm.write(f"time limit {cfg.time_limit:.0f}s reached at step {step + 1}")
@@ -235,7 +258,8 @@ def main():
         best['trace_p99_share'] = trace_confidence(best_model, data.splits['valid'], data.vocab, device)
         print(f"share of trace tokens predicted with p > 0.99 (validation, teacher-forced): "
               f"{best['trace_p99_share']:.3f}")
-    finish(cfg, name, f"AR teacher ({name})", log, best, timer, device, ['mid_loss', 'loss', 'val_R1', 'val_validity'],
+    finish(cfg, name, f"AR teacher ({name})", log, best, timer, device,
+           ['mid_loss', 'loss', 'val_R1', 'val_choice_R1', 'val_validity'],
            params=model.num_params())
 
 

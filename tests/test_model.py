@@ -116,3 +116,16 @@ def test_checkpoint_round_trip_and_errors(tiny_data, tmp_path):
     (tmp_path / 'junk.pt').write_bytes(b'not a checkpoint')
     with pytest.raises(CheckpointError, match='not a readable checkpoint'):
         load_checkpoint(str(tmp_path / 'junk.pt'))
+
+
+def test_choice_accuracy_by_hand(tiny_data):
+    """A model whose head always prefers the first candidate scores the floor's R@1."""
+    from train_ar import choice_accuracy
+    d = tiny_data
+    model = tiny_model(d.vocab.size)
+    sp = d.splits['valid']
+    acc = choice_accuracy(model, sp, d.vocab, torch.device('cpu'))
+    assert 0.0 <= acc <= 1.0
+    with torch.no_grad():
+        model.wte.weight.zero_()  # every logit 0: the argmax over the candidates is the first one, the floor
+    assert choice_accuracy(model, sp, d.vocab, torch.device('cpu')) == pytest.approx(float((sp.target == 0).mean()))
