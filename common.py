@@ -24,11 +24,14 @@ def parse_config(cls, argv=None):
         key, raw = arg[2:].split('=', 1)
         if key not in fields:
             raise SystemExit(f"unknown option --{key}; known: {', '.join(fields)}")
-        default = getattr(cls, key, None) if not isinstance(fields[key].default, dataclasses._MISSING_TYPE) else None
-        try:
-            value = ast.literal_eval(raw)
-        except (ValueError, SyntaxError):
-            value = raw  # plain strings need no quotes
+        default = fields[key].default if fields[key].default is not dataclasses.MISSING else None
+        if isinstance(default, str):
+            value = raw  # strings are taken as written
+        else:
+            try:
+                value = ast.literal_eval(raw)
+            except (ValueError, SyntaxError):
+                raise SystemExit(f"--{key}: cannot read {raw!r} as a Python literal")
         if isinstance(default, bool) and not isinstance(value, bool):
             raise SystemExit(f"--{key} takes True or False, got {raw!r}")
         if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
@@ -36,8 +39,7 @@ def parse_config(cls, argv=None):
         if default is not None and not isinstance(value, type(default)):
             raise SystemExit(f"--{key} expects {type(default).__name__}, got {raw!r}")
         values[key] = value
-    cfg = cls(**values)
-    return cfg
+    return cls(**values)
 
 
 def print_config(cfg):

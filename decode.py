@@ -82,6 +82,7 @@ def decode_split(model, data, split, cfg, device, max_new=None):
                 out, lengths = res['tokens'], res['lengths']
                 for key in stats:
                     stats[key] += int(res[key].sum())
+        out, lengths = out.cpu(), lengths.cpu()  # one copy per batch, not one sync per row
         for r, i in enumerate(idx):
             toks = out[r, :int(lengths[r])].tolist()
             ranking = parse_answer(toks, split.cands[i] + vocab.item0, vocab)

@@ -77,9 +77,10 @@ def score_rollouts(res, data, rows):
     """Parse each rollout: its target rank after re-ranking (invalid = the pre-ranker's), validity, and
     whether a valid output copies the incoming order."""
     sp, vocab = data.splits['train'], data.vocab
+    tokens, lengths = res['tokens'].cpu(), res['lengths'].cpu()  # one copy, not one sync per rollout
     ranks, valid, copies = [], [], []
     for r, i in enumerate(rows):
-        toks = res['tokens'][r, :int(res['lengths'][r])].tolist()
+        toks = tokens[r, :int(lengths[r])].tolist()
         ranking = parse_answer(toks, sp.cands[i] + vocab.item0, vocab)
         ranks.append(target_rank(ranking, sp.target[i]))
         valid.append(ranking is not None)

@@ -174,3 +174,14 @@ def test_interrupted_training_resumes(tiny_dir, tmp_path):
     assert 'resuming from' in p.stdout and 'at step 3' in p.stdout
     assert 'mid-train' not in p.stderr                       # mid-training was done before the interruption
     assert not os.path.exists(tmp_path / 'out' / 'ar.pt.resume') and os.path.exists(tmp_path / 'out' / 'ar.pt')
+
+
+def test_flags_are_typed_by_their_defaults():
+    from common import parse_config
+    from train_ar import TrainARConfig
+    cfg = parse_config(TrainARConfig, ['--name=123', '--lr=1', '--trace=False', '--data_dir=../x'])
+    assert cfg.name == '123' and cfg.lr == 1.0 and isinstance(cfg.lr, float) and cfg.trace is False
+    assert cfg.data_dir == '../x'
+    for bad in (['--trace=1'], ['--max_steps=ten'], ['--max_steps=1.5']):
+        with pytest.raises(SystemExit):
+            parse_config(TrainARConfig, bad)
