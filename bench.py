@@ -16,7 +16,7 @@ from dataclasses import dataclass, asdict
 import torch
 
 from common import (parse_config, print_config, pick_device, autocast, device_name, load_checkpoint, write_json,
-                    git_commit, command_line, CheckpointError)
+                    git_commit, command_line, CheckpointError, results_path)
 from data_beauty import collate
 from decode import DecodeConfig, evaluate, generate_ar, load_data_for
 from diffusion import generate_block
@@ -37,7 +37,7 @@ class BenchConfig:
     repeats: int = 3
     max_resp: int = 192          # response columns (a multiple of the block size)
     accuracy: bool = True        # decode the full test set at each setting for R@1 and validity
-    out: str = 'results/bench.json'
+    out: str = ''               # default: bench.json under results/ (common.results_path)
     device: str = 'auto'
 
 
@@ -154,8 +154,9 @@ def main():
     out = {'device': device_name(device), 'torch': torch.__version__, 'commit': git_commit(),
            'command': command_line(), 'ar': cfg.ar, 'diffusion': path, 'config': asdict(cfg), 'rows': rows,
            'note': 'ms_per_request is the wall time of the decode call that served the request (its latency)'}
-    write_json(cfg.out, out)
-    plot(rows, os.path.splitext(cfg.out)[0] + '.png')
+    path = cfg.out or results_path('bench.json')
+    write_json(path, out)
+    plot(rows, os.path.splitext(path)[0] + '.png')
 
 
 if __name__ == '__main__':

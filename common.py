@@ -222,6 +222,12 @@ def git_commit():
         return 'unknown'
 
 
+def results_path(name):
+    """Where a result file goes: results/ by default; RESULTS_DIR=results/cpu keeps a CPU run apart from the GPU
+    numbers (run.sh cpu sets it)."""
+    return os.path.join(os.environ.get('RESULTS_DIR', 'results'), name)
+
+
 def write_json(path, obj):
     os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
     tmp = path + '.tmp'

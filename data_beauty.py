@@ -472,7 +472,7 @@ def floor_ranks(split):
 # ----------------------------------------------------------------------------- script
 
 def main():
-    from common import parse_config, print_config, write_json, Timer, command_line, git_commit
+    from common import parse_config, print_config, write_json, Timer, command_line, git_commit, results_path
     cfg = parse_config(DataConfig)
     print_config(cfg)
     timer = Timer()
@@ -500,10 +500,10 @@ def main():
     print("\nexample (test instance 0):\n  prompt:   " + v.decode(ex.prompts[0]) +
           "\n  response: " + v.decode(ex.responses[0]) + f"\n  target: candidate {ex.target[0] + 1} of {cfg.n_cand}")
     if cfg.trace:
-        write_json('results/data.json', out)
+        write_json(results_path('data.json'), out)
         test = sp['test']  # the floor as a system of its own, in the evaluation schema, for paired comparisons
         ranks = floor_ranks(test)
-        write_json('results/eval_floor.json', {
+        write_json(results_path('eval_floor.json'), {
             'name': 'floor', 'split': 'test', 'n': len(test), 'metrics': metrics_from_ranks(ranks), 'validity': 1.0,
             'decode': None, 'command': command_line(), 'commit': git_commit(),
             'per_user': {'user': [int(u) for u in test.users], 'rank': ranks, 'valid': [True] * len(test)}})

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from common import (parse_config, print_config, pick_device, autocast, device_name, load_checkpoint,
-                    write_json, git_commit, command_line, Timer, CheckpointError)
+                    write_json, git_commit, command_line, Timer, CheckpointError, results_path)
 from data_beauty import (DataConfig, BeautyData, collate, parse_answer, target_rank, metrics_from_ranks,
                          floor_ranks)
 from diffusion import first_eos_lengths, generate_block
@@ -144,7 +144,7 @@ def main():
               f"answer {res.get('tokens_per_forward_answer', 0):.2f})")
     print("example: " + data.vocab.decode(texts[0]))
     if cfg.name:
-        write_json(f"results/eval_{cfg.name}.json", res)
+        write_json(results_path(f"eval_{cfg.name}.json"), res)
 
 
 if __name__ == '__main__':

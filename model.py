@@ -1,6 +1,6 @@
 """A small GPT with one attention path: the caller passes the mask (causal, block-causal, anything).
 
-Pre-norm transformer, learned positions taken from per-example position ids (left padding shifts them),
+Pre-norm transformer, rotary positions from per-example position ids (left padding shifts them),
 tied input/output embeddings, and a static KV cache written at explicit columns, so the same forward serves
 training, autoregressive decoding and block-diffusion decoding (and can be captured in a CUDA graph).
 """
@@ -19,7 +19,6 @@ class GPTConfig:
     n_layer: int = 6
     n_head: int = 8
     n_embd: int = 256
-    max_pos: int = 512      # positions: prompt + response
     dropout: float = 0.0
 
 
@@ -32,6 +31,22 @@ class KVCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
 
 
+def rotary(pos, head_dim, base=10000.0):
+    """cos, sin of the rotary angles for position ids (B, T): each (B, 1, T, head_dim / 2), fp32.
+
+    Rotary positions (not learned absolute ones): attention scores then depend on the distance between query and
+    key, so 'the token just before', 'the candidate two entries up' are one pattern wherever they sit; measured
+    here, a small model learned to copy candidates from the prompt about twice as fast as with learned positions."""
+    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, device=pos.device, dtype=torch.float32) / head_dim)
+    angle = pos[:, None, :, None].float() * inv_freq
+    return angle.cos(), angle.sin()
+
+
+def rotate(x, cos, sin):
+    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1).flatten(-2).to(x.dtype)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -40,10 +55,11 @@ class Attention(nn.Module):
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
         self.dropout = cfg.dropout
 
-    def forward(self, x, mask, cache=None, layer=0, cols=None):
+    def forward(self, x, mask, rope, cache=None, layer=0, cols=None):
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)
         q, k, v = (z.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for z in (q, k, v))  # (B, nh, T, hs)
+        q, k = rotate(q, *rope), rotate(k, *rope)  # keys enter the cache already rotated by their own position
         if cache is not None:
             # write this forward's keys/values at their columns, then attend over every cached column;
             # the mask decides which columns hold content this query may see
@@ -74,8 +90,8 @@ class Block(nn.Module):
         self.ln2 = nn.LayerNorm(cfg.n_embd)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, mask, cache, layer, cols):
-        x = x + self.attn(self.ln1(x), mask, cache, layer, cols)
+    def forward(self, x, mask, rope, cache, layer, cols):
+        x = x + self.attn(self.ln1(x), mask, rope, cache, layer, cols)
         return x + self.mlp(self.ln2(x))
 
 
@@ -84,7 +100,6 @@ class GPT(nn.Module):
         super().__init__()
         self.config = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
-        self.wpe = nn.Embedding(cfg.max_pos, cfg.n_embd)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.n_embd)
         self.apply(self._init)
@@ -100,9 +115,10 @@ class GPT(nn.Module):
     def forward(self, idx, pos, mask, cache=None, cols=None):
         """Hidden states (B, T, C). idx, pos: (B, T); mask: (B, T, S) bool, True = may attend, where S = T
         without a cache and S = the cache's columns with one (then `cols` (T,) says where idx's columns are)."""
-        x = self.wte(idx) + self.wpe(pos)
+        x = self.wte(idx)
+        rope = rotary(pos, self.config.n_embd // self.config.n_head)
         for i, block in enumerate(self.blocks):
-            x = block(x, mask, cache, i, cols)
+            x = block(x, mask, rope, cache, i, cols)
         return self.ln_f(x)
 
     def head(self, h, fp32=False):

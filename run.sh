@@ -14,6 +14,7 @@ SEED=${SEED:-0}
 BUDGET=${BUDGET:-100000}
 D="--data_dir=${DATA_DIR:-../shared/data/beauty} --seed=$SEED"
 if [ "$MODE" = cpu ]; then
+  export RESULTS_DIR=${RESULTS_DIR:-results/cpu}  # never mixed with the GPU numbers in results/
   DEV="--device=cpu"
   SIZE="--n_layer=2 --n_embd=128 --n_head=4"
   AR="$SIZE --batch_size=32 --mid_steps=100 --max_steps=700 --eval_every=350 --eval_n=400 --eval_batch=400"
@@ -49,4 +50,4 @@ if left; then python train_ar.py $D $DEV $DIR --trace=False --out=out/ar_direct.
 if left; then python train_cft.py $D $DEV $CFT --validity_weight=0.0 --out=out/cft_novalid.pt --name=cft_novalid && ev --ckpt=out/cft_novalid.pt --name=cft_novalid --block=32 --tau=0.9; fi
 if left; then python train_cft.py $D $DEV $MORE --parent=out/cft.pt --out=out/cft_more.pt --name=cft_more && ev --ckpt=out/cft_more.pt --name=cft_more --block=32 --tau=0.9; fi
 if left; then python train_rl.py $D $DEV $RL --policy=out/ar.pt --block=1 --out=out/ar_rl.pt --name=ar_rl && ev --ckpt=out/ar_rl.pt --name=ar_rl --block=1 --tau=0.9; fi
-python report.py
+python report.py "${RESULTS_DIR:-results}"

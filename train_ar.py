@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from common import (parse_config, print_config, pick_device, autocast, device_name, save_checkpoint,
                     load_checkpoint, JsonlLog, plot_curves, git_commit, is_better, command_line, write_json, Timer,
-                    save_resume, load_resume, finish_resume)
+                    save_resume, load_resume, finish_resume, results_path)
 from data_beauty import DataConfig, BeautyData, DataError, collate, kind_weights
 from decode import DecodeConfig, evaluate
 from model import GPT, GPTConfig, response_hidden
@@ -62,8 +62,8 @@ def lr_at(step, total, cfg):
 
 
 def make_optimizer(model, lr, weight_decay):
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and 'wpe' not in n]
-    rest = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and 'wpe' not in n)]
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    rest = [p for p in model.parameters() if p.dim() < 2]
     return torch.optim.AdamW([{'params': decay, 'weight_decay': weight_decay}, {'params': rest, 'weight_decay': 0.0}],
                              lr=lr, betas=(0.9, 0.95))
 
@@ -182,8 +182,8 @@ def validate_and_keep(model, data, cfg, device, log, step, best, run_cfg, stage,
 
 def finish(cfg, name, title, log, best, timer, device, keys, **extra):
     """The end of every stage: curves, and results/train_<name>.json with the kept model's validation record."""
-    plot_curves(log.path, f"results/curves_{name}.png", keys, title)
-    write_json(f"results/train_{name}.json", {'name': name, 'valid': best, 'seconds': round(timer(), 1),
+    plot_curves(log.path, results_path(f"curves_{name}.png"), keys, title)
+    write_json(results_path(f"train_{name}.json"), {'name': name, 'valid': best, 'seconds': round(timer(), 1),
                                               'device': device_name(device), 'command': command_line(),
                                               'commit': git_commit(), 'config': asdict(cfg), **extra})
 

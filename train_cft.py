@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from common import (parse_config, print_config, pick_device, autocast, device_name, load_checkpoint, JsonlLog,
-                    write_json, Timer, CheckpointError, save_resume, load_resume, finish_resume)
+                    write_json, Timer, CheckpointError, save_resume, load_resume, finish_resume, results_path)
 from data_beauty import DataError, collate
 from decode import load_data_for
 from diffusion import convert, diffusion_loss
@@ -122,7 +122,7 @@ def main():
                           'tokens_per_forward_answer': res.get('tokens_per_forward_answer')})
             print(f"valid tau={tau} k={k}: R@1 {sweep[-1]['R@1']:.4f} validity {sweep[-1]['validity']:.4f} "
                   f"tokens/forward {sweep[-1]['tokens_per_forward']:.2f}")
-        write_json(f"results/sweep_{cfg.name}.json", {'split': 'valid', 'n': res['n'], 'block': cfg.block,
+        write_json(results_path(f"sweep_{cfg.name}.json"), {'split': 'valid', 'n': res['n'], 'block': cfg.block,
                                                       'rows': sweep, 'device': device_name(device)})
     finish(cfg, cfg.name, f"CFT ({cfg.name})", log, best, timer, device,
            ['loss', 'validity_loss', 'val_R1', 'val_validity'])

@@ -48,5 +48,5 @@ def tiny_data(tiny_dir, tmp_path_factory):
 
 def tiny_model(vocab_size, seed=0, n_layer=2, n_embd=32):
     torch.manual_seed(seed)
-    cfg = GPTConfig(vocab_size=vocab_size, n_layer=n_layer, n_head=2, n_embd=n_embd, max_pos=256, dropout=0.0)
+    cfg = GPTConfig(vocab_size=vocab_size, n_layer=n_layer, n_head=2, n_embd=n_embd, dropout=0.0)
     return GPT(cfg).eval()
