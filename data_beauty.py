@@ -20,6 +20,7 @@ from dataclasses import dataclass, asdict
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 
 @dataclass
@@ -136,8 +137,9 @@ BUCKETS = {  # evidence token families: name -> upper edges of the buckets (the 
     'last': [0, 1, 2, 4, 8],             # co-occurrence with the last history item
     'hist': [0, 1, 2, 4, 8],             # pre-ranker co-occurrence score against the recent history
     'pop': [1, 3, 7, 15, 31, 63, 127],   # train interactions (log buckets)
+    'score': [x / 4 for x in range(-8, 11)],  # evidence score -2 .. 2.5 by 0.25 (fit_evidence_weights; width: valid)
 }
-SPECIALS = ['<eos>', '<bos>', '<mask>', '<cands>', '<think>', '<answer>']
+SPECIALS = ['<eos>', '<bos>', '<mask>', '<cands>', '<think>', '<answer>', '<best>']
 
 
 class Vocab:
@@ -153,7 +155,7 @@ class Vocab:
         self.attr0 = len(self.names) - 1   # attribute ids start at 1
         self.item0 = self.attr0 + n_attrs  # item ids start at 1
         self.size = self.item0 + n_items + 1
-        self.eos, self.bos, self.mask, self.cands, self.think, self.answer = range(6)
+        self.eos, self.bos, self.mask, self.cands, self.think, self.answer, self.best = range(7)
 
     def item(self, i):
         return self.item0 + int(i)
@@ -258,16 +260,63 @@ def stat_tokens(ev, i, vocab):
     return [vocab.bucket('last', ev[0][i]), vocab.bucket('hist', ev[1][i]), vocab.bucket('pop', ev[2][i])]
 
 
-def encode(hist, cands, target_idx, ev, attrs, vocab, trace=True):
+def share_counts(hist, attrs):
+    """attribute -> how many history items carry it."""
+    count = defaultdict(int)
+    for h in hist:
+        for a in set(attrs[h]):
+            count[a] += 1
+    return count
+
+
+def evidence_features(hist, cands, ev, attrs):
+    """(N, F) features of each candidate that its trace entry shows as tokens: one-hot last / hist / pop buckets,
+    how many of its attributes fall in each share bucket, and its position in the pre-ranker's list."""
+    share = share_counts(hist, attrs)
+    N = len(cands)
+    parts = [np.eye(len(BUCKETS[fam]) + 1, dtype=np.float32)[np.searchsorted(BUCKETS[fam], ev[f], side='left')]
+             for f, fam in enumerate(('last', 'hist', 'pop'))]
+    shares = np.zeros((N, len(BUCKETS['share']) + 1), np.float32)
+    for i, c in enumerate(cands):
+        for a in attrs[c]:
+            shares[i, np.searchsorted(BUCKETS['share'], share[a], side='left')] += 1
+    return np.concatenate(parts + [shares, np.eye(N, dtype=np.float32)], 1)
+
+
+def fit_evidence_weights(features, target, steps=500, lr=0.03, weight_decay=1e-3):
+    """Weights of an additive evidence score, fitted on TRAIN windows only: a conditional logit over each list
+    (softmax over its N candidates). It plays the part of GR2's larger teacher LLM, whose traces end in a
+    judgement: the trace states each candidate's score and concludes with the best one, all computable from
+    the prompt without the target. features (n, N, F), target (n,) -> (F,) weights."""
+    X, y = torch.as_tensor(features), torch.as_tensor(target)
+    w = torch.zeros(X.shape[-1], requires_grad=True)
+    opt = torch.optim.Adam([w], lr=lr, weight_decay=weight_decay)
+    for _ in range(steps):  # full batch from zeros: deterministic
+        loss = F.cross_entropy(X @ w, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return w.detach().numpy()
+
+
+def conclusion(score_buckets):
+    """The trace's conclusion: the first candidate (pre-ranker order) among those with the highest score bucket,
+    so that it follows from the score tokens the trace has just written."""
+    return int(np.argmax(score_buckets))
+
+
+def encode(hist, cands, target_idx, ev, attrs, vocab, score_w, trace=True):
     """Prompt, response and per-token kind (0 trace, 1 answer, 2 the choice: the first ranked item, the one token
     that moves the ranking) for one instance.
 
     prompt   = <bos> (item attrs..)*history <cands> (item attrs.. last hist pop)*N <think>|<answer>
     trace    = per candidate: item, (attr, share-bucket) pairs, then its last-cooc, hist-cooc and popularity
                buckets gathered beside it (the statistics come with the prompt, as retrieved item facts do
-               in an LLM re-ranker's prompt: a small model cannot recall pair counts it never sees)
+               in an LLM re-ranker's prompt: a small model cannot recall pair counts it never sees), and its
+               evidence-score bucket; then the conclusion <best> item (the candidate with the top score)
     answer   = <answer> target, then the other candidates in the pre-ranker's order, <eos>
-    The trace reads only the prompt and leave-out statistics; `target_idx` only shapes the answer."""
+    The trace reads only the prompt, leave-out statistics and the train-fitted `score_w`; `target_idx` only
+    shapes the answer."""
     prompt = [vocab.bos]
     for h in hist:
         prompt += [vocab.item(h)] + [vocab.attr(a) for a in attrs[h]]
@@ -277,16 +326,15 @@ def encode(hist, cands, target_idx, ev, attrs, vocab, trace=True):
     prompt.append(vocab.think if trace else vocab.answer)
     response, kind = [], []
     if trace:
-        hist_attr_count = defaultdict(int)
-        for h in hist:
-            for a in set(attrs[h]):
-                hist_attr_count[a] += 1
+        share = share_counts(hist, attrs)
+        score = evidence_features(hist, cands, ev, attrs) @ score_w
+        score_tok = [vocab.bucket('score', x) for x in score]
         for i, c in enumerate(cands):
             response.append(vocab.item(c))
             for a in attrs[c]:
-                response += [vocab.attr(a), vocab.bucket('share', hist_attr_count[a])]
-            response += stat_tokens(ev, i, vocab)
-        response.append(vocab.answer)
+                response += [vocab.attr(a), vocab.bucket('share', share[a])]
+            response += stat_tokens(ev, i, vocab) + [score_tok[i]]
+        response += [vocab.best, vocab.item(cands[conclusion(score_tok)]), vocab.answer]
         kind = [0] * len(response)
     order = [target_idx] + [i for i in range(len(cands)) if i != target_idx]
     answer = [vocab.item(cands[i]) for i in order] + [vocab.eos]
@@ -361,7 +409,7 @@ class BeautyData:
             os.makedirs(cfg.cache_dir, exist_ok=True)
             torch.save(blob, path + '.tmp')
             os.replace(path + '.tmp', path)
-        self.stats = blob['stats']
+        self.stats, self.score_w = blob['stats'], blob['score_w']
         self.splits = {name: self._encode_split(blob[name]) for name in ('train', 'valid', 'test')}
 
     def _cache_key(self):
@@ -370,7 +418,7 @@ class BeautyData:
         for name in (f'{self.cfg.name}.txt', f'{self.cfg.name}_item2attributes.json'):
             with open(os.path.join(self.cfg.data_dir, name), 'rb') as f:
                 h.update(f.read())
-        h.update(b'v1')  # bump when the construction changes
+        h.update(b'v2')  # bump when the construction changes
         return h.hexdigest()[:12]
 
     def _prerank_all(self, verbose):
@@ -394,14 +442,21 @@ class BeautyData:
             keep = np.where((split == code) & in_list)[0]
             blob[name] = dict(users=users[keep], ts=ts[keep], cands=cands[keep], target=target_idx[keep],
                               ev=np.stack([ev_last[keep], ev_hist[keep], ev_pop[keep]], 1))  # (n, 3, N)
+        tr = blob['train']
+        feats = np.stack([evidence_features(self.history(u, t), c, e, self.attrs)
+                          for u, t, c, e in zip(tr['users'], tr['ts'], tr['cands'], tr['ev'])])
+        blob['score_w'] = fit_evidence_weights(feats, tr['target'])
         return blob
+
+    def history(self, u, t):
+        return self.seqs[u][max(0, t - self.cfg.max_hist):t]
 
     def _encode_split(self, b):
         P, X, K = [], [], []
         for j in range(len(b['users'])):
             u, t = b['users'][j], b['ts'][j]
-            hist = self.seqs[u][max(0, t - self.cfg.max_hist):t]
-            p, x, k = encode(hist, b['cands'][j], b['target'][j], b['ev'][j], self.attrs, self.vocab, self.cfg.trace)
+            p, x, k = encode(self.history(u, t), b['cands'][j], b['target'][j], b['ev'][j], self.attrs, self.vocab,
+                             self.score_w, self.cfg.trace)
             P.append(np.array(p, np.int32))
             X.append(np.array(x, np.int32))
             K.append(np.array(k, np.int8))
@@ -469,6 +524,16 @@ def floor_ranks(split):
     return [int(t) + 1 for t in split.target]
 
 
+def rule_ranks(split, vocab):
+    """Ranks under the trace's own conclusion used as a ranker (the <best> candidate first, the rest in the
+    pre-ranker's order): the reference a model that just copies its conclusion would score."""
+    ranks = []
+    for resp, cands, target in zip(split.responses, split.cands, split.target):
+        best = list(vocab.item0 + cands).index(int(resp[list(resp).index(vocab.best) + 1]))
+        ranks.append(target_rank([best] + [i for i in range(len(cands)) if i != best], target))
+    return ranks
+
+
 # ----------------------------------------------------------------------------- script
 
 def main():
@@ -488,25 +553,30 @@ def main():
                mean_prompt_tokens=mean_len(sp['test'].prompts), mean_trace_tokens=float(np.mean(trace_lens)),
                mean_answer_tokens=float(np.mean([int((k >= 1).sum()) for k in sp['test'].kinds])),
                floor={s: metrics_from_ranks(floor_ranks(sp[s])) for s in ('valid', 'test')},
+               evidence_weights=data.score_w.round(3).tolist(),
                config=asdict(cfg), command=command_line(), commit=git_commit(), seconds=round(timer(), 1))
     print(f"users {st['users']}  items {st['items']}  interactions {st['interactions']}  vocab {v.size}")
     print(f"pre-ranker recall@10 (all users, test) {st['prerank_recall_at_10']:.4f}   "
           f"instances train {out['n_train']} valid {out['n_valid']} test {out['n_test']}")
     print(f"mean tokens: prompt {out['mean_prompt_tokens']:.1f} trace {out['mean_trace_tokens']:.1f} "
           f"answer {out['mean_answer_tokens']:.1f}")
+    if cfg.trace:
+        out['rule'] = {s: metrics_from_ranks(rule_ranks(sp[s], v)) for s in ('valid', 'test')}
     for s in ('valid', 'test'):
         print(f"floor {s}: " + ' '.join(f"{k} {x:.4f}" for k, x in out['floor'][s].items()))
+        if cfg.trace:
+            print(f"trace conclusion as a ranker {s}: " + ' '.join(f"{k} {x:.4f}" for k, x in out['rule'][s].items()))
     ex = sp['test']
     print("\nexample (test instance 0):\n  prompt:   " + v.decode(ex.prompts[0]) +
           "\n  response: " + v.decode(ex.responses[0]) + f"\n  target: candidate {ex.target[0] + 1} of {cfg.n_cand}")
     if cfg.trace:
         write_json(results_path('data.json'), out)
-        test = sp['test']  # the floor as a system of its own, in the evaluation schema, for paired comparisons
-        ranks = floor_ranks(test)
-        write_json(results_path('eval_floor.json'), {
-            'name': 'floor', 'split': 'test', 'n': len(test), 'metrics': metrics_from_ranks(ranks), 'validity': 1.0,
-            'decode': None, 'command': command_line(), 'commit': git_commit(),
-            'per_user': {'user': [int(u) for u in test.users], 'rank': ranks, 'valid': [True] * len(test)}})
+        test = sp['test']  # the floor and the rule as systems of their own, in the evaluation schema
+        for name, ranks in (('floor', floor_ranks(test)), ('rule', rule_ranks(test, v))):
+            write_json(results_path(f'eval_{name}.json'), {
+                'name': name, 'split': 'test', 'n': len(test), 'metrics': metrics_from_ranks(ranks), 'validity': 1.0,
+                'decode': None, 'command': command_line(), 'commit': git_commit(),
+                'per_user': {'user': [int(u) for u in test.users], 'rank': ranks, 'valid': [True] * len(test)}})
     print(f"done in {timer():.1f}s")
 
 

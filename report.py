@@ -19,6 +19,7 @@ from data_beauty import per_rank_metric, paired_bootstrap, metrics_from_ranks
 
 ROWS = [  # (file name, label, predecessor for the paired gain)
     ('floor', 'pre-rank floor', None),
+    ('rule', "the trace's conclusion as a ranker (no model)", 'floor'),
     ('ar', 'AR teacher (GR2-style)', 'floor'),
     ('ar_direct', 'AR without trace', 'ar'),
     ('ar_rl', 'AR + RL', 'ar'),

@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 
 from data_beauty import (DataConfig, BeautyData, DataError, Vocab, cooc_matrix, prerank, windows_of, encode,
-                         parse_answer, target_rank, metrics_from_ranks, paired_bootstrap, load_5core)
+                         parse_answer, target_rank, metrics_from_ranks, paired_bootstrap, load_5core,
+                         fit_evidence_weights, BUCKETS)
 
 
 def test_missing_data_dir_names_the_fix(tmp_path):
@@ -92,13 +93,52 @@ def test_trace_does_not_depend_on_target(tiny_data):
     sp = d.splits['test']
     hist = d.seqs[sp.users[0]][:sp.ts[0]][-d.cfg.max_hist:]
     ev = np.ones((3, d.cfg.n_cand))
-    outs = [encode(hist, sp.cands[0], ti, ev, d.attrs, d.vocab) for ti in range(d.cfg.n_cand)]
+    outs = [encode(hist, sp.cands[0], ti, ev, d.attrs, d.vocab, d.score_w) for ti in range(d.cfg.n_cand)]
     n_answer = d.cfg.n_cand + 1
     for p, r, k in outs:
         assert p == outs[0][0] and r[:-n_answer] == outs[0][1][:-n_answer]
     for ti, (p, r, k) in enumerate(outs):
         assert r[-n_answer] == d.vocab.item(sp.cands[0][ti]) and r[-1] == d.vocab.eos
         assert k[-n_answer] == 2 and k[-n_answer - 1] == 0 and set(k[-n_answer + 1:]) == {1}  # the choice token
+
+
+def test_evidence_weights_recover_a_planted_signal():
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(400, 10, 3)).astype(np.float32)
+    y = (2.0 * X[..., 1]).argmax(1)  # the target is the candidate with the largest feature 1
+    w = fit_evidence_weights(X, y)
+    assert w[1] > 5 * max(abs(w[0]), abs(w[2]))
+
+
+def test_evidence_weights_never_see_validation_or_test(tiny_dir, tmp_path):
+    """Changing every user's last two items (the validation and test targets) leaves the fitted weights as they
+    are: they come from train windows only."""
+    import shutil
+    other = str(tmp_path / 'other')
+    shutil.copytree(tiny_dir, other)
+    lines = open(f"{other}/Beauty.txt").read().split('\n')
+    changed = []
+    for line in filter(None, lines):
+        ids = line.split()
+        ids[-2:] = ids[-1:-3:-1]  # swap the validation and test items
+        changed.append(' '.join(ids))
+    open(f"{other}/Beauty.txt", 'w').write('\n'.join(changed) + '\n')
+    a = BeautyData(DataConfig(data_dir=tiny_dir, cache_dir=str(tmp_path / 'c1')))
+    b = BeautyData(DataConfig(data_dir=other, cache_dir=str(tmp_path / 'c2')))
+    assert any(not np.array_equal(x, y) for x, y in zip(a.seqs, b.seqs))
+    np.testing.assert_array_equal(a.score_w, b.score_w)
+
+
+def test_conclusion_follows_the_score_tokens(tiny_data):
+    """<best> names the first candidate among those whose score token is highest: computable from the trace."""
+    v = tiny_data.vocab
+    s0, n_score = v.bucket0['score'], len(BUCKETS['score']) + 1
+    sp = tiny_data.splits['valid']
+    for i in range(len(sp)):
+        r = list(sp.responses[i])
+        scores = [t - s0 for t in r if s0 <= t < s0 + n_score]
+        assert len(scores) == tiny_data.cfg.n_cand
+        assert r[r.index(v.best) + 1] == v.item(sp.cands[i][int(np.argmax(scores))])
 
 
 def test_trace_length_and_no_target_in_prompt(tiny_data):
