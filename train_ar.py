@@ -44,6 +44,7 @@ class TrainARConfig:
     w_trace: float = 0.5         # loss weight of reasoning tokens
     w_answer: float = 1.0        # loss weight of answer tokens
     w_choice: float = 1.0        # loss weight of the first ranked item (the decision)
+    trace_sample: float = 1.0    # share of trace tokens that carry the loss each step (ar_response_loss)
     grad_clip: float = 1.0
     # evaluation
     eval_every: int = 500
@@ -78,17 +79,24 @@ def optimizer_step(model, opt, loss, grad_clip, step, lr):
     opt.step()
 
 
-def ar_response_loss(model, batch, w_trace=1.0, w_answer=1.0, w_choice=1.0):
+def ar_response_loss(model, batch, w_trace=1.0, w_answer=1.0, w_choice=1.0, trace_sample=1.0, generator=None):
     """Teacher-forced AR cross-entropy over the response up to its first <eos>, weighted by token kind.
 
-    Logits are computed on response positions only (the head dominates the cost at this vocabulary)."""
+    The output head (12.8k-way at d = 256, as costly as the whole body) runs only where a loss is taken: on
+    every answer token and on a random `trace_sample` share of the trace tokens, whose weight is divided by
+    that share so the expected loss is unchanged. The answer (the decision and the copying of the list) is
+    what is slow to learn; the trace is long and mostly easy."""
     resp = batch['resp']
     B, R = resp.shape
-    logits = model.head(response_hidden(model, batch['prompt'], batch['pad'], resp))   # (B, R, V)
-    ce = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), resp.reshape(-1), reduction='none').view(B, R)
     live = torch.arange(R, device=resp.device)[None, :] < batch['resp_len'][:, None]
-    w = kind_weights(batch['kind'], w_trace, w_answer, w_choice) * live
-    return (ce * w).sum() / w.sum()
+    w = kind_weights(batch['kind'], w_trace / trace_sample, w_answer, w_choice) * live
+    if trace_sample < 1.0:
+        keep = torch.rand(B, R, device=resp.device, generator=generator) < trace_sample
+        w = w * (keep | (batch['kind'] > 0))
+    h = response_hidden(model, batch['prompt'], batch['pad'], resp)
+    at = w > 0
+    ce = F.cross_entropy(model.head(h[at]).float(), resp[at], reduction='none')
+    return (ce * w[at]).sum() / w[at].sum()
 
 
 def history_lm_batches(data, batch_size, rng, max_items=20):
@@ -236,7 +244,7 @@ def main():
         idx = rng.integers(0, len(train), cfg.batch_size)
         batch = collate(train, idx, data.vocab, device=device)
         with autocast(device):
-            loss = ar_response_loss(model, batch, cfg.w_trace, cfg.w_answer, cfg.w_choice)
+            loss = ar_response_loss(model, batch, cfg.w_trace, cfg.w_answer, cfg.w_choice, cfg.trace_sample)
         optimizer_step(model, opt, loss, cfg.grad_clip, step, cfg.lr)
         pbar.set_postfix(loss=f"{loss.item():.3f}")
         log.write(step=step, loss=loss.item(), lr=opt.param_groups[0]['lr'])

@@ -129,3 +129,17 @@ def test_choice_accuracy_by_hand(tiny_data):
     with torch.no_grad():
         model.wte.weight.zero_()  # every logit 0: the argmax over the candidates is the first one, the floor
     assert choice_accuracy(model, sp, d.vocab, torch.device('cpu')) == pytest.approx(float((sp.target == 0).mean()))
+
+
+def test_sampled_trace_loss_is_unbiased(tiny_data):
+    """Taking the trace loss on a random share of positions (reweighted) averages to the full loss."""
+    d = tiny_data
+    model = tiny_model(d.vocab.size)
+    batch = collate(d.splits['train'], range(8), d.vocab)
+    with torch.no_grad():
+        full = ar_response_loss(model, batch, w_trace=0.5)
+        g = torch.Generator().manual_seed(0)
+        sampled = torch.stack([ar_response_loss(model, batch, w_trace=0.5, trace_sample=0.3, generator=g)
+                               for _ in range(300)])
+    assert sampled.std() > 0
+    assert abs(sampled.mean() - full) < 0.01 * full
