@@ -65,14 +65,17 @@ def main(folder='results'):
         summary['accuracy'].append(row)
         lines.append(f"| {label} | " + ' | '.join(f"{m[k]:.4f}" for k in METRICS) +
                      f" | {row['validity']:.3f} | {len(ranks)} |")
-        if prev in evals and evals[prev]['per_user']['user'] == e['per_user']['user']:
-            g = {'name': key, 'vs': prev}
-            for k in ('R@1', 'N@3'):
-                g[k] = paired_bootstrap(ranks, evals[prev]['per_user']['rank'], k)
-            summary['gains'].append(g)
-    gain_lines = ['| stage | vs | R@1 diff [95% CI] | N@3 diff [95% CI] |', '|---|---|---|---|']
+        if prev in evals:  # paired on the users both evaluated (a limited run covers the first n in user order)
+            other = evals[prev]['per_user']
+            n = min(len(ranks), len(other['rank']))
+            if e['per_user']['user'][:n] == other['user'][:n]:
+                g = {'name': key, 'vs': prev, 'n': n}
+                for k in ('R@1', 'N@3'):
+                    g[k] = paired_bootstrap(ranks[:n], other['rank'][:n], k)
+                summary['gains'].append(g)
+    gain_lines = ['| stage | vs | n | R@1 diff [95% CI] | N@3 diff [95% CI] |', '|---|---|---|---|---|']
     for g in summary['gains']:
-        gain_lines.append(f"| {g['name']} | {g['vs']} | " + ' | '.join(
+        gain_lines.append(f"| {g['name']} | {g['vs']} | {g['n']} | " + ' | '.join(
             f"{g[k]['diff']:+.4f} [{g[k]['lo']:+.4f}, {g[k]['hi']:+.4f}]" for k in ('R@1', 'N@3')) + ' |')
     speed_lines = []
     bench_path = os.path.join(folder, 'bench.json')

@@ -17,14 +17,14 @@ if [ "$MODE" = cpu ]; then
   export RESULTS_DIR=${RESULTS_DIR:-results/cpu}  # never mixed with the GPU numbers in results/
   DEV="--device=cpu"
   SIZE="--n_layer=2 --n_embd=128 --n_head=4"
-  AR="$SIZE --batch_size=32 --mid_steps=100 --max_steps=700 --eval_every=350 --eval_n=400 --eval_batch=400"
+  AR="$SIZE --batch_size=32 --mid_steps=100 --max_steps=800 --eval_every=400 --eval_n=400 --eval_batch=400"
   DIR="$AR"
   CFT="--batch_size=16 --max_steps=250 --eval_every=125 --eval_n=300 --eval_batch=300"
   OPD="--n_prompts=4 --max_steps=15 --eval_every=15 --eval_n=300 --eval_batch=300"
   MORE="--batch_size=16 --max_steps=40 --eval_every=40 --eval_n=300 --eval_batch=300"
   RL="--n_prompts=4 --max_steps=10 --eval_every=10 --eval_n=300 --eval_batch=300"
   BENCH="--batches=(1,16) --graphs=(False,) --n_time=32 --n_time_b1=4 --repeats=1 --accuracy=False"
-  EVAL="--batch_size=400"
+  EVAL="--batch_size=300 --limit=600"   # the first 600 test users (in user order): CPU decoding is slow
 else
   DEV=""
   AR="--time_limit=110"; DIR="--time_limit=45"

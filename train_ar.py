@@ -44,7 +44,7 @@ class TrainARConfig:
     w_trace: float = 0.5         # loss weight of reasoning tokens
     w_answer: float = 1.0        # loss weight of answer tokens
     w_choice: float = 1.0        # loss weight of the first ranked item (the decision)
-    trace_sample: float = 1.0    # share of trace tokens that carry the loss each step (ar_response_loss)
+    trace_sample: float = 0.25   # share of trace tokens that carry the loss each step (ar_response_loss)
     grad_clip: float = 1.0
     # evaluation
     eval_every: int = 500

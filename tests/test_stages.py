@@ -185,3 +185,18 @@ def test_flags_are_typed_by_their_defaults():
     for bad in (['--trace=1'], ['--max_steps=ten'], ['--max_steps=1.5']):
         with pytest.raises(SystemExit):
             parse_config(TrainARConfig, bad)
+
+
+def test_report_pairs_a_limited_run_on_its_users(tmp_path):
+    """A run evaluated on the first n test users is compared with the full floor on those n users only."""
+    import json
+    import report
+    users, floor = list(range(10)), [1, 2, 3, 1, 1, 2, 5, 1, 1, 4]
+    for name, ranks in (('floor', floor), ('ar', [1, 1, 1, 1, 1, 2])):
+        with open(tmp_path / f'eval_{name}.json', 'w') as f:
+            json.dump({'split': 'test', 'validity': 1.0,
+                       'per_user': {'user': users[:len(ranks)], 'rank': ranks, 'valid': [True] * len(ranks)}}, f)
+    report.main(str(tmp_path))
+    summary = json.load(open(tmp_path / 'summary.json'))
+    (gain,) = summary['gains']
+    assert gain['n'] == 6 and gain['R@1']['diff'] == pytest.approx((5 - 3) / 6)
