@@ -85,46 +85,63 @@ def diffusion_loss(model, batch, block, mask_id, masked=None, w_trace=1.0, w_ans
                    complementary=True, validity_weight=0.0, vocab=None, generator=None):
     """Masked-token cross-entropy of the block-diffusion model (plain mean over masked tokens, Fast-dLLM v2),
     with complementary masks (each example also with the opposite mask: every token supervised once), plus
-    optionally the permutation-validity loss on the answer positions. Returns (loss, parts dict)."""
+    optionally the permutation-validity loss on the answer positions. Returns (loss, parts dict).
+
+    The output head runs only at the masked positions of the trained region: they are all the loss reads (a
+    revealed answer position enters the validity loss as one-hot on its token)."""
     prompt, resp, pad = batch['prompt'], batch['resp'], batch['pad']
     region = loss_region(resp, batch['resp_len'], block)
     if masked is None:
         masked = noise_blocks(resp, block, mask_id, generator)
-    kind = batch['kind']
+    kind, cands = batch['kind'], batch['cands']
     if complementary:
-        prompt, pad, resp, kind, region = (torch.cat([z, z]) for z in (prompt, pad, resp, kind, region))
+        prompt, pad, resp, kind, region, cands = (torch.cat([z, z]) for z in (prompt, pad, resp, kind, region, cands))
         masked = torch.cat([masked, ~masked])
     xt = torch.where(masked, mask_id, resp)
     h = bd3_hidden(model, prompt, pad, xt, resp, block)
-    logits = model.head(h).float()                                      # (B, R, V)
-    ce = F.cross_entropy(logits.reshape(-1, logits.size(-1)), resp.reshape(-1), reduction='none').view(resp.shape)
-    w = kind_weights(kind, w_trace, w_answer, w_choice) * (masked & region)
-    ce_loss = (ce * w).sum() / w.sum().clamp(min=1)
+    at = masked & region
+    logits = model.head(h[at]).float()                                  # (M, V) at the supervised positions
+    w = kind_weights(kind, w_trace, w_answer, w_choice)[at]
+    ce_loss = (F.cross_entropy(logits, resp[at], reduction='none') * w).sum() / w.sum().clamp(min=1)
     parts = {'ce': ce_loss.detach()}
     loss = ce_loss
     if validity_weight > 0:
-        cands = torch.cat([batch['cands'], batch['cands']]) if complementary else batch['cands']
-        v = permutation_validity_loss(logits, resp, masked, cands, kind, vocab)
+        mass = candidate_mass(logits, at, resp, cands)
+        v = validity_from_mass(mass, answer_positions(resp, kind, vocab))
         parts['validity_loss'] = v.detach()
         loss = loss + validity_weight * v
     return loss, parts
 
 
-def permutation_validity_loss(logits, resp, masked, cands, kind, vocab):
+def answer_positions(resp, kind, vocab):
+    return (kind >= 1) & (resp > vocab.item0)                           # (B, R) the N ranked-item positions
+
+
+def candidate_mass(logits_at, at, resp, cands):
+    """(B, R, N): probability of each candidate at each response position; a position not in `at` (revealed)
+    is one-hot on its token, a position in `at` the model's distribution (logits_at: (at.sum(), V))."""
+    mass = (resp[..., None] == cands[:, None, :]).to(logits_at.dtype)   # revealed: one-hot
+    rows = at.nonzero(as_tuple=True)[0]
+    probs = logits_at.softmax(-1).gather(1, cands[rows])                # (M, N)
+    return mass.index_put((at.nonzero(as_tuple=True)), probs)
+
+
+def validity_from_mass(mass, answer):
     """Penalise (a) probability mass outside the candidate set at the answer positions and (b) candidates whose
-    expected count over the answer positions is not one (duplicates, drops). A revealed answer position
-    counts as one-hot on its token, a masked one as the model's distribution, so predicting an already
-    revealed candidate again is a duplicate. Zero exactly on a one-hot permutation of the candidates."""
-    answer = (kind >= 1) & (resp > vocab.item0)                         # (B, R) the N ranked-item positions
-    probs = logits.softmax(-1)                                          # (B, R, V)
-    onehot = F.one_hot(resp, logits.size(-1)).to(probs.dtype)
-    q = torch.where(masked[..., None], probs, onehot) * answer[..., None]
-    q_cand = q.gather(2, cands[:, None, :].expand(-1, q.size(1), -1))  # (B, R, N) mass on each candidate
+    expected count over the answer positions is not one (duplicates, drops). Predicting an already revealed
+    candidate again is a duplicate. Zero exactly on a one-hot permutation of the candidates."""
+    mass = mass * answer[..., None]
     n_pos = answer.sum(1).clamp(min=1)
-    outside = ((1 - q_cand.sum(2)) * answer).sum(1) / n_pos            # (B,)
-    coverage = ((q_cand.sum(1) - 1) ** 2).mean(1)                       # (B,)
+    outside = ((1 - mass.sum(2)) * answer).sum(1) / n_pos               # (B,)
+    coverage = ((mass.sum(1) - 1) ** 2).mean(1)                         # (B,)
     has = answer.any(1).float()
     return ((outside + coverage) * has).sum() / has.sum().clamp(min=1)
+
+
+def permutation_validity_loss(logits, resp, masked, cands, kind, vocab):
+    """The permutation-validity loss from full logits (B, R, V): diffusion_loss computes the same from the
+    logits at the masked positions only."""
+    return validity_from_mass(candidate_mass(logits[masked], masked, resp, cands), answer_positions(resp, kind, vocab))
 
 
 # ----------------------------------------------------------------------------- sampler

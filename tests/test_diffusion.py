@@ -148,3 +148,22 @@ def test_forward_kl_zero_iff_equal():
 def test_predicting_columns():
     cols = predicting_columns(P=5, R=6, block=3, device='cpu')
     assert cols.tolist() == [4, 5, 6, 5 + 6 + 2, 8, 9]
+
+
+def test_loss_at_masked_positions_equals_full_head(tiny_data):
+    """diffusion_loss runs the head only where the loss reads it; the result equals the full-head reference."""
+    from diffusion import noise_blocks, loss_region
+    from data_beauty import kind_weights
+    d, model, batch = setup(tiny_data, block=4)
+    v, resp = d.vocab, batch['resp']
+    masked = noise_blocks(resp, 4, v.mask, torch.Generator().manual_seed(0))
+    loss, parts = diffusion_loss(model, batch, 4, v.mask, masked=masked, complementary=False, w_trace=0.5,
+                                 validity_weight=1.0, vocab=v)
+    logits = model.head(bd3_hidden(model, batch['prompt'], batch['pad'], torch.where(masked, v.mask, resp), resp, 4))
+    at = masked & loss_region(resp, batch['resp_len'], 4)
+    w = kind_weights(batch['kind'], 0.5, 1.0, 1.0) * at
+    ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), resp, reduction='none')
+    torch.testing.assert_close(parts['ce'], (ce * w).sum() / w.sum())
+    want_v = permutation_validity_loss(logits, resp, at, batch['cands'], batch['kind'], v)
+    assert want_v > 0
+    torch.testing.assert_close(parts['validity_loss'], want_v)
