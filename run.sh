@@ -17,14 +17,15 @@ if [ "$MODE" = cpu ]; then
   export RESULTS_DIR=${RESULTS_DIR:-results/cpu}  # never mixed with the GPU numbers in results/
   DEV="--device=cpu"
   SIZE="--n_layer=2 --n_embd=128 --n_head=4"
-  AR="$SIZE --batch_size=32 --mid_steps=100 --max_steps=800 --eval_every=400 --eval_n=400 --eval_batch=400"
+  AR="$SIZE --batch_size=32 --mid_steps=100 --max_steps=600 --eval_every=300 --eval_n=300 --eval_batch=300"
   DIR="$AR"
-  CFT="--batch_size=16 --max_steps=250 --eval_every=125 --eval_n=300 --eval_batch=300"
-  OPD="--n_prompts=4 --max_steps=15 --eval_every=15 --eval_n=300 --eval_batch=300"
-  MORE="--batch_size=16 --max_steps=40 --eval_every=40 --eval_n=300 --eval_batch=300"
-  RL="--n_prompts=4 --max_steps=10 --eval_every=10 --eval_n=300 --eval_batch=300"
+  SMALL="--eval_n=150 --eval_batch=150"
+  CFT="--batch_size=16 --max_steps=120 --eval_every=120 --sweep=False $SMALL"
+  OPD="--n_prompts=4 --max_steps=10 --eval_every=10 $SMALL"
+  MORE="--batch_size=16 --max_steps=20 --eval_every=20 --sweep=False $SMALL"
+  RL="--n_prompts=4 --max_steps=6 --eval_every=6 $SMALL"
   BENCH="--batches=(1,16) --graphs=(False,) --n_time=32 --n_time_b1=4 --repeats=1 --accuracy=False"
-  EVAL="--batch_size=300 --limit=600"   # the first 600 test users (in user order): CPU decoding is slow
+  EVAL="--batch_size=300 --limit=300"   # the first 300 test users (in user order): CPU decoding is slow
 else
   DEV=""
   AR="--time_limit=110"; DIR="--time_limit=45"
