@@ -13,6 +13,17 @@ import torch
 
 # ----------------------------------------------------------------------------- config
 
+@dataclasses.dataclass
+class StageSettings:
+    """Flags every training stage shares: checkpoint selection, evaluation size, time box, seed, device."""
+    min_validity: float = 0.95   # checkpoint selection: see is_better
+    eval_n: int = 0              # validation instances decoded at each evaluation (0 = all)
+    eval_batch: int = 512
+    time_limit: float = 0.0      # seconds; > 0: stop training early (then evaluate and save as usual)
+    seed: int = 0
+    device: str = 'auto'
+
+
 def parse_config(cls, argv=None):
     """Build a dataclass from `--key=value` flags (values parsed with ast.literal_eval), reject unknown keys."""
     argv = sys.argv[1:] if argv is None else argv

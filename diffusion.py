@@ -121,9 +121,9 @@ def candidate_mass(logits_at, at, resp, cands):
     """(B, R, N): probability of each candidate at each response position; a position not in `at` (revealed)
     is one-hot on its token, a position in `at` the model's distribution (logits_at: (at.sum(), V))."""
     mass = (resp[..., None] == cands[:, None, :]).to(logits_at.dtype)   # revealed: one-hot
-    rows = at.nonzero(as_tuple=True)[0]
+    rows, cols = at.nonzero(as_tuple=True)
     probs = logits_at.softmax(-1).gather(1, cands[rows])                # (M, N)
-    return mass.index_put((at.nonzero(as_tuple=True)), probs)
+    return mass.index_put((rows, cols), probs)
 
 
 def validity_from_mass(mass, answer):

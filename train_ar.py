@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (parse_config, print_config, pick_device, autocast, device_name, save_checkpoint,
+from common import (StageSettings, parse_config, print_config, pick_device, autocast, device_name, save_checkpoint,
                     load_checkpoint, JsonlLog, plot_curves, git_commit, is_better, command_line, write_json, Timer,
                     save_resume, load_resume, finish_resume, results_path)
 from data_beauty import DataConfig, BeautyData, DataError, collate, kind_weights
@@ -24,7 +24,7 @@ from model import GPT, GPTConfig, response_hidden
 
 
 @dataclass
-class TrainARConfig:
+class TrainARConfig(StageSettings):  # + min_validity, eval_n, eval_batch, time_limit, seed, device
     data_dir: str = '../shared/data/beauty'
     trace: bool = True           # False: prompt -> answer (the no-reasoning ablation)
     out: str = 'out/ar.pt'
@@ -48,12 +48,6 @@ class TrainARConfig:
     grad_clip: float = 1.0
     # evaluation
     eval_every: int = 500
-    min_validity: float = 0.95   # checkpoint selection: see common.is_better
-    eval_n: int = 0              # validation instances decoded at each evaluation (0 = all)
-    eval_batch: int = 512
-    time_limit: float = 0.0      # seconds; > 0: stop training early (then evaluate and save as usual)
-    seed: int = 0
-    device: str = 'auto'
 
 
 def lr_at(step, total, cfg):

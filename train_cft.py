@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common import (parse_config, print_config, pick_device, autocast, device_name, load_checkpoint, JsonlLog,
+from common import (StageSettings, parse_config, print_config, pick_device, autocast, device_name, load_checkpoint, JsonlLog,
                     write_json, Timer, CheckpointError, save_resume, load_resume, finish_resume, results_path)
 from data_beauty import DataError, collate
 from decode import load_data_for
@@ -24,7 +24,7 @@ from train_ar import make_optimizer, optimizer_step, lr_at, validate, validate_a
 
 
 @dataclass
-class TrainCFTConfig:
+class TrainCFTConfig(StageSettings):  # + min_validity, eval_n, eval_batch, time_limit, seed, device
     parent: str = 'out/ar.pt'    # an AR teacher (converted here) or a CFT model (training continues)
     out: str = 'out/cft.pt'
     name: str = 'cft'
@@ -45,12 +45,6 @@ class TrainCFTConfig:
     k: int = 0
     sweep: bool = True           # at the end: validation accuracy and speed at tau 0.9 / 0.6 / 0.4 and k = 1
     eval_every: int = 200
-    min_validity: float = 0.95   # checkpoint selection: see common.is_better
-    eval_n: int = 0
-    eval_batch: int = 512
-    time_limit: float = 0.0      # seconds; > 0: stop training early (then evaluate and save as usual)
-    seed: int = 0
-    device: str = 'auto'
 
 
 def main():

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common import (parse_config, print_config, pick_device, autocast, load_checkpoint, JsonlLog, Timer,
+from common import (StageSettings, parse_config, print_config, pick_device, autocast, load_checkpoint, JsonlLog, Timer,
                     CheckpointError, check_data_matches)
 from data_beauty import DataError, collate
 from decode import load_data_for
@@ -27,7 +27,7 @@ from train_ar import make_optimizer, lr_at, validate_and_keep, finish
 
 
 @dataclass
-class TrainOPDConfig:
+class TrainOPDConfig(StageSettings):  # + min_validity, eval_n, eval_batch, time_limit, seed, device
     student: str = 'out/cft.pt'
     teacher: str = 'out/ar.pt'
     out: str = 'out/opd.pt'
@@ -45,12 +45,6 @@ class TrainOPDConfig:
     warmup: int = 10
     grad_clip: float = 1.0
     eval_every: int = 20
-    min_validity: float = 0.95   # checkpoint selection: see common.is_better
-    eval_n: int = 0
-    eval_batch: int = 512
-    time_limit: float = 0.0      # seconds; > 0: stop training early (then evaluate and save as usual)
-    seed: int = 0
-    device: str = 'auto'
 
 
 def load_student_and_teacher(cfg, device, student_stages):

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common import (parse_config, print_config, pick_device, autocast, load_checkpoint, JsonlLog, Timer,
+from common import (StageSettings, parse_config, print_config, pick_device, autocast, load_checkpoint, JsonlLog, Timer,
                     CheckpointError)
 from data_beauty import DataError, parse_answer, target_rank
 from decode import load_data_for
@@ -28,7 +28,7 @@ from train_opd import rollouts, chunks
 
 
 @dataclass
-class TrainRLConfig:
+class TrainRLConfig(StageSettings):  # + min_validity, eval_n, eval_batch, time_limit, seed, device
     policy: str = 'out/opd.pt'   # start policy: a diffusion checkpoint, or out/ar.pt with --block=1
     block: int = 0               # 0: the policy's own block size
     out: str = 'out/rl.pt'
@@ -48,12 +48,6 @@ class TrainRLConfig:
     warmup: int = 5
     grad_clip: float = 1.0
     eval_every: int = 10
-    min_validity: float = 0.95   # checkpoint selection: see common.is_better
-    eval_n: int = 0
-    eval_batch: int = 512
-    time_limit: float = 0.0      # seconds; > 0: stop training early (then evaluate and save as usual)
-    seed: int = 0
-    device: str = 'auto'
 
 
 def rank_reward(rank_before, rank_after, valid, n_cand, format_weight=0.2):
