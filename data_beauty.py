@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import ast
+import inspect
 from collections import defaultdict
 from dataclasses import dataclass, asdict
 
@@ -143,11 +144,18 @@ SPECIALS = ['<eos>', '<bos>', '<mask>', '<cands>', '<think>', '<answer>', '<best
 
 
 class Vocab:
-    """One token space: specials, evidence buckets, attributes, items (items last)."""
+    """One token space: specials, list slots, evidence buckets, attributes, items (items last).
 
-    def __init__(self, n_items, n_attrs):
-        self.n_items, self.n_attrs = n_items, n_attrs
+    The slots c1..cN name the N places of the pre-ranker's list, as [1]..[N] do in LLM list re-rankers: the
+    prompt shows each candidate as `c_i item ...`, and the answer is a permutation of slots. Writing `c4` then
+    copying the item that follows `c4` in the prompt is a plain induction pattern; copying a raw item id from
+    a 12k-token space without the slot was the slowest skill for a small model to learn here."""
+
+    def __init__(self, n_items, n_attrs, n_cand=10):
+        self.n_items, self.n_attrs, self.n_cand = n_items, n_attrs, n_cand
         self.names = list(SPECIALS)
+        self.slot0 = len(self.names)
+        self.names += [f"c{i + 1}" for i in range(n_cand)]
         self.bucket0 = {}
         for fam, edges in BUCKETS.items():
             self.bucket0[fam] = len(self.names)
@@ -157,6 +165,17 @@ class Vocab:
         self.size = self.item0 + n_items + 1
         self.eos, self.bos, self.mask, self.cands, self.think, self.answer, self.best = range(7)
 
+    @property
+    def slots(self):
+        """The N slot tokens: the answer's alphabet (a ranking is a permutation of them)."""
+        return list(range(self.slot0, self.slot0 + self.n_cand))
+
+    def slot(self, i):
+        return self.slot0 + int(i)
+
+    def is_slot(self, tok):
+        return (tok >= self.slot0) & (tok < self.slot0 + self.n_cand)
+
     def item(self, i):
         return self.item0 + int(i)
 
@@ -165,9 +184,6 @@ class Vocab:
 
     def bucket(self, fam, value):
         return self.bucket0[fam] + int(np.searchsorted(BUCKETS[fam], value, side='left'))
-
-    def is_item(self, tok):
-        return tok > self.item0
 
     def token_str(self, t):
         t = int(t)
@@ -309,12 +325,12 @@ def encode(hist, cands, target_idx, ev, attrs, vocab, score_w, trace=True):
     """Prompt, response and per-token kind (0 trace, 1 answer, 2 the choice: the first ranked item, the one token
     that moves the ranking) for one instance.
 
-    prompt   = <bos> (item attrs..)*history <cands> (item attrs.. last hist pop)*N <think>|<answer>
-    trace    = per candidate: item, (attr, share-bucket) pairs, then its last-cooc, hist-cooc and popularity
+    prompt   = <bos> (item attrs..)*history <cands> (slot item attrs.. last hist pop)*N <think>|<answer>
+    trace    = per candidate: slot, item, (attr, share-bucket) pairs, then its last-cooc, hist-cooc and popularity
                buckets gathered beside it (the statistics come with the prompt, as retrieved item facts do
                in an LLM re-ranker's prompt: a small model cannot recall pair counts it never sees), and its
-               evidence-score bucket; then the conclusion <best> item (the candidate with the top score)
-    answer   = <answer> target, then the other candidates in the pre-ranker's order, <eos>
+               evidence-score bucket; then the conclusion <best> slot (the candidate with the top score)
+    answer   = <answer> the target's slot, then the other slots in the pre-ranker's order, <eos>
     The trace reads only the prompt, leave-out statistics and the train-fitted `score_w`; `target_idx` only
     shapes the answer."""
     prompt = [vocab.bos]
@@ -322,7 +338,7 @@ def encode(hist, cands, target_idx, ev, attrs, vocab, score_w, trace=True):
         prompt += [vocab.item(h)] + [vocab.attr(a) for a in attrs[h]]
     prompt.append(vocab.cands)
     for i, c in enumerate(cands):  # each candidate with its attributes and its retrieved statistics
-        prompt += [vocab.item(c)] + [vocab.attr(a) for a in attrs[c]] + stat_tokens(ev, i, vocab)
+        prompt += [vocab.slot(i), vocab.item(c)] + [vocab.attr(a) for a in attrs[c]] + stat_tokens(ev, i, vocab)
     prompt.append(vocab.think if trace else vocab.answer)
     response, kind = [], []
     if trace:
@@ -330,14 +346,14 @@ def encode(hist, cands, target_idx, ev, attrs, vocab, score_w, trace=True):
         score = evidence_features(hist, cands, ev, attrs) @ score_w
         score_tok = [vocab.bucket('score', x) for x in score]
         for i, c in enumerate(cands):
-            response.append(vocab.item(c))
+            response += [vocab.slot(i), vocab.item(c)]
             for a in attrs[c]:
                 response += [vocab.attr(a), vocab.bucket('share', share[a])]
             response += stat_tokens(ev, i, vocab) + [score_tok[i]]
-        response += [vocab.best, vocab.item(cands[conclusion(score_tok)]), vocab.answer]
+        response += [vocab.best, vocab.slot(conclusion(score_tok)), vocab.answer]
         kind = [0] * len(response)
     order = [target_idx] + [i for i in range(len(cands)) if i != target_idx]
-    answer = [vocab.item(cands[i]) for i in order] + [vocab.eos]
+    answer = [vocab.slot(i) for i in order] + [vocab.eos]
     return prompt, response + answer, kind + [2] + [1] * (len(answer) - 1)
 
 
@@ -382,13 +398,27 @@ def collate(split, idx, vocab, block=1, device='cpu'):
         resp[r, :len(x)] = torch.as_tensor(x)
         kind[r, :len(k)] = torch.as_tensor(k)
         resp_len[r] = len(x)
-    cands = torch.as_tensor(split.cands[idx] + vocab.item0)
+    cands = torch.as_tensor(vocab.slots).repeat(len(idx), 1)  # the answer's alphabet, per row
     return dict(prompt=prompt.to(device), pad=pad.to(device), resp=resp.to(device), kind=kind.to(device),
                 resp_len=resp_len.to(device), cands=cands.to(device),
                 target=torch.as_tensor(split.target[idx]).to(device))
 
 
 # ----------------------------------------------------------------------------- the data set
+
+ENCODING_CODE = (Vocab, stat_tokens, share_counts, evidence_features, conclusion, encode)  # what writes the tokens
+
+
+def cached(path, build):
+    """torch.load(path) if it exists, else build() saved there atomically (plain containers only)."""
+    if os.path.exists(path):
+        return torch.load(path, weights_only=False)
+    blob = build()
+    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+    torch.save(blob, path + '.tmp')
+    os.replace(path + '.tmp', path)
+    return blob
+
 
 class BeautyData:
     """Everything downstream needs: vocab, attributes, and train / valid / test instances."""
@@ -399,18 +429,17 @@ class BeautyData:
             build_from_raw(cfg.raw_dir, cfg.data_dir, cfg.name)
         seqs, attrs, n_items, n_attrs = load_5core(cfg.data_dir, cfg.name)
         self.seqs, self.attrs = seqs, attrs
-        self.vocab = Vocab(n_items, n_attrs)
+        self.vocab = Vocab(n_items, n_attrs, cfg.n_cand)
         key = self._cache_key()
-        path = os.path.join(cfg.cache_dir, f"{cfg.name}-{key}.pt")
-        if os.path.exists(path):
-            blob = torch.load(path, weights_only=False)
-        else:
-            blob = self._prerank_all(verbose)
-            os.makedirs(cfg.cache_dir, exist_ok=True)
-            torch.save(blob, path + '.tmp')
-            os.replace(path + '.tmp', path)
+        blob = cached(os.path.join(cfg.cache_dir, f"{cfg.name}-{key}.pt"), lambda: self._prerank_all(verbose))
         self.stats, self.score_w = blob['stats'], blob['score_w']
-        self.splits = {name: self._encode_split(blob[name]) for name in ('train', 'valid', 'test')}
+        # the token sequences too (encoding 25k instances takes seconds, and every stage starts by loading them);
+        # keyed by the source of the code that writes them, so an edit to the trace can never read stale tokens
+        code = repr((BUCKETS, SPECIALS, cfg.trace)) + ''.join(inspect.getsource(f) for f in ENCODING_CODE)
+        enc = hashlib.sha1((key + code).encode()).hexdigest()[:12]
+        fields = cached(os.path.join(cfg.cache_dir, f"{cfg.name}-{key}-tokens-{enc}.pt"),
+                        lambda: {name: self._encode_split(blob[name]) for name in ('train', 'valid', 'test')})
+        self.splits = {name: Split(**f) for name, f in fields.items()}
 
     def _cache_key(self):
         settings = {k: v for k, v in asdict(self.cfg).items() if k not in ('trace', 'cache_dir', 'raw_dir', 'data_dir')}
@@ -460,7 +489,7 @@ class BeautyData:
             P.append(np.array(p, np.int32))
             X.append(np.array(x, np.int32))
             K.append(np.array(k, np.int8))
-        return Split(P, X, K, b['cands'], b['target'], b['users'], b['ts'])
+        return dict(prompts=P, responses=X, kinds=K, cands=b['cands'], target=b['target'], users=b['users'], ts=b['ts'])
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -468,18 +497,19 @@ class BeautyData:
 METRICS = ('R@1', 'R@3', 'R@5', 'N@3', 'N@5', 'MRR')
 
 
-def parse_answer(resp, cands, vocab):
-    """The ranking after <answer> up to <eos>, as candidate indices, or None if it is not a permutation."""
+def parse_answer(resp, vocab):
+    """The ranking after <answer> up to <eos>, as candidate indices (slot c_i -> i - 1), or None if it is not a
+    permutation of the N slots."""
     resp = [int(t) for t in resp]
     if vocab.answer in resp:
         resp = resp[resp.index(vocab.answer) + 1:]
-    elif len(resp) and not vocab.is_item(resp[0]):
-        return None  # a trace model must say <answer>; a direct model starts with an item
+    elif len(resp) and not vocab.is_slot(resp[0]):
+        return None  # a trace model must say <answer>; a direct model starts with a slot
     if vocab.eos in resp:
         resp = resp[:resp.index(vocab.eos)]
     else:
         return None  # unfinished
-    pos = {int(c): i for i, c in enumerate(cands)}
+    pos = {c: i for i, c in enumerate(vocab.slots)}
     if len(resp) != len(pos) or sorted(resp) != sorted(pos):
         return None
     return [pos[t] for t in resp]
@@ -529,7 +559,7 @@ def rule_ranks(split, vocab):
     pre-ranker's order): the reference a model that just copies its conclusion would score."""
     ranks = []
     for resp, cands, target in zip(split.responses, split.cands, split.target):
-        best = list(vocab.item0 + cands).index(int(resp[list(resp).index(vocab.best) + 1]))
+        best = int(resp[list(resp).index(vocab.best) + 1]) - vocab.slot0
         ranks.append(target_rank([best] + [i for i in range(len(cands)) if i != best], target))
     return ranks
 

@@ -85,7 +85,7 @@ def decode_split(model, data, split, cfg, device, max_new=None):
         out, lengths = out.cpu(), lengths.cpu()  # one copy per batch, not one sync per row
         for r, i in enumerate(idx):
             toks = out[r, :int(lengths[r])].tolist()
-            ranking = parse_answer(toks, split.cands[i] + vocab.item0, vocab)
+            ranking = parse_answer(toks, vocab)
             ranks[i] = target_rank(ranking, split.target[i])
             valid[i] = ranking is not None
             texts[i] = toks

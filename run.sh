@@ -3,13 +3,15 @@
 #   data -> AR teacher (+ no-trace ablation) -> naive conversion -> CFT (+ no-validity ablation)
 #   -> OPD (+ off-policy control) -> RL (+ RL-tuned AR) -> test evaluation -> bench -> report
 #
-#   bash run.sh            # one GPU, default config
-#   bash run.sh cpu        # this kind of 2-core CPU: a small model and short stages, labelled CPU in results/
+#   bash run.sh                  # one GPU, default config
+#   bash run.sh cpu              # this kind of 2-core CPU: a small model and short stages, labelled CPU in results/
+#   bash run.sh gpu core         # only the chain (data ... rl, bench); `ablations` runs the four controls after it
 # Environment: DATA_DIR (default ../shared/data/beauty), SEED (default 0), BUDGET (seconds; optional stages
 # are skipped once it is spent, so a time-boxed run still ends with the tables).
 set -euo pipefail
 cd "$(dirname "$0")"
 MODE=${1:-gpu}
+PART=${2:-all}
 SEED=${SEED:-0}
 BUDGET=${BUDGET:-100000}
 D="--data_dir=${DATA_DIR:-../shared/data/beauty} --seed=$SEED"
@@ -28,27 +30,39 @@ if [ "$MODE" = cpu ]; then
   EVAL="--batch_size=300 --limit=300"   # the first 300 test users (in user order): CPU decoding is slow
 else
   DEV=""
-  AR="--time_limit=110"; DIR="--time_limit=45"
-  CFT="--time_limit=55"; OPD="--time_limit=40"; MORE="--max_steps=300 --time_limit=35"; RL="--time_limit=40"
+  AR="--time_limit=75"; DIR="--time_limit=30"
+  CFT="--time_limit=40"; OPD="--time_limit=30"; MORE="--max_steps=300 --time_limit=30"; RL="--time_limit=30"
   BENCH="--graphs=(True,) --repeats=2 --n_time_b1=8"
   EVAL="--batch_size=512"
 fi
 left() { [ "$SECONDS" -lt "$BUDGET" ]; }
 ev() { python decode.py $D $DEV $EVAL --split=test "$@"; }
 
-python data_beauty.py ${DATA_DIR:+--data_dir=$DATA_DIR}
-python train_ar.py $D $DEV $AR
-ev --ckpt=out/ar.pt --name=ar
-ev --ckpt=out/ar.pt --name=naive --block=32 --tau=0.9
-python train_cft.py $D $DEV $CFT
-ev --ckpt=out/cft.pt --name=cft --block=32 --tau=0.9
-left && python bench.py ${DATA_DIR:+--data_dir=$DATA_DIR} $DEV $BENCH
-python train_opd.py $D $DEV $OPD
-ev --ckpt=out/opd.pt --name=opd --block=32 --tau=0.9
-python train_rl.py $D $DEV $RL
-ev --ckpt=out/rl.pt --name=rl --block=32 --tau=0.9
-if left; then python train_ar.py $D $DEV $DIR --trace=False --out=out/ar_direct.pt && ev --ckpt=out/ar_direct.pt --name=ar_direct; fi
-if left; then python train_cft.py $D $DEV $CFT --validity_weight=0.0 --out=out/cft_novalid.pt --name=cft_novalid && ev --ckpt=out/cft_novalid.pt --name=cft_novalid --block=32 --tau=0.9; fi
-if left; then python train_cft.py $D $DEV $MORE --parent=out/cft.pt --out=out/cft_more.pt --name=cft_more && ev --ckpt=out/cft_more.pt --name=cft_more --block=32 --tau=0.9; fi
-if left; then python train_rl.py $D $DEV $RL --policy=out/ar.pt --block=1 --out=out/ar_rl.pt --name=ar_rl && ev --ckpt=out/ar_rl.pt --name=ar_rl --block=1 --tau=0.9; fi
+core() {  # the recipe's chain, each stage from the previous one's checkpoint
+  python data_beauty.py ${DATA_DIR:+--data_dir=$DATA_DIR}
+  python train_ar.py $D $DEV $AR
+  ev --ckpt=out/ar.pt --name=ar
+  ev --ckpt=out/ar.pt --name=naive --block=32 --tau=0.9
+  python train_cft.py $D $DEV $CFT
+  ev --ckpt=out/cft.pt --name=cft --block=32 --tau=0.9
+  python train_opd.py $D $DEV $OPD
+  ev --ckpt=out/opd.pt --name=opd --block=32 --tau=0.9
+  python train_rl.py $D $DEV $RL
+  ev --ckpt=out/rl.pt --name=rl --block=32 --tau=0.9
+  python bench.py ${DATA_DIR:+--data_dir=$DATA_DIR} $DEV $BENCH   # the latest stage (rl) against the AR teacher
+}
+
+ablations() {  # each answers one question about the chain; needs out/ar.pt and out/cft.pt from core
+  if left; then python train_ar.py $D $DEV $DIR --trace=False --out=out/ar_direct.pt && ev --ckpt=out/ar_direct.pt --name=ar_direct; fi
+  if left; then python train_cft.py $D $DEV $CFT --sweep=False --validity_weight=0.0 --out=out/cft_novalid.pt --name=cft_novalid && ev --ckpt=out/cft_novalid.pt --name=cft_novalid --block=32 --tau=0.9; fi
+  if left; then python train_cft.py $D $DEV $MORE --parent=out/cft.pt --out=out/cft_more.pt --name=cft_more && ev --ckpt=out/cft_more.pt --name=cft_more --block=32 --tau=0.9; fi
+  if left; then python train_rl.py $D $DEV $RL --policy=out/ar.pt --block=1 --out=out/ar_rl.pt --name=ar_rl && ev --ckpt=out/ar_rl.pt --name=ar_rl --block=1 --tau=0.9; fi
+}
+
+case "$PART" in
+  all) core; ablations ;;
+  core) core ;;
+  ablations) ablations ;;
+  *) echo "error: unknown part '$PART' (all, core or ablations)"; exit 2 ;;
+esac
 python report.py "${RESULTS_DIR:-results}"

@@ -36,7 +36,7 @@ class TrainARConfig(StageSettings):  # + min_validity, eval_n, eval_batch, time_
     dropout: float = 0.0
     # optimisation
     mid_steps: int = 300         # mid-training steps (0 = skip)
-    max_steps: int = 3000        # SFT steps
+    max_steps: int = 2000        # SFT steps (about 12 epochs at batch 128: later steps overfit the choice)
     batch_size: int = 128
     lr: float = 2e-3
     weight_decay: float = 0.1
@@ -47,7 +47,7 @@ class TrainARConfig(StageSettings):  # + min_validity, eval_n, eval_batch, time_
     trace_sample: float = 0.25   # share of trace tokens that carry the loss each step (ar_response_loss)
     grad_clip: float = 1.0
     # evaluation
-    eval_every: int = 500
+    eval_every: int = 250
 
 
 def lr_at(step, total, cfg):

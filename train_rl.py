@@ -75,7 +75,7 @@ def score_rollouts(res, data, rows):
     ranks, valid, copies = [], [], []
     for r, i in enumerate(rows):
         toks = tokens[r, :int(lengths[r])].tolist()
-        ranking = parse_answer(toks, sp.cands[i] + vocab.item0, vocab)
+        ranking = parse_answer(toks, vocab)
         ranks.append(target_rank(ranking, sp.target[i]))
         valid.append(ranking is not None)
         copies.append(ranking == list(range(len(sp.cands[i]))))

@@ -98,7 +98,7 @@ def test_trace_does_not_depend_on_target(tiny_data):
     for p, r, k in outs:
         assert p == outs[0][0] and r[:-n_answer] == outs[0][1][:-n_answer]
     for ti, (p, r, k) in enumerate(outs):
-        assert r[-n_answer] == d.vocab.item(sp.cands[0][ti]) and r[-1] == d.vocab.eos
+        assert r[-n_answer] == d.vocab.slot(ti) and r[-1] == d.vocab.eos
         assert k[-n_answer] == 2 and k[-n_answer - 1] == 0 and set(k[-n_answer + 1:]) == {1}  # the choice token
 
 
@@ -138,7 +138,7 @@ def test_conclusion_follows_the_score_tokens(tiny_data):
         r = list(sp.responses[i])
         scores = [t - s0 for t in r if s0 <= t < s0 + n_score]
         assert len(scores) == tiny_data.cfg.n_cand
-        assert r[r.index(v.best) + 1] == v.item(sp.cands[i][int(np.argmax(scores))])
+        assert r[r.index(v.best) + 1] == v.slot(int(np.argmax(scores)))
 
 
 def test_trace_length_and_no_target_in_prompt(tiny_data):
@@ -159,17 +159,18 @@ def test_metrics_by_hand():
 
 
 def test_parse_answer_and_invalid_scored_as_floor():
-    v = Vocab(n_items=20, n_attrs=5)
-    cands = [v.item(i) for i in (3, 7, 9)]
-    ok = [v.think, v.answer, v.item(9), v.item(3), v.item(7), v.eos]
-    assert parse_answer(ok, cands, v) == [2, 0, 1]
+    v = Vocab(n_items=20, n_attrs=5, n_cand=3)
+    c1, c2, c3 = v.slots
+    ok = [v.think, v.best, c3, v.answer, c3, c1, c2, v.eos]
+    assert parse_answer(ok, v) == [2, 0, 1]
+    assert parse_answer([c2, c1, c3, v.eos], v) == [1, 0, 2]       # a direct model starts with a slot
     assert target_rank([2, 0, 1], 0) == 2
-    for bad in ([v.answer, v.item(9), v.item(9), v.item(7), v.eos],       # duplicate
-                [v.answer, v.item(9), v.item(3), v.eos],                   # drop
-                [v.answer, v.item(9), v.item(3), v.item(11), v.eos],       # out of set
-                [v.answer, v.item(9), v.item(3), v.item(7)],               # unfinished
-                [v.think, v.item(9), v.item(3), v.item(7), v.eos]):        # no <answer> after reasoning
-        assert parse_answer(bad, cands, v) is None
+    for bad in ([v.answer, c3, c3, c2, v.eos],                      # duplicate
+                [v.answer, c3, c1, v.eos],                          # drop
+                [v.answer, c3, c1, v.item(2), v.eos],               # out of set
+                [v.answer, c3, c1, c2],                             # unfinished
+                [v.think, c3, c1, c2, v.eos]):                      # no <answer> after reasoning
+        assert parse_answer(bad, v) is None
     assert target_rank(None, 1) == 2  # the pre-ranker's order
 
 

@@ -118,8 +118,9 @@ def test_sampler_batch_invariance(tiny_data):
 def test_validity_loss_zero_on_permutation_positive_otherwise(tiny_data):
     d = tiny_data
     v = d.vocab
-    cands = torch.tensor([[v.item(1), v.item(2), v.item(3)]])
-    resp = torch.tensor([[v.answer, v.item(2), v.item(1), v.item(3), v.eos]])
+    c = v.slots[:3]  # a 3-candidate list
+    cands = torch.tensor([c])
+    resp = torch.tensor([[v.answer, c[1], c[0], c[2], v.eos]])
     kind = torch.ones_like(resp)
     masked = torch.tensor([[False, True, True, True, False]])
 
@@ -133,9 +134,9 @@ def test_validity_loss_zero_on_permutation_positive_otherwise(tiny_data):
         assert torch.isfinite(logits.grad).all()
         return loss.item()
 
-    assert loss_for({1: v.item(2), 2: v.item(1), 3: v.item(3)}) < 1e-6           # a permutation
-    assert loss_for({1: v.item(2), 2: v.item(2), 3: v.item(3)}) > 0.5            # duplicate (and a drop)
-    assert loss_for({1: v.item(2), 2: v.item(7), 3: v.item(3)}) > 0.5            # out of set
+    assert loss_for({1: c[1], 2: c[0], 3: c[2]}) < 1e-6           # a permutation
+    assert loss_for({1: c[1], 2: c[1], 3: c[2]}) > 0.5            # duplicate (and a drop)
+    assert loss_for({1: c[1], 2: v.item(7), 3: c[2]}) > 0.5            # out of set
 
 
 def test_forward_kl_zero_iff_equal():
