@@ -13,22 +13,23 @@ cd "$(dirname "$0")"
 MODE=${1:-gpu}
 PART=${2:-all}
 SEED=${SEED:-0}
-BUDGET=${BUDGET:-100000}
 D="--data_dir=${DATA_DIR:-../shared/data/beauty} --seed=$SEED"
 if [ "$MODE" = cpu ]; then
   export RESULTS_DIR=${RESULTS_DIR:-results/cpu}  # never mixed with the GPU numbers in results/
+  BUDGET=${BUDGET:-1500}                           # the controls only while the half hour lasts
   DEV="--device=cpu"
   SIZE="--n_layer=2 --n_embd=128 --n_head=4"
   AR="$SIZE --batch_size=32 --mid_steps=100 --max_steps=600 --eval_every=300 --eval_n=300 --eval_batch=300"
   DIR="$AR"
   SMALL="--eval_n=150 --eval_batch=150"
   CFT="--batch_size=16 --max_steps=120 --eval_every=120 --sweep=False $SMALL"
-  OPD="--n_prompts=4 --max_steps=10 --eval_every=10 $SMALL"
+  OPD="--n_prompts=2 --max_steps=6 --eval_every=6 $SMALL"
   MORE="--batch_size=16 --max_steps=20 --eval_every=20 --sweep=False $SMALL"
-  RL="--n_prompts=4 --max_steps=6 --eval_every=6 $SMALL"
+  RL="--n_prompts=2 --max_steps=4 --eval_every=4 $SMALL"
   BENCH="--batches=(1,16) --graphs=(False,) --n_time=32 --n_time_b1=4 --repeats=1 --accuracy=False"
   EVAL="--batch_size=300 --limit=300"   # the first 300 test users (in user order): CPU decoding is slow
 else
+  BUDGET=${BUDGET:-100000}
   DEV=""
   AR="--time_limit=75"; DIR="--time_limit=30"
   CFT="--time_limit=40"; OPD="--time_limit=30"; MORE="--max_steps=300 --time_limit=30"; RL="--time_limit=30"

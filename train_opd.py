@@ -73,6 +73,19 @@ def rollouts(model, data, idx, group, block, cfg, gen, device):
     return batch, res, rows
 
 
+def opd_kl(student, teacher, batch, res, block, vocab, rows=slice(None)):
+    """Mean KL(teacher || student) over the live tokens of rollouts `rows`: the teacher teacher-forced on the
+    rollout, the student replayed at the states in which it committed each token."""
+    part = {k: v[rows] for k, v in res.items()}
+    live = live_tokens(part)
+    prompt, pad = batch['prompt'][rows], batch['pad'][rows]
+    with torch.no_grad():
+        t_logits = teacher.head(response_hidden(teacher, prompt, pad, part['tokens'])[live], fp32=True)
+        t_logits[:, vocab.mask] = -float('inf')
+    s_logits = replay_logits(student, prompt, pad, part, block, vocab, live)
+    return forward_kl(t_logits, s_logits, torch.ones(len(t_logits), device=t_logits.device))
+
+
 def chunks(n, size):
     for a in range(0, n, size):
         yield slice(a, min(n, a + size))
@@ -110,15 +123,8 @@ def main():
         opt.zero_grad(set_to_none=True)
         total = 0.0
         for sl in chunks(len(live), cfg.micro_batch):
-            part = {k: v[sl] for k, v in res.items()}
-            with torch.no_grad(), autocast(device):
-                t_logits = teacher.head(response_hidden(teacher, batch['prompt'][sl], batch['pad'][sl],
-                                                        part['tokens'])[live[sl]], fp32=True)
-                t_logits[:, vocab.mask] = -float('inf')
             with autocast(device):
-                s_logits = replay_logits(student, batch['prompt'][sl], batch['pad'][sl], part, block, vocab, live[sl])
-                weight = torch.ones(len(t_logits), device=device)
-                loss = forward_kl(t_logits, s_logits, weight) * live[sl].sum() / n_live  # a token mean overall
+                loss = opd_kl(student, teacher, batch, res, block, vocab, sl) * live[sl].sum() / n_live  # token mean
             loss.backward()
             total += loss.item()
         if not np.isfinite(total):
