@@ -278,6 +278,14 @@ def replay_hidden(model, prompt, pad, tokens, steps, block, mask_id):
     return h.gather(0, pick[None, :, :, None].expand(1, B, R, h.size(-1))).squeeze(0)
 
 
+def left_to_right_steps(steps, block):
+    """Commit steps of a left-to-right decoding of the same tokens (offset j of a block at step j + 1). Replayed at
+    these steps, each token is predicted with the tokens left of it in its block revealed and the rest masked:
+    the state an AR-style formula conditions on (one stacked state per offset: B states per block)."""
+    offset = torch.arange(steps.shape[1], device=steps.device) % block + 1
+    return torch.where(steps > 0, offset[None, :], 0)
+
+
 def token_logprobs(logits, tokens, temperature=1.0):
     """log pi(token) under the sampling temperature used by the rollouts."""
     return (logits.float() / max(temperature, 1e-6)).log_softmax(-1).gather(-1, tokens[..., None]).squeeze(-1)

@@ -6,10 +6,13 @@
 Per prompt the student decodes G' = 4 rollouts of its own (temperature sampling, the evaluation's B and tau);
 the teacher scores each rollout once by teacher forcing (it conditions on the rollout's prefix o<j); the loss is
 the forward KL(teacher || student) over the full vocabulary at every committed token up to <eos>.
-The student's distribution is taken at its COMMIT state (the block as the sampler saw it when it committed
-that token, recomputed by replay), so the student is corrected exactly where its parallel decoding acted;
-with B > 1 this KL cannot reach zero (the teacher sees the full left context, the student a partly masked
-block), with B = 1 it is the AR distillation loss and is zero when student = teacher.
+The student's distribution is taken at one of two states (`--state`):
+  commit  the block as the sampler saw it when it committed the token (replay of the recorded steps): the
+          student is corrected exactly where its parallel decoding acted, but the teacher conditions on
+          tokens the student had still masked, so with B > 1 the KL cannot reach zero;
+  l2r     the tokens left of it in its block revealed, the rest masked: what the teacher's conditioning
+          matches, so the KL can reach zero (B stacked states per block: more memory per rollout).
+With B = 1 both are the AR distillation loss, zero when student = teacher.
 """
 from dataclasses import dataclass, asdict
 
@@ -21,7 +24,7 @@ from common import (StageSettings, parse_config, print_config, pick_device, auto
                     CheckpointError, check_data_matches)
 from data_beauty import DataError, collate
 from decode import load_data_for
-from diffusion import generate_block, live_tokens, replay_logits, forward_kl
+from diffusion import generate_block, live_tokens, replay_logits, forward_kl, left_to_right_steps
 from model import response_hidden
 from train_ar import make_optimizer, lr_at, validate_and_keep, finish
 
@@ -38,6 +41,7 @@ class TrainOPDConfig(StageSettings):  # + min_validity, eval_n, eval_batch, time
     temperature: float = 1.0     # rollouts sample; evaluation is greedy
     tau: float = 0.9             # the evaluation's threshold rule, also used for rollouts
     k: int = 0
+    state: str = 'commit'        # the student's state for the KL: commit or l2r (see the docstring)
     max_steps: int = 100
     micro_batch: int = 32        # rollouts per replay forward (memory)
     lr: float = 2e-4
@@ -73,11 +77,14 @@ def rollouts(model, data, idx, group, block, cfg, gen, device):
     return batch, res, rows
 
 
-def opd_kl(student, teacher, batch, res, block, vocab, rows=slice(None)):
+def opd_kl(student, teacher, batch, res, block, vocab, rows=slice(None), state='commit'):
     """Mean KL(teacher || student) over the live tokens of rollouts `rows`: the teacher teacher-forced on the
-    rollout, the student replayed at the states in which it committed each token."""
+    rollout, the student replayed at the state in which it committed each token (commit) or at the
+    left-to-right state (l2r)."""
     part = {k: v[rows] for k, v in res.items()}
     live = live_tokens(part)
+    if state == 'l2r':
+        part['steps'] = left_to_right_steps(part['steps'], block)
     prompt, pad = batch['prompt'][rows], batch['pad'][rows]
     with torch.no_grad():
         t_logits = teacher.head(response_hidden(teacher, prompt, pad, part['tokens'])[live], fp32=True)
@@ -94,6 +101,8 @@ def chunks(n, size):
 def main():
     cfg = parse_config(TrainOPDConfig)
     print_config(cfg)
+    if cfg.state not in ('commit', 'l2r'):
+        raise SystemExit(f"error: --state={cfg.state}; use commit or l2r")
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     device = pick_device(cfg.device)
@@ -124,7 +133,7 @@ def main():
         total = 0.0
         for sl in chunks(len(live), cfg.micro_batch):
             with autocast(device):
-                loss = opd_kl(student, teacher, batch, res, block, vocab, sl) * live[sl].sum() / n_live  # token mean
+                loss = opd_kl(student, teacher, batch, res, block, vocab, sl, cfg.state) * live[sl].sum() / n_live
             loss.backward()
             total += loss.item()
         if not np.isfinite(total):

@@ -6,6 +6,7 @@ from conftest import tiny_model
 from data_beauty import collate
 from decode import generate_ar
 from diffusion import (bd3_columns, bd3_hidden, convert, diffusion_loss, generate_block, replay_hidden,
+                       left_to_right_steps,
                        token_logprobs, permutation_validity_loss, forward_kl, predicting_columns)
 from train_ar import ar_response_loss
 
@@ -83,6 +84,23 @@ def test_cached_sampler_equals_uncached_replay(tiny_data):
     live = res['steps'] > 0
     assert live.sum() > 10
     torch.testing.assert_close(lp[live], res['logp'][live], atol=1e-4, rtol=1e-4)
+
+
+def test_left_to_right_state_equals_masking_the_rest_of_the_block(tiny_data):
+    """Replayed at left_to_right_steps, token j is predicted with its block's tokens left of j revealed and
+    j onwards masked: equal to a plain bd3 forward with exactly that noised input."""
+    d, model, batch = setup(tiny_data, block=4)
+    res = generate_block(model, batch['prompt'], batch['pad'], 24, d.vocab, block=4, tau=0.3, temperature=1.0,
+                         generator=torch.Generator().manual_seed(1))
+    tokens, steps = res['tokens'], res['steps']
+    h = replay_hidden(model, batch['prompt'], batch['pad'], tokens, left_to_right_steps(steps, 4), 4, d.vocab.mask)
+    offset = torch.arange(tokens.shape[1]) % 4
+    live = steps > 0
+    for o in range(4):
+        xt = torch.where((offset >= o)[None, :] | ~live, d.vocab.mask, tokens)
+        ref = bd3_hidden(model, batch['prompt'], batch['pad'], xt, tokens, 4)
+        at = live & (offset == o)[None, :]
+        torch.testing.assert_close(h[at], ref[at], atol=1e-5, rtol=1e-5)
 
 
 def test_sampler_properties(tiny_data):

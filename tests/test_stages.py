@@ -49,6 +49,14 @@ def test_recipe_runs_end_to_end(pipeline):
     assert ck['stage'] == 'rl' and ck['parent'] == 'out/opd.pt'
 
 
+def test_opd_runs_at_the_left_to_right_state(pipeline):
+    cwd, data = pipeline
+    p = run('train_opd.py', cwd, data, *TINY['train_opd.py'], '--state=l2r', '--out=out/opd_l2r.pt', '--name=opd_l2r')
+    assert p.returncode == 0, p.stderr[-3000:]
+    p = run('train_opd.py', cwd, data, '--state=middle', '--max_steps=1')
+    assert p.returncode != 0 and 'commit or l2r' in p.stderr + p.stdout
+
+
 def test_wrong_or_missing_parent_is_refused(pipeline, tmp_path):
     cwd, data = pipeline
     p = run('train_cft.py', str(tmp_path), data, '--parent=out/nothing.pt')
@@ -110,6 +118,21 @@ def test_opd_gradient_matches_finite_differences(tiny_data):
             values.append(opd_kl(student, teacher, batch, res, 4, v).item())
     numeric = (values[0] - values[1]) / (2 * eps)
     assert abs(analytic) > 1e-4 and abs(analytic - numeric) < 0.05 * abs(numeric)
+
+
+@pytest.mark.parametrize('state', ['commit', 'l2r'])
+def test_opd_loss_is_zero_for_block_one_student_equal_to_teacher(tiny_data, state):
+    from conftest import tiny_model
+    from data_beauty import collate
+    from diffusion import convert, generate_block
+    from train_opd import opd_kl
+    v = tiny_data.vocab
+    teacher, student = tiny_model(v.size, seed=1), convert(tiny_model(v.size, seed=1), v)
+    batch = collate(tiny_data.splits['train'], range(4), v, block=1)
+    res = generate_block(student, batch['prompt'], batch['pad'], 24, v, block=1, tau=0.5, temperature=1.0,
+                         generator=torch.Generator().manual_seed(0))
+    assert opd_kl(student, teacher, batch, res, 1, v, state=state).abs() < 1e-6
+    assert opd_kl(convert(tiny_model(v.size, seed=2), v), teacher, batch, res, 1, v, state=state) > 1e-4
 
 
 def test_one_rl_step_changes_parameters(tiny_data):
