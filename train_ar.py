@@ -184,6 +184,8 @@ def validate_and_keep(model, data, cfg, device, log, step, best, run_cfg, stage,
 
 def finish(cfg, name, title, log, best, timer, device, keys, **extra):
     """The end of every stage: curves, and results/train_<name>.json with the kept model's validation record."""
+    print(f"best valid R@1 {best['R@1']:.4f} validity {best['validity']:.4f} at step {best['step']}; saved {cfg.out} "
+          f"({timer():.0f}s)")
     plot_curves(log.path, results_path(f"curves_{name}.png"), keys, title)
     write_json(results_path(f"train_{name}.json"), {'name': name, 'valid': best, 'seconds': round(timer(), 1),
                                               'device': device_name(device), 'command': command_line(),
@@ -252,8 +254,6 @@ def main():
         if out_of_time:
             tqdm.write(f"time limit {cfg.time_limit:.0f}s reached at step {step + 1}")
             break
-    print(f"best valid R@1 {best['R@1']:.4f} validity {best['validity']:.4f} at step {best['step']}; saved {cfg.out} "
-          f"({timer():.0f}s)")
     finish_resume(cfg.out)
     if cfg.trace:
         best_model, _ = load_checkpoint(cfg.out, device=device)

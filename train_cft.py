@@ -103,8 +103,6 @@ def main():
             tqdm.write(f"time limit {cfg.time_limit:.0f}s reached at step {step + 1}")
             break
     finish_resume(cfg.out)
-    print(f"best valid R@1 {best['R@1']:.4f} validity {best['validity']:.4f} at step {best['step']}; "
-          f"saved {cfg.out} ({timer():.0f}s)")
     if cfg.sweep:  # decoding settings of the kept model on validation: accuracy against tokens per forward
         model, _ = load_checkpoint(cfg.out, device=device)
         sweep = []

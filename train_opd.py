@@ -64,6 +64,30 @@ def load_student_and_teacher(cfg, device, student_stages):
     return student, sck, teacher, data
 
 
+class Keeper:
+    """validate_and_keep bound to one run: keeper(step) evaluates and saves if best; keeper.best is the record."""
+
+    def __init__(self, model, data, cfg, device, log, run_cfg, stage, parent, block):
+        self.bound = (model, data, cfg, device, log)
+        self.rest = (run_cfg, stage, parent, block)
+        self.best = None
+
+    def __call__(self, step):
+        self.best = validate_and_keep(*self.bound, step, self.best, *self.rest)
+
+
+def on_policy_run(model, data, cfg, device, ck, block, stage, parent, weight_decay):
+    """What OPD and RL share at the start: log, optimizer, rollout generator, and the keeper, which has
+    already evaluated the starting model (step 0: a stage that only hurts keeps its parent)."""
+    log = JsonlLog(f"out/log_{cfg.name}.jsonl")
+    opt = make_optimizer(model, cfg.lr, weight_decay)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    run_cfg = {**asdict(cfg), 'block': block, 'data': ck['run_cfg']['data']}
+    keep = Keeper(model, data, cfg, device, log, run_cfg, stage, parent, block)
+    keep(0)
+    return log, opt, gen, keep
+
+
 def rollouts(model, data, idx, group, block, cfg, gen, device):
     """`group` sampled decodings of each prompt in idx (rows grouped prompt by prompt)."""
     sp = data.splits['train']
@@ -110,17 +134,7 @@ def main():
     student, sck, teacher, data = load_student_and_teacher(cfg, device, ['cft', 'opd'])
     block, vocab, train = sck['run_cfg']['block'], data.vocab, data.splits['train']
     print(f"student {cfg.student} (B = {block}), teacher {cfg.teacher}; {cfg.n_prompts} prompts x {cfg.group} rollouts")
-    log = JsonlLog(f"out/log_{cfg.name}.jsonl")
-    opt = make_optimizer(student, cfg.lr, cfg.weight_decay)
-    gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    run_cfg = {**asdict(cfg), 'block': block, 'data': sck['run_cfg']['data']}
-    best = None
-
-    def evaluate_and_keep(step):
-        nonlocal best
-        best = validate_and_keep(student, data, cfg, device, log, step, best, run_cfg, 'opd', cfg.student, block)
-
-    evaluate_and_keep(0)
+    log, opt, gen, keeper = on_policy_run(student, data, cfg, device, sck, block, 'opd', cfg.student, cfg.weight_decay)
     pbar = tqdm(range(cfg.max_steps), desc='opd', dynamic_ncols=True)
     for step in pbar:
         for g in opt.param_groups:
@@ -145,13 +159,11 @@ def main():
                   tok_per_fwd=(res['n_tokens'].sum() / res['n_forwards'].sum()).item())
         out_of_time = cfg.time_limit > 0 and timer() > cfg.time_limit
         if (step + 1) % cfg.eval_every == 0 or step == cfg.max_steps - 1 or out_of_time:
-            evaluate_and_keep(step + 1)
+            keeper(step + 1)
         if out_of_time:
             tqdm.write(f"time limit {cfg.time_limit:.0f}s reached at step {step + 1}")
             break
-    print(f"best valid R@1 {best['R@1']:.4f} validity {best['validity']:.4f} at step {best['step']}; "
-          f"saved {cfg.out} ({timer():.0f}s)")
-    finish(cfg, cfg.name, f"OPD ({cfg.name})", log, best, timer, device,
+    finish(cfg, cfg.name, f"OPD ({cfg.name})", log, keeper.best, timer, device,
            ['kl', 'tok_per_fwd', 'val_R1', 'val_validity'])
 
 if __name__ == '__main__':

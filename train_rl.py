@@ -12,19 +12,19 @@ over its committed tokens at the states in which they were committed (replay); p
 the update, without gradients; the ratio is clipped at 0.2 per token.
 """
 import copy
-from dataclasses import dataclass, asdict
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from common import (StageSettings, parse_config, print_config, pick_device, autocast, load_checkpoint, JsonlLog, Timer,
+from common import (StageSettings, parse_config, print_config, pick_device, autocast, load_checkpoint, Timer,
                     CheckpointError)
 from data_beauty import DataError, parse_answer, target_rank
 from decode import load_data_for
 from diffusion import convert, live_tokens, replay_logits, token_logprobs
-from train_ar import make_optimizer, lr_at, validate_and_keep, finish
-from train_opd import rollouts, chunks
+from train_ar import lr_at, finish
+from train_opd import rollouts, chunks, on_policy_run
 
 
 @dataclass
@@ -105,17 +105,7 @@ def main():
     vocab, train, N = data.vocab, data.splits['train'], data.cfg.n_cand
     reference = copy.deepcopy(policy).eval().requires_grad_(False)  # the start policy, for the KL we log
     print(f"policy {cfg.policy} (B = {block}); {cfg.n_prompts} prompts x {cfg.group} rollouts")
-    log = JsonlLog(f"out/log_{cfg.name}.jsonl")
-    opt = make_optimizer(policy, cfg.lr, 0.0)
-    gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    run_cfg = {**asdict(cfg), 'block': block, 'data': ck['run_cfg']['data']}
-    best = None
-
-    def evaluate_and_keep(step):
-        nonlocal best
-        best = validate_and_keep(policy, data, cfg, device, log, step, best, run_cfg, 'rl', cfg.policy, block)
-
-    evaluate_and_keep(0)
+    log, opt, gen, keeper = on_policy_run(policy, data, cfg, device, ck, block, 'rl', cfg.policy, 0.0)
     pbar = tqdm(range(cfg.max_steps), desc=cfg.name, dynamic_ncols=True)
     for step in pbar:
         for g in opt.param_groups:
@@ -172,13 +162,11 @@ def main():
         pbar.set_postfix(reward=f"{rewards.mean():.3f}", valid=f"{valid.mean():.2f}")
         out_of_time = cfg.time_limit > 0 and timer() > cfg.time_limit
         if (step + 1) % cfg.eval_every == 0 or step == cfg.max_steps - 1 or out_of_time:
-            evaluate_and_keep(step + 1)
+            keeper(step + 1)
         if out_of_time:
             tqdm.write(f"time limit {cfg.time_limit:.0f}s reached at step {step + 1}")
             break
-    print(f"best valid R@1 {best['R@1']:.4f} validity {best['validity']:.4f} at step {best['step']}; "
-          f"saved {cfg.out} ({timer():.0f}s)")
-    finish(cfg, cfg.name, f"RL ({cfg.name})", log, best, timer, device,
+    finish(cfg, cfg.name, f"RL ({cfg.name})", log, keeper.best, timer, device,
            ['reward', 'validity', 'rank_change', 'copy_share', 'kl_to_start', 'val_R1'])
 
 if __name__ == '__main__':
