@@ -21,13 +21,13 @@ if [ "$MODE" = cpu ]; then
   SIZE="--n_layer=2 --n_embd=128 --n_head=4"
   AR="$SIZE --batch_size=32 --mid_steps=100 --max_steps=600 --eval_every=300 --eval_n=300 --eval_batch=300"
   DIR="$AR"
-  SMALL="--eval_n=150 --eval_batch=150"
+  SMALL="--eval_n=100 --eval_batch=100"
   CFT="--batch_size=16 --max_steps=120 --eval_every=120 --sweep=False $SMALL"
-  OPD="--n_prompts=2 --max_steps=6 --eval_every=6 $SMALL"
+  OPD="--n_prompts=2 --max_steps=4 --eval_every=4 $SMALL"
   MORE="--batch_size=16 --max_steps=20 --eval_every=20 --sweep=False $SMALL"
-  RL="--n_prompts=2 --max_steps=4 --eval_every=4 $SMALL"
-  BENCH="--batches=(1,16) --graphs=(False,) --n_time=32 --n_time_b1=4 --repeats=1 --accuracy=False"
-  EVAL="--batch_size=300 --limit=300"   # the first 300 test users (in user order): CPU decoding is slow
+  RL="--n_prompts=2 --max_steps=3 --eval_every=3 $SMALL"
+  BENCH="--batches=(1,16) --graphs=(False,) --n_time=16 --n_time_b1=4 --repeats=1 --accuracy=False"
+  EVAL="--batch_size=150 --limit=150"   # the first 150 test users (in user order): CPU decoding is slow
 else
   BUDGET=${BUDGET:-100000}
   DEV=""
