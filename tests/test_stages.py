@@ -49,9 +49,9 @@ def test_recipe_runs_end_to_end(pipeline):
     assert ck['stage'] == 'rl' and ck['parent'] == 'out/opd.pt'
 
 
-def test_opd_runs_at_the_left_to_right_state(pipeline):
+def test_opd_runs_at_the_commit_state(pipeline):
     cwd, data = pipeline
-    p = run('train_opd.py', cwd, data, *TINY['train_opd.py'], '--state=l2r', '--out=out/opd_l2r.pt', '--name=opd_l2r')
+    p = run('train_opd.py', cwd, data, *TINY['train_opd.py'], '--state=commit', '--out=out/opd_c.pt', '--name=opd_c')
     assert p.returncode == 0, p.stderr[-3000:]
     p = run('train_opd.py', cwd, data, '--state=middle', '--max_steps=1')
     assert p.returncode != 0 and 'commit or l2r' in p.stderr + p.stdout
@@ -92,7 +92,8 @@ def test_group_advantages_drop_zero_variance():
     assert abs(adv[4:].mean()) < 1e-9 and adv[4] > 0 > adv[5]
 
 
-def test_opd_gradient_matches_finite_differences(tiny_data):
+@pytest.mark.parametrize('state', ['commit', 'l2r'])
+def test_opd_gradient_matches_finite_differences(tiny_data, state):
     """The OPD loss's gradient (through the replay, with the teacher frozen) is the derivative of the KL: checked
     along a random direction in float64, so a detach or a masked-token NaN cannot hide."""
     from conftest import tiny_model
@@ -106,7 +107,7 @@ def test_opd_gradient_matches_finite_differences(tiny_data):
         res = generate_block(student, batch['prompt'], batch['pad'], 24, v, block=4, tau=0.5, temperature=1.0,
                              generator=torch.Generator().manual_seed(0))
     params = list(student.parameters())
-    grads = torch.autograd.grad(opd_kl(student, teacher, batch, res, 4, v), params, allow_unused=True)
+    grads = torch.autograd.grad(opd_kl(student, teacher, batch, res, 4, v, state=state), params, allow_unused=True)
     gen = torch.Generator().manual_seed(1)
     direction = [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in params]
     analytic = sum((g * u).sum() for g, u in zip(grads, direction) if g is not None).item()
@@ -115,7 +116,7 @@ def test_opd_gradient_matches_finite_differences(tiny_data):
         for sign in (1, -2):
             for p, u in zip(params, direction):
                 p.add_(sign * eps * u)
-            values.append(opd_kl(student, teacher, batch, res, 4, v).item())
+            values.append(opd_kl(student, teacher, batch, res, 4, v, state=state).item())
     numeric = (values[0] - values[1]) / (2 * eps)
     assert abs(analytic) > 1e-4 and abs(analytic - numeric) < 0.05 * abs(numeric)
 
