@@ -47,6 +47,22 @@ class TrainCFTConfig(StageSettings):  # + min_validity, eval_n, eval_batch, time
     eval_every: int = 200
 
 
+@torch.no_grad()
+def validation_loss(model, data, cfg, device, n=256, batch=64):
+    """The block-diffusion loss (cross-entropy part, the training weights) on the first n validation instances
+    under fixed masks: the same number at every evaluation, so its curve shows what CFT learns beyond the
+    decoded metrics (before training, it measures the naive conversion)."""
+    sp, gen, total = data.splits['valid'], torch.Generator(device=device).manual_seed(0), 0.0
+    n = min(n, len(sp))
+    for a in range(0, n, batch):
+        b = collate(sp, range(a, min(n, a + batch)), data.vocab, block=cfg.block, device=device)
+        with autocast(device):
+            _, parts = diffusion_loss(model, b, cfg.block, data.vocab.mask, w_trace=cfg.w_trace, w_answer=cfg.w_answer,
+                                      w_choice=cfg.w_choice, generator=gen)
+        total += parts['ce'].item() * len(b['pad'])
+    return total / n
+
+
 def main():
     cfg = parse_config(TrainCFTConfig)
     print_config(cfg)
@@ -74,6 +90,7 @@ def main():
     log = JsonlLog(f"out/log_{cfg.name}.jsonl", fresh=resumed is None)
 
     def evaluate_and_keep(step, best):
+        log.write(step=step, val_loss=validation_loss(model, data, cfg, device))
         best = validate_and_keep(model, data, cfg, device, log, step, best, run_cfg, 'cft', cfg.parent, cfg.block)
         save_resume(cfg.out, model, opt, run_cfg, step, {'best': best, 'gen': gen.get_state()})
         return best
@@ -83,6 +100,8 @@ def main():
         start, best = resumed['step'], resumed['state']['best']
     else:
         start, best = 0, (evaluate_and_keep(0, None) if ckpt['stage'] == 'cft' else None)
+        if ckpt['stage'] == 'ar':
+            log.write(step=0, val_loss=validation_loss(model, data, cfg, device))  # the naive conversion
     pbar = tqdm(range(start, cfg.max_steps), desc='cft', dynamic_ncols=True, initial=start, total=cfg.max_steps)
     for step in pbar:
         for g in opt.param_groups:
@@ -117,7 +136,7 @@ def main():
         write_json(results_path(f"sweep_{cfg.name}.json"), {'split': 'valid', 'n': res['n'], 'block': cfg.block,
                                                       'rows': sweep, 'device': device_name(device)})
     finish(cfg, cfg.name, f"CFT ({cfg.name})", log, best, timer, device,
-           ['loss', 'validity_loss', 'val_R1', 'val_validity'])
+           ['loss', 'validity_loss', 'val_loss', 'val_R1', 'val_validity'])
 
 if __name__ == '__main__':
     main()
