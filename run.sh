@@ -31,8 +31,8 @@ if [ "$MODE" = cpu ]; then
 else
   BUDGET=${BUDGET:-100000}
   DEV=""
-  AR="--time_limit=75"; DIR="--time_limit=30"
-  CFT="--time_limit=40"; OPD="--time_limit=30"; MORE="--max_steps=300 --time_limit=30"; RL="--time_limit=30"
+  AR="--time_limit=80"; DIR="--time_limit=30"
+  CFT="--time_limit=60"; OPD="--time_limit=30"; MORE="--max_steps=300 --time_limit=30"; RL="--time_limit=30"
   BENCH="--graphs=(True,) --repeats=2 --n_time_b1=8"
   EVAL="--batch_size=512"
 fi
