@@ -406,9 +406,6 @@ def collate(split, idx, vocab, block=1, device='cpu'):
 
 # ----------------------------------------------------------------------------- the data set
 
-ENCODING_CODE = (Vocab, stat_tokens, share_counts, evidence_features, conclusion, encode)  # what writes the tokens
-
-
 def cached(path, build):
     """torch.load(path) if it exists, else build() saved there atomically (plain containers only)."""
     if os.path.exists(path):
@@ -490,6 +487,11 @@ class BeautyData:
             X.append(np.array(x, np.int32))
             K.append(np.array(k, np.int8))
         return dict(prompts=P, responses=X, kinds=K, cands=b['cands'], target=b['target'], users=b['users'], ts=b['ts'])
+
+
+# everything that writes the cached token sequences: their source is part of the cache key
+ENCODING_CODE = (Vocab, stat_tokens, share_counts, evidence_features, conclusion, encode, BeautyData.history,
+                 BeautyData._encode_split)
 
 
 # ----------------------------------------------------------------------------- metrics
