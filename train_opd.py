@@ -68,15 +68,16 @@ def load_student_and_teacher(cfg, device, student_stages):
 
 
 class Keeper:
-    """validate_and_keep bound to one run: keeper(step) evaluates and saves if best; keeper.best is the record."""
+    """validate_and_keep for one run: keeper(step) evaluates, saves the model if it is the best so far, and holds
+    that record in keeper.best."""
 
     def __init__(self, model, data, cfg, device, log, run_cfg, stage, parent, block):
-        self.bound = (model, data, cfg, device, log)
-        self.rest = (run_cfg, stage, parent, block)
+        self.validate = lambda step, best: validate_and_keep(model, data, cfg, device, log, step, best, run_cfg,
+                                                             stage, parent, block)
         self.best = None
 
     def __call__(self, step):
-        self.best = validate_and_keep(*self.bound, step, self.best, *self.rest)
+        self.best = self.validate(step, self.best)
 
 
 def on_policy_run(model, data, cfg, device, ck, block, stage, parent, weight_decay):
@@ -86,9 +87,9 @@ def on_policy_run(model, data, cfg, device, ck, block, stage, parent, weight_dec
     opt = make_optimizer(model, cfg.lr, weight_decay)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     run_cfg = {**asdict(cfg), 'block': block, 'data': ck['run_cfg']['data']}
-    keep = Keeper(model, data, cfg, device, log, run_cfg, stage, parent, block)
-    keep(0)
-    return log, opt, gen, keep
+    keeper = Keeper(model, data, cfg, device, log, run_cfg, stage, parent, block)
+    keeper(0)
+    return log, opt, gen, keeper
 
 
 def rollouts(model, data, idx, group, block, cfg, gen, device):
