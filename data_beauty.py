@@ -35,6 +35,9 @@ class DataConfig:
     cooc_decay: float = 0.7     # ... with weight decay^(gap-1)
     hist_items: int = 3         # pre-ranker scores from the last m history items ...
     hist_decay: float = 0.5     # ... weighted decay^k, k = 0 for the last one
+    evidence_hist: int = 5      # the trace's 'prev' evidence: co-occurrence with history items 2..this (decayed alike)
+    link_window: int = 3        # attribute transitions (an item's attributes then a later one's) up to this gap ...
+    link_prior: float = 10.0    # ... smoothed toward no link with this many pseudo-transitions
     pop_weight: float = 1e-3    # log-popularity tie-break
     trace: bool = True          # False: the direct model (prompt -> answer)
     cache_dir: str = 'out/cache'
@@ -72,7 +75,7 @@ def load_5core(data_dir, name='Beauty'):
     try:
         with open(attr_path) as f:
             raw = json.load(f)
-        item_attrs = {int(k): [int(a) for a in v] for k, v in raw.items()}
+        item_attrs = {int(k): list(dict.fromkeys(int(a) for a in v)) for k, v in raw.items()}  # no repeats
     except (ValueError, AttributeError, TypeError) as e:
         raise DataError(f"{attr_path} is malformed ({e}): expected {{item: [attribute ids]}}. {how}")
     n_items = max(int(max(s.max() for s in seqs)), max(item_attrs, default=0))
@@ -135,10 +138,11 @@ def build_from_raw(raw_dir, out_dir, name='Beauty'):
 
 BUCKETS = {  # evidence token families: name -> upper edges of the buckets (the last bucket is open)
     'share': [0, 1, 2],                  # history items that share this attribute: 0, 1, 2, 3+
-    'last': [0, 1, 2, 4, 8],             # co-occurrence with the last history item
-    'hist': [0, 1, 2, 4, 8],             # pre-ranker co-occurrence score against the recent history
+    'last': [0, 1, 2, 4, 8, 16],         # co-occurrence with the last history item
+    'prev': [0, 1, 2, 4, 8, 16],         # co-occurrence with the history items before the last one
+    'link': [0, 0.5, 1, 1.5, 2, 2.5, 3, 4],  # attribute link to the last history item (log lift, link_evidence)
     'pop': [1, 3, 7, 15, 31, 63, 127],   # train interactions (log buckets)
-    'score': [x / 4 for x in range(-8, 11)],  # evidence score -2 .. 2.5 by 0.25 (fit_evidence_weights; width: valid)
+    'score': [x / 4 for x in range(-14, 11)],  # evidence score -3.5 .. 2.5 by 0.25 (fit_evidence_weights; width: valid)
 }
 SPECIALS = ['<eos>', '<bos>', '<mask>', '<cands>', '<think>', '<answer>', '<best>']
 
@@ -223,16 +227,18 @@ def windows_of(seqs):
 def prerank(seqs, C, pop, users, ts, cfg, batch=1024, leave_out=True):
     """Top-N candidates for each window with leave-out statistics (SPEC item 7).
 
-    Returns cands (n, N) item ids in the pre-ranker's order, and leave-out evidence for them:
-    cooc with the last history item, the pre-ranker's co-occurrence score, popularity."""
+    Returns cands (n, N) item ids in the pre-ranker's order, and leave-out evidence for them: co-occurrence with
+    the last history item, with the `evidence_hist` - 1 items before it (decayed as the pre-ranker's), popularity."""
     n, N, m = len(users), cfg.n_cand, cfg.hist_items
+    E = max(m, cfg.evidence_hist)
     w = np.array([cfg.hist_decay ** k for k in range(m)], dtype=np.float32)
+    w_prev = np.array([cfg.hist_decay ** (k - 1) for k in range(1, cfg.evidence_hist)], dtype=np.float32)
     cands = np.zeros((n, N), np.int64)
-    ev_last, ev_hist, ev_pop = (np.zeros((n, N), np.float32) for _ in range(3))
+    ev_last, ev_prev, ev_pop = (np.zeros((n, N), np.float32) for _ in range(3))
     for b0 in range(0, n, batch):
         b1 = min(n, b0 + batch)
         R = []  # R[k]: (nb, I) leave-out co-occurrence rows of the k-th most recent history item
-        for k in range(m):
+        for k in range(E):
             h = np.array([seqs[u][t - 1 - k] if t - 1 - k >= 0 else 0 for u, t in zip(users[b0:b1], ts[b0:b1])])
             Rk = C[h].copy()
             Rk[h == 0] = 0
@@ -244,7 +250,7 @@ def prerank(seqs, C, pop, users, ts, cfg, batch=1024, leave_out=True):
             s, L = seqs[u], len(seqs[u]) - 2           # the user's train part is s[:L]
             q = np.arange(max(t - 1, 0), L)           # train positions >= t-1: left out of the statistics
             popb[r, s[q]] -= 1
-            for k in range(m):
+            for k in range(E):
                 p = t - 1 - k
                 if p < 0 or p >= L:
                     continue  # no history item, or one outside the train part (nothing of it in C)
@@ -263,17 +269,64 @@ def prerank(seqs, C, pop, users, ts, cfg, batch=1024, leave_out=True):
         rows = np.arange(b1 - b0)[:, None]
         cands[b0:b1] = top
         ev_last[b0:b1] = np.maximum(R[0][rows, top], 0)
-        ev_hist[b0:b1] = np.maximum(cooc[rows, top], 0)
+        ev_prev[b0:b1] = np.maximum(sum(w_prev[k - 1] * R[k][rows, top] for k in range(1, cfg.evidence_hist)), 0)
         ev_pop[b0:b1] = np.maximum(popb[rows, top], 0)
-    return cands, ev_last, ev_hist, ev_pop
+    return cands, ev_last, ev_prev, ev_pop
+
+
+def attr_transitions(seqs, attrs, n_attrs, window):
+    """A[a, b] = how often an item with attribute a is followed within `window` steps by one with attribute b."""
+    A = np.zeros((n_attrs + 1, n_attrs + 1))
+    for s in seqs:
+        for g in range(1, window + 1):
+            for x, y in zip(s[:-g], s[g:]):
+                A[np.ix_(attrs[x], attrs[y])] += 1
+    return A
+
+
+def link_evidence(seqs, attrs, A, users, ts, cands, cfg, leave_out=True):
+    """(n, N) attribute link of each candidate to the last history item: the largest log lift
+    log P(next has b | has a) / P(b) over its attributes b and the last item's attributes a. It generalises the
+    item co-occurrence to rare items through their brand and category. P is smoothed toward P(b) with
+    `link_prior` pseudo-transitions; the window's own transitions from positions >= t-1 are left out (SPEC 7)."""
+    row, col, total = A.sum(1), A.sum(0), A.sum()
+    out = np.zeros(cands.shape, np.float32)
+    for j, (u, t) in enumerate(zip(users, ts)):
+        s = seqs[u]
+        last = attrs[s[t - 1]]
+        if not last:
+            continue
+        own, own_row, own_col, own_total = defaultdict(float), defaultdict(float), defaultdict(float), 0.0
+        for q2 in range(max(t - 1, 1), len(s) - 2 if leave_out else 0):  # the user's train part is s[:len - 2]
+            for q1 in range(max(0, q2 - cfg.link_window), q2):
+                ax, ay = attrs[s[q1]], attrs[s[q2]]
+                own_total += len(ax) * len(ay)
+                for a in ax:
+                    own_row[a] += len(ay)
+                    for b in ay:
+                        own[a, b] += 1
+                for b in ay:
+                    own_col[b] += len(ax)
+        for i, c in enumerate(cands[j]):
+            lifts = []
+            for b in attrs[c]:
+                base = (col[b] - own_col[b]) / (total - own_total)
+                for a in last:
+                    p = (A[a, b] - own[a, b] + cfg.link_prior * base) / (row[a] - own_row[a] + cfg.link_prior)
+                    lifts.append(np.log(p / base) if base > 0 else 0.0)
+            out[j, i] = max(lifts, default=0.0)
+    return out
 
 
 # ----------------------------------------------------------------------------- traces and encoding
 
+EVIDENCE = ('last', 'prev', 'link', 'pop')  # the rows of an instance's `ev` (4, N): its candidates' statistics
+
+
 def stat_tokens(ev, i, vocab):
-    """Candidate i's leave-out statistics as bucket tokens: co-occurrence with the last history item, the
-    pre-ranker's co-occurrence score against the recent history, popularity."""
-    return [vocab.bucket('last', ev[0][i]), vocab.bucket('hist', ev[1][i]), vocab.bucket('pop', ev[2][i])]
+    """Candidate i's leave-out statistics as bucket tokens: co-occurrence with the last history item and with the
+    items before it, attribute link to the last item, popularity."""
+    return [vocab.bucket(fam, ev[f][i]) for f, fam in enumerate(EVIDENCE)]
 
 
 def share_counts(hist, attrs):
@@ -291,7 +344,7 @@ def evidence_features(hist, cands, ev, attrs):
     share = share_counts(hist, attrs)
     N = len(cands)
     parts = [np.eye(len(BUCKETS[fam]) + 1, dtype=np.float32)[np.searchsorted(BUCKETS[fam], ev[f], side='left')]
-             for f, fam in enumerate(('last', 'hist', 'pop'))]
+             for f, fam in enumerate(EVIDENCE)]
     shares = np.zeros((N, len(BUCKETS['share']) + 1), np.float32)
     for i, c in enumerate(cands):
         for a in attrs[c]:
@@ -326,8 +379,8 @@ def encode(hist, cands, target_idx, ev, attrs, vocab, score_w, trace=True):
     that moves the ranking) for one instance.
 
     prompt   = <bos> (item attrs..)*history <cands> (slot item attrs.. last hist pop)*N <think>|<answer>
-    trace    = per candidate: slot, item, (attr, share-bucket) pairs, then its last-cooc, hist-cooc and popularity
-               buckets gathered beside it (the statistics come with the prompt, as retrieved item facts do
+    trace    = per candidate: slot, item, (attr, share-bucket) pairs, then its statistics (EVIDENCE) gathered
+               beside it (the statistics come with the prompt, as retrieved item facts do
                in an LLM re-ranker's prompt: a small model cannot recall pair counts it never sees), and its
                evidence-score bucket; then the conclusion <best> slot (the candidate with the top score)
     answer   = <answer> the target's slot, then the other slots in the pre-ranker's order, <eos>
@@ -429,13 +482,14 @@ class BeautyData:
         self.vocab = Vocab(n_items, n_attrs, cfg.n_cand)
         key = self._cache_key()
         blob = cached(os.path.join(cfg.cache_dir, f"{cfg.name}-{key}.pt"), lambda: self._prerank_all(verbose))
-        self.stats, self.score_w = blob['stats'], blob['score_w']
-        # the token sequences too (encoding 25k instances takes seconds, and every stage starts by loading them);
-        # keyed by the source of the code that writes them, so an edit to the trace can never read stale tokens
-        code = repr((BUCKETS, SPECIALS, cfg.trace)) + ''.join(inspect.getsource(f) for f in ENCODING_CODE)
+        self.stats = blob['stats']
+        # the evidence weights and token sequences too (encoding 25k instances takes seconds, and every stage starts
+        # by loading them); keyed by the source of the code that writes them, so an edit to the trace can never
+        # read stale tokens
+        code = repr((BUCKETS, SPECIALS, EVIDENCE, cfg.trace)) + ''.join(inspect.getsource(f) for f in ENCODING_CODE)
         enc = hashlib.sha1((key + code).encode()).hexdigest()[:12]
-        fields = cached(os.path.join(cfg.cache_dir, f"{cfg.name}-{key}-tokens-{enc}.pt"),
-                        lambda: {name: self._encode_split(blob[name]) for name in ('train', 'valid', 'test')})
+        fields = cached(os.path.join(cfg.cache_dir, f"{cfg.name}-{key}-tokens-{enc}.pt"), lambda: self._encode_all(blob))
+        self.score_w = fields.pop('score_w')
         self.splits = {name: Split(**f) for name, f in fields.items()}
 
     def _cache_key(self):
@@ -444,7 +498,7 @@ class BeautyData:
         for name in (f'{self.cfg.name}.txt', f'{self.cfg.name}_item2attributes.json'):
             with open(os.path.join(self.cfg.data_dir, name), 'rb') as f:
                 h.update(f.read())
-        h.update(b'v2')  # bump when the construction changes
+        h.update(b'v3')  # bump when the construction changes
         return h.hexdigest()[:12]
 
     def _prerank_all(self, verbose):
@@ -454,7 +508,8 @@ class BeautyData:
         C = cooc_matrix(train_part, vocab.n_items, cfg.cooc_window, cfg.cooc_decay)
         pop = np.bincount(np.concatenate(train_part), minlength=vocab.n_items + 1).astype(np.float32)
         users, ts, split = windows_of(seqs)
-        cands, ev_last, ev_hist, ev_pop = prerank(seqs, C, pop, users, ts, cfg)
+        cands, ev_last, ev_prev, ev_pop = prerank(seqs, C, pop, users, ts, cfg)
+        A = attr_transitions(train_part, self.attrs, vocab.n_attrs, cfg.link_window)
         targets = np.array([seqs[u][t] for u, t in zip(users, ts)])
         hit = cands == targets[:, None]
         in_list = hit.any(1)
@@ -466,16 +521,21 @@ class BeautyData:
                           'train_windows': int((split == 0).sum())}}
         for name, code in (('train', 0), ('valid', 1), ('test', 2)):
             keep = np.where((split == code) & in_list)[0]
+            link = link_evidence(seqs, self.attrs, A, users[keep], ts[keep], cands[keep], cfg)
             blob[name] = dict(users=users[keep], ts=ts[keep], cands=cands[keep], target=target_idx[keep],
-                              ev=np.stack([ev_last[keep], ev_hist[keep], ev_pop[keep]], 1))  # (n, 3, N)
-        tr = blob['train']
-        feats = np.stack([evidence_features(self.history(u, t), c, e, self.attrs)
-                          for u, t, c, e in zip(tr['users'], tr['ts'], tr['cands'], tr['ev'])])
-        blob['score_w'] = fit_evidence_weights(feats, tr['target'])
+                              ev=np.stack([ev_last[keep], ev_prev[keep], link, ev_pop[keep]], 1))  # (n, 4, N)
         return blob
 
     def history(self, u, t):
         return self.seqs[u][max(0, t - self.cfg.max_hist):t]
+
+    def _encode_all(self, blob):
+        """Fit the trace's evidence weights on the train windows, then encode every split."""
+        tr = blob['train']
+        feats = np.stack([evidence_features(self.history(u, t), c, e, self.attrs)
+                          for u, t, c, e in zip(tr['users'], tr['ts'], tr['cands'], tr['ev'])])
+        self.score_w = fit_evidence_weights(feats, tr['target'])
+        return dict({name: self._encode_split(blob[name]) for name in ('train', 'valid', 'test')}, score_w=self.score_w)
 
     def _encode_split(self, b):
         P, X, K = [], [], []
@@ -490,8 +550,8 @@ class BeautyData:
 
 
 # everything that writes the cached token sequences: their source is part of the cache key
-ENCODING_CODE = (Vocab, stat_tokens, share_counts, evidence_features, conclusion, encode, BeautyData.history,
-                 BeautyData._encode_split)
+ENCODING_CODE = (Vocab, stat_tokens, share_counts, evidence_features, fit_evidence_weights, conclusion, encode,
+                 BeautyData.history, BeautyData._encode_all, BeautyData._encode_split)
 
 
 # ----------------------------------------------------------------------------- metrics

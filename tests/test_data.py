@@ -4,7 +4,7 @@ import pytest
 
 from data_beauty import (DataConfig, BeautyData, DataError, Vocab, cooc_matrix, prerank, windows_of, encode,
                          parse_answer, target_rank, metrics_from_ranks, paired_bootstrap, load_5core,
-                         fit_evidence_weights, BUCKETS)
+                         fit_evidence_weights, BUCKETS, EVIDENCE, attr_transitions, link_evidence)
 
 
 def test_missing_data_dir_names_the_fix(tmp_path):
@@ -73,6 +73,29 @@ def test_leave_out_statistics_equal_a_rebuild(tiny_data):
             np.testing.assert_allclose(a, b, atol=1e-5)
 
 
+def test_link_evidence_leaves_out_like_a_rebuild(tiny_data):
+    """The attribute link of a window equals the one computed from transitions rebuilt without the user's train
+    positions >= t-1, and a link seen only in the user's own target transition is left out."""
+    d, cfg = tiny_data, tiny_data.cfg
+    train = [s[:-2] for s in d.seqs]
+    A = attr_transitions(train, d.attrs, d.vocab.n_attrs, cfg.link_window)
+    for sp in d.splits.values():
+        for j in range(0, len(sp), max(1, len(sp) // 10)):
+            u, t = sp.users[j:j + 1], sp.ts[j:j + 1]
+            got = link_evidence(d.seqs, d.attrs, A, u, t, sp.cands[j:j + 1], cfg)
+            rebuilt = [s if v != u[0] else s[:max(t[0] - 1, 0)] for v, s in enumerate(train)]
+            A2 = attr_transitions(rebuilt, d.attrs, d.vocab.n_attrs, cfg.link_window)
+            want = link_evidence(d.seqs, d.attrs, A2, u, t, sp.cands[j:j + 1], cfg, leave_out=False)
+            np.testing.assert_allclose(got, want, atol=1e-5)
+    seqs = [np.array([1, 2, 3, 4, 5, 6]), np.array([4, 5, 1, 6, 2])]  # attribute 3 -> 4 only in user 0, 3 then 4
+    attrs = [[], [1], [2], [3], [4], [1], [2]]
+    A = attr_transitions([s[:-2] for s in seqs], attrs, 4, 1)
+    cfg1 = DataConfig(link_window=1)
+    own = link_evidence(seqs, attrs, A, np.array([0]), np.array([3]), np.array([[4]]), cfg1)
+    kept = link_evidence(seqs, attrs, A, np.array([0]), np.array([3]), np.array([[4]]), cfg1, leave_out=False)
+    assert A[3, 4] == 1 and kept[0, 0] > 0 and own[0, 0] == 0
+
+
 def test_target_own_transition_left_out():
     """A pair seen only in the user's own target transition gives the target no co-occurrence."""
     seqs = [np.array([1, 2, 3, 4, 5, 6, 7]), np.array([8, 9, 10, 11, 12])]
@@ -92,7 +115,7 @@ def test_trace_does_not_depend_on_target(tiny_data):
     d = tiny_data
     sp = d.splits['test']
     hist = d.seqs[sp.users[0]][:sp.ts[0]][-d.cfg.max_hist:]
-    ev = np.ones((3, d.cfg.n_cand))
+    ev = np.ones((len(EVIDENCE), d.cfg.n_cand))
     outs = [encode(hist, sp.cands[0], ti, ev, d.attrs, d.vocab, d.score_w) for ti in range(d.cfg.n_cand)]
     n_answer = d.cfg.n_cand + 1
     for p, r, k in outs:
