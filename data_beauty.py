@@ -378,7 +378,7 @@ def encode(hist, cands, target_idx, ev, attrs, vocab, score_w, trace=True):
     """Prompt, response and per-token kind (0 trace, 1 answer, 2 the choice: the first ranked item, the one token
     that moves the ranking) for one instance.
 
-    prompt   = <bos> (item attrs..)*history <cands> (slot item attrs.. last hist pop)*N <think>|<answer>
+    prompt   = <bos> (item attrs..)*history <cands> (slot item attrs.. last prev link pop)*N <think>|<answer>
     trace    = per candidate: slot, item, (attr, share-bucket) pairs, then its statistics (EVIDENCE) gathered
                beside it (the statistics come with the prompt, as retrieved item facts do
                in an LLM re-ranker's prompt: a small model cannot recall pair counts it never sees), and its

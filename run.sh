@@ -27,7 +27,8 @@ if [ "$MODE" = cpu ]; then
   MORE="--batch_size=16 --max_steps=20 --eval_every=20 --sweep=False $SMALL"
   RL="--n_prompts=2 --max_steps=3 --eval_every=3 $SMALL"
   BENCH="--batches=(1,16) --graphs=(False,) --n_time=16 --n_time_b1=4 --repeats=1 --accuracy=False"
-  EVAL="--batch_size=150 --limit=150"   # the first 150 test users (in user order): CPU decoding is slow
+  EVAL="--batch_size=150 --limit=150"   # diffusion: the first 150 test users (in user order), block decoding
+  EVAL_AR="--batch_size=300"            # is slow on a CPU; AR decodes the whole test set in about 30 s
 else
   BUDGET=${BUDGET:-100000}
   DEV=""
@@ -35,14 +36,16 @@ else
   CFT="--time_limit=60"; OPD="--time_limit=30"; MORE="--max_steps=300 --time_limit=30"; RL="--time_limit=30"
   BENCH="--graphs=(True,) --repeats=2 --n_time_b1=8"
   EVAL="--batch_size=512"
+  EVAL_AR="$EVAL"
 fi
 left() { [ "$SECONDS" -lt "$BUDGET" ]; }
 ev() { python decode.py $D $DEV $EVAL --split=test "$@"; }
+ev_ar() { python decode.py $D $DEV $EVAL_AR --split=test "$@"; }
 
 core() {  # the recipe's chain, each stage from the previous one's checkpoint
   python data_beauty.py ${DATA_DIR:+--data_dir=$DATA_DIR}
   python train_ar.py $D $DEV $AR
-  ev --ckpt=out/ar.pt --name=ar
+  ev_ar --ckpt=out/ar.pt --name=ar
   ev --ckpt=out/ar.pt --name=naive --block=32 --tau=0.9
   python train_cft.py $D $DEV $CFT
   ev --ckpt=out/cft.pt --name=cft --block=32 --tau=0.9
@@ -54,10 +57,10 @@ core() {  # the recipe's chain, each stage from the previous one's checkpoint
 }
 
 ablations() {  # each answers one question about the chain; needs out/ar.pt and out/cft.pt from core
-  if left; then python train_ar.py $D $DEV $DIR --trace=False --out=out/ar_direct.pt && ev --ckpt=out/ar_direct.pt --name=ar_direct; fi
+  if left; then python train_ar.py $D $DEV $DIR --trace=False --out=out/ar_direct.pt && ev_ar --ckpt=out/ar_direct.pt --name=ar_direct; fi
   if left; then python train_cft.py $D $DEV $CFT --sweep=False --validity_weight=0.0 --out=out/cft_novalid.pt --name=cft_novalid && ev --ckpt=out/cft_novalid.pt --name=cft_novalid --block=32 --tau=0.9; fi
   if left; then python train_cft.py $D $DEV $MORE --parent=out/cft.pt --out=out/cft_more.pt --name=cft_more && ev --ckpt=out/cft_more.pt --name=cft_more --block=32 --tau=0.9; fi
-  if left; then python train_rl.py $D $DEV $RL --policy=out/ar.pt --block=1 --out=out/ar_rl.pt --name=ar_rl && ev --ckpt=out/ar_rl.pt --name=ar_rl --block=1 --tau=0.9; fi
+  if left; then python train_rl.py $D $DEV $RL --policy=out/ar.pt --block=1 --out=out/ar_rl.pt --name=ar_rl && ev_ar --ckpt=out/ar_rl.pt --name=ar_rl --block=1 --tau=0.9; fi
 }
 
 case "$PART" in
