@@ -10,7 +10,7 @@ References: BD3-LM (Arriola et al. 2025), MDLM (Sahoo et al. 2024), Fast-dLLM (W
 import torch
 import torch.nn.functional as F
 
-from data_beauty import kind_weights
+from data_beauty import loss_weights
 from model import CachedForward, positions
 
 
@@ -82,10 +82,11 @@ def noise_blocks(resp, block, mask_id, generator=None, t_min=0.05):
 
 
 def diffusion_loss(model, batch, block, mask_id, masked=None, w_trace=1.0, w_answer=1.0, w_choice=1.0,
-                   complementary=True, validity_weight=0.0, vocab=None, generator=None):
+                   complementary=True, validity_weight=0.0, vocab=None, generator=None, reject=False):
     """Masked-token cross-entropy of the block-diffusion model (plain mean over masked tokens, Fast-dLLM v2),
     with complementary masks (each example also with the opposite mask: every token supervised once), plus
-    optionally the permutation-validity loss on the answer positions. Returns (loss, parts dict).
+    optionally the permutation-validity loss on the answer positions (`reject`: data_beauty.loss_weights; the
+    validity loss does not read the target, so it keeps every row). Returns (loss, parts dict).
 
     The output head runs only at the masked positions of the trained region: they are all the loss reads (a
     revealed answer position enters the validity loss as one-hot on its token)."""
@@ -94,14 +95,16 @@ def diffusion_loss(model, batch, block, mask_id, masked=None, w_trace=1.0, w_ans
     if masked is None:
         masked = noise_blocks(resp, block, mask_id, generator)
     kind, cands = batch['kind'], batch['cands']
+    weights = loss_weights(batch, w_trace, w_answer, w_choice, reject)
     if complementary:
-        prompt, pad, resp, kind, region, cands = (torch.cat([z, z]) for z in (prompt, pad, resp, kind, region, cands))
+        prompt, pad, resp, kind, region, cands, weights = (torch.cat([z, z]) for z in
+                                                           (prompt, pad, resp, kind, region, cands, weights))
         masked = torch.cat([masked, ~masked])
     xt = torch.where(masked, mask_id, resp)
     h = bd3_hidden(model, prompt, pad, xt, resp, block)
     at = masked & region
     logits = model.head(h[at]).float()                                  # (M, V) at the supervised positions
-    w = kind_weights(kind, w_trace, w_answer, w_choice)[at]
+    w = weights[at]
     ce_loss = (F.cross_entropy(logits, resp[at], reduction='none') * w).sum() / w.sum().clamp(min=1)
     parts = {'ce': ce_loss.detach()}
     loss = ce_loss

@@ -18,7 +18,7 @@ from tqdm import tqdm
 from common import (StageSettings, parse_config, print_config, pick_device, autocast, device_name, save_checkpoint,
                     load_checkpoint, JsonlLog, plot_curves, git_commit, is_better, command_line, write_json, Timer,
                     save_resume, load_resume, finish_resume, results_path)
-from data_beauty import DataConfig, BeautyData, DataError, collate, kind_weights
+from data_beauty import DataConfig, BeautyData, DataError, collate, loss_weights
 from decode import DecodeConfig, evaluate
 from model import GPT, GPTConfig, response_hidden
 
@@ -45,6 +45,7 @@ class TrainARConfig(StageSettings):  # + min_validity, eval_n, eval_batch, time_
     w_answer: float = 1.0        # loss weight of answer tokens
     w_choice: float = 1.0        # loss weight of the first ranked item (the decision)
     trace_sample: float = 0.25   # share of trace tokens that carry the loss each step (ar_response_loss)
+    reject: bool = True          # no answer loss where the trace concludes elsewhere than the target (loss_weights)
     grad_clip: float = 1.0
     # evaluation
     eval_every: int = 250
@@ -73,17 +74,18 @@ def optimizer_step(model, opt, loss, grad_clip, step, lr):
     opt.step()
 
 
-def ar_response_loss(model, batch, w_trace=1.0, w_answer=1.0, w_choice=1.0, trace_sample=1.0, generator=None):
+def ar_response_loss(model, batch, w_trace=1.0, w_answer=1.0, w_choice=1.0, trace_sample=1.0, generator=None,
+                     reject=False):
     """Teacher-forced AR cross-entropy over the response up to its first <eos>, weighted by token kind.
 
     The output head (12.8k-way at d = 256, as costly as the whole body) runs only where a loss is taken: on
     every answer token and on a random `trace_sample` share of the trace tokens, whose weight is divided by
     that share so the expected loss is unchanged. The answer (the decision and the copying of the list) is
-    what is slow to learn; the trace is long and mostly easy."""
+    what is slow to learn; the trace is long and mostly easy. `reject`: see data_beauty.loss_weights."""
     resp = batch['resp']
     B, R = resp.shape
     live = torch.arange(R, device=resp.device)[None, :] < batch['resp_len'][:, None]
-    w = kind_weights(batch['kind'], w_trace / trace_sample, w_answer, w_choice) * live
+    w = loss_weights(batch, w_trace / trace_sample, w_answer, w_choice, reject) * live
     if trace_sample < 1.0:
         keep = torch.rand(B, R, device=resp.device, generator=generator) < trace_sample
         w = w * (keep | (batch['kind'] > 0))
@@ -240,7 +242,8 @@ def main():
         idx = rng.integers(0, len(train), cfg.batch_size)
         batch = collate(train, idx, data.vocab, device=device)
         with autocast(device):
-            loss = ar_response_loss(model, batch, cfg.w_trace, cfg.w_answer, cfg.w_choice, cfg.trace_sample)
+            loss = ar_response_loss(model, batch, cfg.w_trace, cfg.w_answer, cfg.w_choice, cfg.trace_sample,
+                                    reject=cfg.reject)
         optimizer_step(model, opt, loss, cfg.grad_clip, step, cfg.lr)
         pbar.set_postfix(loss=f"{loss.item():.3f}")
         log.write(step=step, loss=loss.item(), lr=opt.param_groups[0]['lr'])

@@ -35,6 +35,7 @@ class TrainCFTConfig(StageSettings):  # + min_validity, eval_n, eval_batch, time
     w_trace: float = 0.5
     w_answer: float = 1.0
     w_choice: float = 1.0        # the first ranked item
+    reject: bool = True          # no answer loss where the trace concludes elsewhere (data_beauty.loss_weights)
     max_steps: int = 600
     batch_size: int = 64
     lr: float = 5e-4
@@ -58,7 +59,7 @@ def validation_loss(model, data, cfg, device, n=256, batch=64):
         b = collate(sp, range(a, min(n, a + batch)), data.vocab, block=cfg.block, device=device)
         with autocast(device):
             _, parts = diffusion_loss(model, b, cfg.block, data.vocab.mask, w_trace=cfg.w_trace, w_answer=cfg.w_answer,
-                                      w_choice=cfg.w_choice, generator=gen)
+                                      w_choice=cfg.w_choice, generator=gen, reject=cfg.reject)
         total += parts['ce'].item() * len(b['pad'])
     return total / n
 
@@ -111,7 +112,8 @@ def main():
         with autocast(device):
             loss, parts = diffusion_loss(model, batch, cfg.block, vocab.mask, w_trace=cfg.w_trace,
                                          w_answer=cfg.w_answer, w_choice=cfg.w_choice, complementary=cfg.complementary,
-                                         validity_weight=cfg.validity_weight, vocab=vocab, generator=gen)
+                                         validity_weight=cfg.validity_weight, vocab=vocab, generator=gen,
+                                         reject=cfg.reject)
         optimizer_step(model, opt, loss, cfg.grad_clip, step, cfg.lr)
         pbar.set_postfix(loss=f"{loss.item():.3f}")
         log.write(step=step + 1, loss=loss.item(), **{k: v.item() for k, v in parts.items()})

@@ -229,3 +229,20 @@ def test_build_from_raw_amazon_files(tmp_path):
     assert seqs[0].tolist() == [1, 2, 3, 4, 5]          # ids by first appearance, in time order
     assert all(len(attrs[i]) == 3 for i in range(1, 6))  # brand, Makeup, C<i>
     assert attrs[1][0] != attrs[2][0] and attrs[1][0] == attrs[3][0]  # B0 / B1 brands
+
+
+def test_reject_drops_only_the_answers_that_contradict_the_trace(tiny_data):
+    """With `reject`, a window whose trace concludes on another candidate than its target keeps its trace loss
+    and loses its answer loss; a window whose conclusion is the target keeps everything."""
+    import torch
+    from data_beauty import collate, loss_weights
+    sp, v = tiny_data.splits['train'], tiny_data.vocab
+    b = collate(sp, range(len(sp)), v)
+    concl = torch.tensor([int(r[list(r).index(v.best) + 1]) for r in sp.responses])
+    assert torch.equal(b['follows'], concl == torch.as_tensor(v.slots)[b['target']])
+    assert b['follows'].any() and not b['follows'].all()
+    keep, drop = loss_weights(b, 0.5, 1.0, 2.0), loss_weights(b, 0.5, 1.0, 2.0, reject=True)
+    trace = b['kind'] == 0
+    assert torch.equal(keep[trace], drop[trace])
+    assert torch.equal(drop[b['follows']], keep[b['follows']])
+    assert (drop[~b['follows']][~trace[~b['follows']]] == 0).all()
