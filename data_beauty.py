@@ -416,14 +416,15 @@ def kind_weights(kind, w_trace, w_answer, w_choice):
 
 
 def loss_weights(batch, w_trace, w_answer, w_choice, reject=False):
-    """(B, R) loss weights by token kind. With `reject`, the answer of a window whose trace concludes on another
-    candidate than its target carries no loss: GR2 kept only the teacher traces that reach the target (rejection
-    sampling). The programmatic trace is sound reasoning either way, so its tokens still teach; only the answer
-    that contradicts it is dropped. Without it the decision is learnt from a weak signal (the conclusion differs
-    from the first candidate on 11% of train windows and is then the target 30% of the time)."""
+    """(B, R) loss weights by token kind. With `reject`, the decision (the first ranked slot) of a window whose
+    trace concludes on another candidate than its target carries no loss: GR2 kept only the teacher traces that
+    reach the target (rejection sampling). Here the programmatic trace is sound reasoning either way, so its
+    tokens still teach, and so does the rest of the answer (writing out the permutation); only the decision that
+    contradicts the trace is dropped. Without it the decision is learnt from a weak signal: the conclusion differs
+    from the first candidate on 11% of train windows and is then the target 30% of the time."""
     w = kind_weights(batch['kind'], w_trace, w_answer, w_choice)
     if reject:
-        w = w * ((batch['kind'] == 0) | batch['follows'][:, None])
+        w = w * ((batch['kind'] != 2) | batch['follows'][:, None])
     return w
 
 

@@ -45,7 +45,7 @@ class TrainARConfig(StageSettings):  # + min_validity, eval_n, eval_batch, time_
     w_answer: float = 1.0        # loss weight of answer tokens
     w_choice: float = 1.0        # loss weight of the first ranked item (the decision)
     trace_sample: float = 0.25   # share of trace tokens that carry the loss each step (ar_response_loss)
-    reject: bool = True          # no answer loss where the trace concludes elsewhere than the target (loss_weights)
+    reject: bool = True          # no decision loss where the trace concludes elsewhere (data_beauty.loss_weights)
     grad_clip: float = 1.0
     # evaluation
     eval_every: int = 250

@@ -232,8 +232,8 @@ def test_build_from_raw_amazon_files(tmp_path):
 
 
 def test_reject_drops_only_the_answers_that_contradict_the_trace(tiny_data):
-    """With `reject`, a window whose trace concludes on another candidate than its target keeps its trace loss
-    and loses its answer loss; a window whose conclusion is the target keeps everything."""
+    """With `reject`, a window whose trace concludes on another candidate than its target loses the loss of its
+    decision (the first ranked slot) and keeps every other; a window whose conclusion is the target keeps all."""
     import torch
     from data_beauty import collate, loss_weights
     sp, v = tiny_data.splits['train'], tiny_data.vocab
@@ -242,7 +242,7 @@ def test_reject_drops_only_the_answers_that_contradict_the_trace(tiny_data):
     assert torch.equal(b['follows'], concl == torch.as_tensor(v.slots)[b['target']])
     assert b['follows'].any() and not b['follows'].all()
     keep, drop = loss_weights(b, 0.5, 1.0, 2.0), loss_weights(b, 0.5, 1.0, 2.0, reject=True)
-    trace = b['kind'] == 0
-    assert torch.equal(keep[trace], drop[trace])
+    decision = b['kind'] == 2
+    assert torch.equal(keep[~decision], drop[~decision])
     assert torch.equal(drop[b['follows']], keep[b['follows']])
-    assert (drop[~b['follows']][~trace[~b['follows']]] == 0).all()
+    assert (drop[decision & ~b['follows'][:, None]] == 0).all() and (keep[decision] == 2.0).all()
