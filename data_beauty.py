@@ -144,7 +144,7 @@ BUCKETS = {  # evidence token families: name -> upper edges of the buckets (the 
     'pop': [1, 3, 7, 15, 31, 63, 127],   # train interactions (log buckets)
     'score': [x / 4 for x in range(-14, 11)],  # evidence score -3.5 .. 2.5 by 0.25 (fit_evidence_weights; width: valid)
 }
-SPECIALS = ['<eos>', '<bos>', '<mask>', '<cands>', '<think>', '<answer>', '<best>']
+SPECIALS = ['<eos>', '<bos>', '<mask>', '<cands>', '<think>', '<answer>', '<best>', '<lead>']
 
 
 class Vocab:
@@ -167,7 +167,7 @@ class Vocab:
         self.attr0 = len(self.names) - 1   # attribute ids start at 1
         self.item0 = self.attr0 + n_attrs  # item ids start at 1
         self.size = self.item0 + n_items + 1
-        self.eos, self.bos, self.mask, self.cands, self.think, self.answer, self.best = range(7)
+        self.eos, self.bos, self.mask, self.cands, self.think, self.answer, self.best, self.lead = range(8)
 
     @property
     def slots(self):
@@ -382,7 +382,9 @@ def encode(hist, cands, target_idx, ev, attrs, vocab, score_w, trace=True):
     trace    = per candidate: slot, item, (attr, share-bucket) pairs, then its statistics (EVIDENCE) gathered
                beside it (the statistics come with the prompt, as retrieved item facts do
                in an LLM re-ranker's prompt: a small model cannot recall pair counts it never sees), and its
-               evidence-score bucket; then the conclusion <best> slot (the candidate with the top score)
+               evidence-score bucket, then the running leader `<lead> slot score` (the best so far: a
+               comparison of two score tokens per step, where an argmax over ten far-apart tokens was the
+               step small models failed); then the conclusion <best> slot (the last leader)
     answer   = <answer> the target's slot, then the other slots in the pre-ranker's order, <eos>
     The trace reads only the prompt, leave-out statistics and the train-fitted `score_w`; `target_idx` only
     shapes the answer."""
@@ -402,7 +404,8 @@ def encode(hist, cands, target_idx, ev, attrs, vocab, score_w, trace=True):
             response += [vocab.slot(i), vocab.item(c)]
             for a in attrs[c]:
                 response += [vocab.attr(a), vocab.bucket('share', share[a])]
-            response += stat_tokens(ev, i, vocab) + [score_tok[i]]
+            lead = conclusion(score_tok[:i + 1])
+            response += stat_tokens(ev, i, vocab) + [score_tok[i], vocab.lead, vocab.slot(lead), score_tok[lead]]
         response += [vocab.best, vocab.slot(conclusion(score_tok)), vocab.answer]
         kind = [0] * len(response)
     order = [target_idx] + [i for i in range(len(cands)) if i != target_idx]

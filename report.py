@@ -22,6 +22,7 @@ ROWS = [  # (file name, label, predecessor for the paired gain)
     ('rule', "the trace's conclusion as a ranker (no model)", 'floor'),
     ('ar', 'AR teacher (GR2-style)', 'floor'),
     ('ar_direct', 'AR without trace', 'ar'),
+    ('ar_noreject', 'AR, decision taught on every window', 'ar'),
     ('ar_rl', 'AR + RL', 'ar'),
     ('naive', 'naive diffusion (B=32)', 'ar'),
     ('cft_novalid', '+ CFT, no validity loss', 'naive'),

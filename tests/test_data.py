@@ -153,14 +153,18 @@ def test_evidence_weights_never_see_validation_or_test(tiny_dir, tmp_path):
 
 
 def test_conclusion_follows_the_score_tokens(tiny_data):
-    """<best> names the first candidate among those whose score token is highest: computable from the trace."""
+    """Each candidate's score token is followed by the running leader (<lead> slot score: the first candidate with
+    the highest score so far), and <best> names the last leader: all computable from the trace."""
     v = tiny_data.vocab
-    s0, n_score = v.bucket0['score'], len(BUCKETS['score']) + 1
     sp = tiny_data.splits['valid']
     for i in range(len(sp)):
         r = list(sp.responses[i])
-        scores = [t - s0 for t in r if s0 <= t < s0 + n_score]
-        assert len(scores) == tiny_data.cfg.n_cand
+        at = [j for j, t in enumerate(r) if t == v.lead]
+        assert len(at) == tiny_data.cfg.n_cand
+        scores = [r[j - 1] for j in at]
+        for n, j in enumerate(at):
+            lead = int(np.argmax(scores[:n + 1]))
+            assert r[j + 1] == v.slot(lead) and r[j + 2] == scores[lead]
         assert r[r.index(v.best) + 1] == v.slot(int(np.argmax(scores)))
 
 
