@@ -19,15 +19,15 @@ if [ "$MODE" = cpu ]; then
   BUDGET=${BUDGET:-1500}                           # the controls only while the half hour lasts
   DEV="--device=cpu"
   SIZE="--n_layer=2 --n_embd=128 --n_head=4"
-  AR="$SIZE --batch_size=32 --mid_steps=100 --max_steps=600 --eval_every=300 --eval_n=300 --eval_batch=300"
+  AR="$SIZE --batch_size=32 --mid_steps=0 --max_steps=900 --eval_every=300 --eval_n=300 --eval_batch=300"
   DIR="$AR"
   SMALL="--eval_n=100 --eval_batch=100"
   CFT="--batch_size=16 --max_steps=120 --eval_every=120 --sweep=False $SMALL"
-  OPD="--n_prompts=2 --max_steps=4 --eval_every=4 $SMALL"
+  OPD="--n_prompts=2 --max_steps=3 --eval_every=3 $SMALL"
   MORE="--batch_size=16 --max_steps=20 --eval_every=20 --sweep=False $SMALL"
-  RL="--n_prompts=2 --max_steps=3 --eval_every=3 $SMALL"
+  RL="--n_prompts=2 --max_steps=2 --eval_every=2 $SMALL"
   BENCH="--batches=(1,16) --graphs=(False,) --n_time=16 --n_time_b1=4 --repeats=1 --accuracy=False"
-  EVAL="--batch_size=150 --limit=150"   # diffusion: the first 150 test users (in user order), block decoding
+  EVAL="--batch_size=100 --limit=100"   # diffusion: the first 100 test users (in user order), block decoding
   EVAL_AR="--batch_size=300"            # is slow on a CPU; AR decodes the whole test set in about 30 s
 else
   BUDGET=${BUDGET:-100000}

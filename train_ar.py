@@ -2,7 +2,7 @@
 
     python train_ar.py                                   # one GPU: d256 L6, about a minute -> out/ar.pt
     python train_ar.py --trace=False --out=out/ar_direct.pt   # the ablation: same model, answers directly
-    python train_ar.py --n_layer=2 --n_embd=128 --n_head=4 --batch_size=32 --max_steps=1500 --device=cpu  # CPU
+    python train_ar.py --n_layer=2 --n_embd=128 --n_head=4 --batch_size=32 --mid_steps=0 --max_steps=900 --device=cpu  # CPU
 
 Mid-training (GR2 mid-trains an LLM before SFT) is here the analogue: next-item prediction over users' train
 sequences written as in the prompt (item, then its attributes), which also aligns items with attributes.
@@ -43,7 +43,7 @@ class TrainARConfig(StageSettings):  # + min_validity, eval_n, eval_batch, time_
     warmup: int = 100
     w_trace: float = 0.5         # loss weight of reasoning tokens
     w_answer: float = 1.0        # loss weight of answer tokens
-    w_choice: float = 1.0        # loss weight of the first ranked item (the decision)
+    w_choice: float = 5.0        # loss weight of the first ranked item (the decision: one token, learnt last)
     trace_sample: float = 0.25   # share of trace tokens that carry the loss each step (ar_response_loss)
     reject: bool = True          # no decision loss where the trace concludes elsewhere (data_beauty.loss_weights)
     grad_clip: float = 1.0
