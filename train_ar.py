@@ -126,20 +126,30 @@ def lm_loss(model, x, live):
 
 
 @torch.no_grad()
-def trace_confidence(model, split, vocab, device, n=512, batch=32):
-    """Share of trace tokens the model predicts (teacher-forced) with probability > 0.99: how much of the
-    trace is near-certain restatement rather than inference (reported beside every result)."""
+def trace_report(model, split, vocab, device, n=512, batch=32):
+    """Teacher-forced on validation: the share of trace tokens predicted with probability > 0.99 (how much of the
+    trace is near-certain restatement rather than inference; reported beside every result), and the accuracy of
+    the trace's three inference steps: each candidate's score, the running leader, the conclusion."""
     model.eval()
-    hits, total = 0, 0
+    counts = {k: [0, 0] for k in ('p99', 'score', 'lead', 'best')}
+    pop = torch.tensor([t for t, name in enumerate(vocab.names) if name.startswith('pop')], device=device)
     for a in range(0, min(n, len(split)), batch):
         b = collate(split, range(a, min(n, len(split), a + batch)), vocab, device=device)
         with autocast(device):
             h = response_hidden(model, b['prompt'], b['pad'], b['resp'])
-        p = model.head(h, fp32=True).softmax(-1).gather(-1, b['resp'][..., None]).squeeze(-1)  # (B, R)
-        trace = (b['kind'] == 0) & (torch.arange(p.shape[1], device=device)[None, :] < b['resp_len'][:, None])
-        hits += int(((p > 0.99) & trace).sum())
-        total += int(trace.sum())
-    return hits / max(total, 1)
+        logits = model.head(h, fp32=True)
+        resp, R = b['resp'], b['resp'].shape[1]
+        p = logits.softmax(-1).gather(-1, resp[..., None]).squeeze(-1)  # (B, R)
+        right = logits.argmax(-1) == resp
+        before = torch.cat([torch.full_like(resp[:, :1], -1), resp[:, :-1]], 1)
+        trace = (b['kind'] == 0) & (torch.arange(R, device=device)[None, :] < b['resp_len'][:, None])
+        for key, where, hit in (('p99', trace, p > 0.99), ('score', trace & torch.isin(before, pop), right),
+                                ('lead', trace & (before == vocab.lead), right), ('best', before == vocab.best, right)):
+            counts[key][0] += int((hit & where).sum())
+            counts[key][1] += int(where.sum())
+    share = {k: hits / max(total, 1) for k, (hits, total) in counts.items()}
+    return {'trace_p99_share': share['p99'], 'score_accuracy': share['score'], 'lead_accuracy': share['lead'],
+            'conclusion_accuracy': share['best']}
 
 
 @torch.no_grad()
@@ -260,9 +270,10 @@ def main():
     finish_resume(cfg.out)
     if cfg.trace:
         best_model, _ = load_checkpoint(cfg.out, device=device)
-        best['trace_p99_share'] = trace_confidence(best_model, data.splits['valid'], data.vocab, device)
-        print(f"share of trace tokens predicted with p > 0.99 (validation, teacher-forced): "
-              f"{best['trace_p99_share']:.3f}")
+        best.update(trace_report(best_model, data.splits['valid'], data.vocab, device))
+        print("the trace, teacher-forced on validation: share of tokens predicted with p > 0.99 {trace_p99_share:.3f}; "
+              "accuracy of the scores {score_accuracy:.3f}, running leaders {lead_accuracy:.3f}, conclusion "
+              "{conclusion_accuracy:.3f}".format(**best))
     finish(cfg, name, f"AR teacher ({name})", log, best, timer, device,
            ['mid_loss', 'loss', 'val_R1', 'val_choice_R1', 'val_validity'],
            params=model.num_params())

@@ -47,6 +47,9 @@ def test_recipe_runs_end_to_end(pipeline):
     assert res['per_user']['user'] == sorted(res['per_user']['user'])
     ck = torch.load(os.path.join(cwd, 'out', 'rl.pt'), weights_only=True)
     assert ck['stage'] == 'rl' and ck['parent'] == 'out/opd.pt'
+    trace = json.load(open(os.path.join(cwd, 'results', 'train_ar.json')))['valid']  # the trace's own diagnosis
+    for key in ('trace_p99_share', 'score_accuracy', 'lead_accuracy', 'conclusion_accuracy'):
+        assert 0.0 <= trace[key] <= 1.0
 
 
 def test_opd_runs_at_the_commit_state(pipeline):
