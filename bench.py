@@ -17,7 +17,7 @@ import torch
 
 from common import (parse_config, print_config, pick_device, autocast, device_name, load_checkpoint, write_json,
                     git_commit, command_line, CheckpointError, results_path)
-from data_beauty import collate
+from data_beauty import DataError, collate
 from decode import DecodeConfig, evaluate, generate_ar, load_data_for
 from diffusion import generate_block
 from model import CachedForward
@@ -110,12 +110,12 @@ def main():
     try:
         ar, ack = load_checkpoint(cfg.ar, stages=['ar'], device=device)
         dm, dck = load_checkpoint(path or 'out/cft.pt', stages=['cft', 'opd', 'rl'], device=device)
-    except CheckpointError as e:
+        data = load_data_for(dck, cfg.data_dir)
+    except (CheckpointError, DataError) as e:
         raise SystemExit(f"error: {e}")
     ar.eval()
     dm.eval()
     block = dck['run_cfg']['block']
-    data = load_data_for(dck, cfg.data_dir)
     vocab, test = data.vocab, data.splits['test']
     graphs = [g for g in cfg.graphs if not g or device.type == 'cuda']
     print(f"AR {cfg.ar} vs diffusion {path} (B = {block}) on {device_name(device)}")

@@ -297,7 +297,8 @@ def link_evidence(seqs, attrs, A, users, ts, cands, cfg, leave_out=True):
         if not last:
             continue
         own, own_row, own_col, own_total = defaultdict(float), defaultdict(float), defaultdict(float), 0.0
-        for q2 in range(max(t - 1, 1), len(s) - 2 if leave_out else 0):  # the user's train part is s[:len - 2]
+        L = len(s) - 2 if leave_out else 0  # the user's train part is s[:len - 2]; its positions >= t-1 come out
+        for q2 in range(max(t - 1, 1), L):
             for q1 in range(max(0, q2 - cfg.link_window), q2):
                 ax, ay = attrs[s[q1]], attrs[s[q2]]
                 own_total += len(ax) * len(ay)

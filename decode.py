@@ -14,7 +14,7 @@ import torch
 
 from common import (parse_config, print_config, pick_device, autocast, device_name, load_checkpoint,
                     write_json, git_commit, command_line, Timer, CheckpointError, results_path)
-from data_beauty import (DataConfig, BeautyData, collate, parse_answer, target_rank, metrics_from_ranks,
+from data_beauty import (DataConfig, BeautyData, DataError, collate, parse_answer, target_rank, metrics_from_ranks,
                          floor_ranks)
 from diffusion import first_eos_lengths, generate_block
 from model import CachedForward
@@ -116,9 +116,15 @@ def evaluate(model, data, split_name, cfg, device, max_new=None):
 
 
 def load_data_for(ckpt, data_dir):
-    """The data a checkpoint was trained on (same trace setting, same vocabulary)."""
+    """The data a checkpoint was trained on (same trace setting, same vocabulary). A checkpoint from before a
+    change of the token vocabulary (a new evidence bucket, a new special token) cannot read today's data."""
     dcfg = DataConfig(**{**ckpt['run_cfg']['data'], 'data_dir': data_dir})
-    return BeautyData(dcfg)
+    data = BeautyData(dcfg)
+    if data.vocab.size != ckpt['model_cfg']['vocab_size']:
+        raise CheckpointError(f"the checkpoint has a vocabulary of {ckpt['model_cfg']['vocab_size']} tokens but the "
+                              f"data encodes {data.vocab.size} (it predates a change of the trace): retrain it from "
+                              f"the AR stage (python train_ar.py, then the later stages)")
+    return data
 
 
 def main():
@@ -127,11 +133,9 @@ def main():
     device = pick_device(cfg.device)
     try:
         model, ckpt = load_checkpoint(cfg.ckpt, device=device)
-    except CheckpointError as e:
+        data = load_data_for(ckpt, cfg.data_dir)
+    except (CheckpointError, DataError) as e:
         raise SystemExit(f"error: {e}")
-    data = load_data_for(ckpt, cfg.data_dir)
-    if data.vocab.size != model.config.vocab_size:
-        raise SystemExit(f"error: {cfg.ckpt} has vocabulary {model.config.vocab_size}, data has {data.vocab.size}")
     res, texts = evaluate(model, data, cfg.split, cfg, device)
     res.update(name=cfg.name, ckpt=cfg.ckpt, stage=ckpt['stage'], seed=cfg.seed, device=device_name(device),
                command=command_line(), commit=git_commit())

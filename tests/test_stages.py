@@ -70,6 +70,19 @@ def test_wrong_or_missing_parent_is_refused(pipeline, tmp_path):
     assert p.returncode != 0 and 'block' in p.stderr + p.stdout
 
 
+def test_checkpoint_of_an_older_vocabulary_is_refused(pipeline):
+    """A checkpoint written before a change of the trace's vocabulary names the fix instead of failing later."""
+    from model import GPT, GPTConfig
+    cwd, data = pipeline
+    ck = torch.load(os.path.join(cwd, 'out', 'ar.pt'), weights_only=True)
+    ck['model_cfg'] = dict(ck['model_cfg'], vocab_size=ck['model_cfg']['vocab_size'] + 3)
+    ck['model'] = GPT(GPTConfig(**ck['model_cfg'])).state_dict()
+    torch.save(ck, os.path.join(cwd, 'out', 'ar_old.pt'))
+    for script, flag in (('decode.py', '--ckpt=out/ar_old.pt'), ('train_cft.py', '--parent=out/ar_old.pt')):
+        p = run(script, cwd, data, flag)
+        assert p.returncode != 0 and 'vocabulary' in p.stderr + p.stdout and 'retrain' in p.stderr + p.stdout
+
+
 def test_missing_data_dir_is_refused(tmp_path):
     p = run('train_ar.py', str(tmp_path), f'--data_dir={tmp_path}/none', '--max_steps=1')
     assert p.returncode != 0 and 'missing data file' in p.stderr + p.stdout
