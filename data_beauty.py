@@ -461,17 +461,19 @@ def collate(split, idx, vocab, block=1, device='cpu'):
     kind = torch.ones((len(idx), R), dtype=torch.long)
     pad = torch.zeros(len(idx), dtype=torch.long)
     resp_len = torch.zeros(len(idx), dtype=torch.long)
-    follows = torch.ones(len(idx), dtype=torch.bool)  # the trace's conclusion is the target (loss_weights)
     for r, i in enumerate(idx):
         p, x, k = split.prompts[i], split.responses[i], split.kinds[i]
-        if vocab.best in x:
-            follows[r] = bool(x[list(x).index(vocab.best) + 1] == x[(k == 2).argmax()])
         pad[r] = P - len(p)
         prompt[r, P - len(p):] = torch.as_tensor(p)
         resp[r, :len(x)] = torch.as_tensor(x)
         kind[r, :len(k)] = torch.as_tensor(k)
         resp_len[r] = len(x)
     cands = torch.as_tensor(vocab.slots).repeat(len(idx), 1)  # the answer's alphabet, per row
+    # does the trace conclude (the slot after <best>) on the target (the first ranked slot)? loss_weights' `reject`
+    at_best = resp == vocab.best
+    concluded = resp.gather(1, (at_best.long().argmax(1, keepdim=True) + 1).clamp(max=R - 1))
+    chosen = resp.gather(1, (kind == 2).long().argmax(1, keepdim=True))
+    follows = ~at_best.any(1) | (concluded == chosen).squeeze(1)  # a direct model has no trace to contradict
     return dict(prompt=prompt.to(device), pad=pad.to(device), resp=resp.to(device), kind=kind.to(device),
                 resp_len=resp_len.to(device), cands=cands.to(device), follows=follows.to(device),
                 target=torch.as_tensor(split.target[idx]).to(device))
