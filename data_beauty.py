@@ -136,13 +136,14 @@ def build_from_raw(raw_dir, out_dir, name='Beauty'):
 
 # ----------------------------------------------------------------------------- vocabulary
 
+SCORE_MAX = 4  # the running evidence score is clipped to [-4, 4] (the sums on Beauty stay within [-3.75, 3.5])
+
 BUCKETS = {  # evidence token families: name -> upper edges of the buckets (the last bucket is open)
-    'share': [0, 1, 2],                  # history items that share this attribute: 0, 1, 2, 3+
     'last': [0, 1, 2, 4, 8, 16],         # co-occurrence with the last history item
     'prev': [0, 1, 2, 4, 8, 16],         # co-occurrence with the history items before the last one
     'link': [0, 0.5, 1, 1.5, 2, 2.5, 3, 4],  # attribute link to the last history item (log lift, link_evidence)
     'pop': [1, 3, 7, 15, 31, 63, 127],   # train interactions (log buckets)
-    'score': [x / 4 for x in range(-14, 11)],  # evidence score -3.5 .. 2.5 by 0.25 (fit_evidence_weights; width: valid)
+    'score': [x / 4 for x in range(-4 * SCORE_MAX, 4 * SCORE_MAX)],  # running evidence score: -4 .. 4 in quarters
 }
 SPECIALS = ['<eos>', '<bos>', '<mask>', '<cands>', '<think>', '<answer>', '<best>', '<lead>']
 
@@ -163,7 +164,8 @@ class Vocab:
         self.bucket0 = {}
         for fam, edges in BUCKETS.items():
             self.bucket0[fam] = len(self.names)
-            self.names += [f"{fam}{i}" for i in range(len(edges) + 1)]
+            self.names += [f"{fam}{i}" if fam != 'score' else f"s{(i - 4 * SCORE_MAX) / 4:+.2f}"  # its value
+                           for i in range(len(edges) + 1)]
         self.attr0 = len(self.names) - 1   # attribute ids start at 1
         self.item0 = self.attr0 + n_attrs  # item ids start at 1
         self.size = self.item0 + n_items + 1
@@ -324,40 +326,33 @@ def link_evidence(seqs, attrs, A, users, ts, cands, cfg, leave_out=True):
 EVIDENCE = ('last', 'prev', 'link', 'pop')  # the rows of an instance's `ev` (4, N): its candidates' statistics
 
 
+def evidence_buckets(ev):
+    """(4, N) bucket index of each candidate's statistic in each EVIDENCE family."""
+    return np.stack([np.searchsorted(BUCKETS[fam], ev[f], side='left') for f, fam in enumerate(EVIDENCE)])
+
+
 def stat_tokens(ev, i, vocab):
     """Candidate i's leave-out statistics as bucket tokens: co-occurrence with the last history item and with the
     items before it, attribute link to the last item, popularity."""
     return [vocab.bucket(fam, ev[f][i]) for f, fam in enumerate(EVIDENCE)]
 
 
-def share_counts(hist, attrs):
-    """attribute -> how many history items carry it."""
-    count = defaultdict(int)
-    for h in hist:
-        for a in set(attrs[h]):
-            count[a] += 1
-    return count
-
-
-def evidence_features(hist, cands, ev, attrs):
-    """(N, F) features of each candidate that its trace entry shows as tokens: one-hot last / hist / pop buckets,
-    how many of its attributes fall in each share bucket, and its position in the pre-ranker's list."""
-    share = share_counts(hist, attrs)
-    N = len(cands)
-    parts = [np.eye(len(BUCKETS[fam]) + 1, dtype=np.float32)[np.searchsorted(BUCKETS[fam], ev[f], side='left')]
-             for f, fam in enumerate(EVIDENCE)]
-    shares = np.zeros((N, len(BUCKETS['share']) + 1), np.float32)
-    for i, c in enumerate(cands):
-        for a in attrs[c]:
-            shares[i, np.searchsorted(BUCKETS['share'], share[a], side='left')] += 1
-    return np.concatenate(parts + [shares, np.eye(N, dtype=np.float32)], 1)
+def evidence_features(ev):
+    """(N, F) what a candidate's trace entry adds up: one-hot buckets of its statistics (EVIDENCE), then its position
+    in the pre-ranker's list. (Attribute-share counts were tried as well: their fitted weights were within 0.11 of
+    zero, and dropping them left the conclusion's validation R@1 where it was.)"""
+    b = evidence_buckets(ev)
+    N = b.shape[1]
+    onehots = [np.eye(len(BUCKETS[fam]) + 1, dtype=np.float32)[b[f]] for f, fam in enumerate(EVIDENCE)]
+    return np.concatenate(onehots + [np.eye(N, dtype=np.float32)], 1)
 
 
 def fit_evidence_weights(features, target, steps=500, lr=0.03, weight_decay=1e-3):
     """Weights of an additive evidence score, fitted on TRAIN windows only: a conditional logit over each list
-    (softmax over its N candidates). It plays the part of GR2's larger teacher LLM, whose traces end in a
-    judgement: the trace states each candidate's score and concludes with the best one, all computable from
-    the prompt without the target. features (n, N, F), target (n,) -> (F,) weights."""
+    (softmax over its N candidates), rounded to quarters so that the trace's running sums are exact on the grid of
+    its score tokens. It plays the part of GR2's larger teacher LLM, whose traces end in a judgement: the trace
+    states each candidate's score and concludes with the best one, all computable from the prompt without the
+    target. features (n, N, F), target (n,) -> (F,) weights."""
     X, y = torch.as_tensor(features), torch.as_tensor(target)
     w = torch.zeros(X.shape[-1], requires_grad=True)
     opt = torch.optim.Adam([w], lr=lr, weight_decay=weight_decay)
@@ -366,7 +361,23 @@ def fit_evidence_weights(features, target, steps=500, lr=0.03, weight_decay=1e-3
         opt.zero_grad()
         loss.backward()
         opt.step()
-    return w.detach().numpy()
+    return np.round(w.detach().numpy().astype(np.float64) * 4) / 4
+
+
+def running_scores(ev, score_w):
+    """(N, 4) each candidate's running evidence score after each of its statistics: it starts at the weight of the
+    candidate's list position and adds one statistic's weight per step (clipped to the score tokens' range), so
+    every score token the trace writes is the last one plus the weight of the bucket token just before it, a
+    one-step lookup; a single token for the whole sum (ten terms) was right about half the time for a 2-layer
+    model. Weights are quarters and the sums exact."""
+    b = evidence_buckets(ev)
+    ends = np.cumsum([len(BUCKETS[fam]) + 1 for fam in EVIDENCE])
+    score = score_w[ends[-1]:ends[-1] + b.shape[1]]  # the position weights
+    steps = []
+    for f in range(len(EVIDENCE)):
+        score = np.clip(score + score_w[ends[f] - len(BUCKETS[EVIDENCE[f]]) - 1 + b[f]], -SCORE_MAX, SCORE_MAX)
+        steps.append(score)
+    return np.stack(steps, 1)
 
 
 def conclusion(score_buckets):
@@ -379,13 +390,15 @@ def encode(hist, cands, target_idx, ev, attrs, vocab, score_w, trace=True):
     """Prompt, response and per-token kind (0 trace, 1 answer, 2 the choice: the first ranked item, the one token
     that moves the ranking) for one instance.
 
-    prompt   = <bos> (item attrs..)*history <cands> (slot item attrs.. last prev link pop)*N <think>|<answer>
-    trace    = per candidate: slot, item, (attr, share-bucket) pairs, then its statistics (EVIDENCE) gathered
-               beside it (the statistics come with the prompt, as retrieved item facts do
-               in an LLM re-ranker's prompt: a small model cannot recall pair counts it never sees), and its
-               evidence-score bucket, then the running leader `<lead> slot score` (the best so far: a
-               comparison of two score tokens per step, where an argmax over ten far-apart tokens was the
-               step small models failed); then the conclusion <best> slot (the last leader)
+    prompt   = <bos> (item attrs..)*history <cands> (slot last prev link pop item attrs..)*N <think>|<answer>
+    trace    = per candidate: its slot, then each of its statistics (EVIDENCE) followed by the running evidence
+               score (running_scores), then the running leader `<lead> slot score` (the best so far: a comparison
+               of two score tokens per step, where an argmax over ten far-apart tokens was the step small models
+               failed); then the conclusion <best> slot (the last leader). The statistics come with the prompt,
+               as retrieved item facts do in an LLM re-ranker's prompt (a small model cannot recall pair counts
+               it never sees), right after the slot, so the trace reads them at a fixed offset from it; the
+               item id is not restated (copying a 12k-way id is what a small model got wrong most, and a wrong
+               copy derailed the rest of the entry)
     answer   = <answer> the target's slot, then the other slots in the pre-ranker's order, <eos>
     The trace reads only the prompt, leave-out statistics and the train-fitted `score_w`; `target_idx` only
     shapes the answer."""
@@ -393,20 +406,19 @@ def encode(hist, cands, target_idx, ev, attrs, vocab, score_w, trace=True):
     for h in hist:
         prompt += [vocab.item(h)] + [vocab.attr(a) for a in attrs[h]]
     prompt.append(vocab.cands)
-    for i, c in enumerate(cands):  # each candidate with its attributes and its retrieved statistics
-        prompt += [vocab.slot(i), vocab.item(c)] + [vocab.attr(a) for a in attrs[c]] + stat_tokens(ev, i, vocab)
+    for i, c in enumerate(cands):  # each candidate: its retrieved statistics, the item and its attributes
+        prompt += [vocab.slot(i)] + stat_tokens(ev, i, vocab) + [vocab.item(c)] + [vocab.attr(a) for a in attrs[c]]
     prompt.append(vocab.think if trace else vocab.answer)
     response, kind = [], []
     if trace:
-        share = share_counts(hist, attrs)
-        score = evidence_features(hist, cands, ev, attrs) @ score_w
-        score_tok = [vocab.bucket('score', x) for x in score]
-        for i, c in enumerate(cands):
-            response += [vocab.slot(i), vocab.item(c)]
-            for a in attrs[c]:
-                response += [vocab.attr(a), vocab.bucket('share', share[a])]
+        steps = [[vocab.bucket('score', x) for x in row] for row in running_scores(ev, score_w)]
+        score_tok = [row[-1] for row in steps]
+        for i in range(len(cands)):
+            response.append(vocab.slot(i))
+            for stat, score in zip(stat_tokens(ev, i, vocab), steps[i]):
+                response += [stat, score]
             lead = conclusion(score_tok[:i + 1])
-            response += stat_tokens(ev, i, vocab) + [score_tok[i], vocab.lead, vocab.slot(lead), score_tok[lead]]
+            response += [vocab.lead, vocab.slot(lead), score_tok[lead]]
         response += [vocab.best, vocab.slot(conclusion(score_tok)), vocab.answer]
         kind = [0] * len(response)
     order = [target_idx] + [i for i in range(len(cands)) if i != target_idx]
@@ -554,8 +566,7 @@ class BeautyData:
     def _encode_all(self, blob):
         """Fit the trace's evidence weights on the train windows, then encode every split."""
         tr = blob['train']
-        feats = np.stack([evidence_features(self.history(u, t), c, e, self.attrs)
-                          for u, t, c, e in zip(tr['users'], tr['ts'], tr['cands'], tr['ev'])])
+        feats = np.stack([evidence_features(e) for e in tr['ev']])
         self.score_w = fit_evidence_weights(feats, tr['target'])
         return dict({name: self._encode_split(blob[name]) for name in ('train', 'valid', 'test')}, score_w=self.score_w)
 
@@ -572,8 +583,8 @@ class BeautyData:
 
 
 # everything that writes the cached token sequences: their source is part of the cache key
-ENCODING_CODE = (Vocab, stat_tokens, share_counts, evidence_features, fit_evidence_weights, conclusion, encode,
-                 BeautyData.history, BeautyData._encode_all, BeautyData._encode_split)
+ENCODING_CODE = (Vocab, evidence_buckets, stat_tokens, evidence_features, fit_evidence_weights, running_scores,
+                 conclusion, encode, BeautyData.history, BeautyData._encode_all, BeautyData._encode_split)
 
 
 # ----------------------------------------------------------------------------- metrics

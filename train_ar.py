@@ -18,7 +18,7 @@ from tqdm import tqdm
 from common import (StageSettings, parse_config, print_config, pick_device, autocast, device_name, save_checkpoint,
                     load_checkpoint, JsonlLog, plot_curves, git_commit, is_better, command_line, write_json, Timer,
                     save_resume, load_resume, finish_resume, results_path)
-from data_beauty import DataConfig, BeautyData, DataError, collate, loss_weights
+from data_beauty import DataConfig, BeautyData, DataError, collate, loss_weights, BUCKETS, EVIDENCE
 from decode import DecodeConfig, evaluate
 from model import GPT, GPTConfig, response_hidden
 
@@ -129,10 +129,11 @@ def lm_loss(model, x, live):
 def trace_report(model, split, vocab, device, n=512, batch=32):
     """Teacher-forced on validation: the share of trace tokens predicted with probability > 0.99 (how much of the
     trace is near-certain restatement rather than inference; reported beside every result), and the accuracy of
-    the trace's three inference steps: each candidate's score, the running leader, the conclusion."""
+    the trace's three inference steps: the running scores, the running leader, the conclusion."""
     model.eval()
     counts = {k: [0, 0] for k in ('p99', 'score', 'lead', 'best')}
-    pop = torch.tensor([t for t, name in enumerate(vocab.names) if name.startswith('pop')], device=device)
+    stats = torch.tensor([vocab.bucket0[fam] + j for fam in EVIDENCE for j in range(len(BUCKETS[fam]) + 1)],
+                         device=device)  # a running score follows each of these
     for a in range(0, min(n, len(split)), batch):
         b = collate(split, range(a, min(n, len(split), a + batch)), vocab, device=device)
         with autocast(device):
@@ -143,7 +144,7 @@ def trace_report(model, split, vocab, device, n=512, batch=32):
         right = logits.argmax(-1) == resp
         before = torch.cat([torch.full_like(resp[:, :1], -1), resp[:, :-1]], 1)
         trace = (b['kind'] == 0) & (torch.arange(R, device=device)[None, :] < b['resp_len'][:, None])
-        for key, where, hit in (('p99', trace, p > 0.99), ('score', trace & torch.isin(before, pop), right),
+        for key, where, hit in (('p99', trace, p > 0.99), ('score', trace & torch.isin(before, stats), right),
                                 ('lead', trace & (before == vocab.lead), right), ('best', before == vocab.best, right)):
             counts[key][0] += int((hit & where).sum())
             counts[key][1] += int(where.sum())

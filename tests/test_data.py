@@ -4,7 +4,8 @@ import pytest
 
 from data_beauty import (DataConfig, BeautyData, DataError, Vocab, cooc_matrix, prerank, windows_of, encode,
                          parse_answer, target_rank, metrics_from_ranks, paired_bootstrap, load_5core,
-                         fit_evidence_weights, BUCKETS, EVIDENCE, attr_transitions, link_evidence)
+                         fit_evidence_weights, BUCKETS, EVIDENCE, attr_transitions, link_evidence,
+                         evidence_features, evidence_buckets, running_scores)
 
 
 def test_missing_data_dir_names_the_fix(tmp_path):
@@ -166,6 +167,24 @@ def test_conclusion_follows_the_score_tokens(tiny_data):
             lead = int(np.argmax(scores[:n + 1]))
             assert r[j + 1] == v.slot(lead) and r[j + 2] == scores[lead]
         assert r[r.index(v.best) + 1] == v.slot(int(np.argmax(scores)))
+
+
+def test_running_scores_add_one_statistic_per_step():
+    """Each running score is the previous one plus the weight of one statistic's bucket, starting from the list
+    position's weight, and the last one is the full additive score (no clip reached here)."""
+    rng = np.random.default_rng(0)
+    ev = np.stack([rng.integers(0, 20, 10), rng.integers(0, 20, 10), rng.uniform(0, 5, 10), rng.integers(0, 200, 10)])
+    F_ = evidence_features(ev).shape[1]
+    w = np.round(rng.normal(0, 0.2, F_) * 4) / 4
+    steps = running_scores(ev, w)
+    np.testing.assert_array_equal(steps[:, -1], evidence_features(ev) @ w)
+    b = evidence_buckets(ev)
+    start = 0
+    prev = w[F_ - 10:]
+    for f, fam in enumerate(EVIDENCE):
+        np.testing.assert_array_equal(steps[:, f], prev + w[start + b[f]])
+        prev, start = steps[:, f], start + len(BUCKETS[fam]) + 1
+    assert np.all(steps * 4 == np.round(steps * 4))  # quarters: every value is one score token
 
 
 def test_trace_length_and_no_target_in_prompt(tiny_data):
