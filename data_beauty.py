@@ -388,7 +388,8 @@ def conclusion(score_buckets):
 
 def encode(hist, cands, target_idx, ev, attrs, vocab, score_w, trace=True):
     """Prompt, response and per-token kind (0 trace, 1 answer, 2 the choice: the first ranked item, the one token
-    that moves the ranking) for one instance.
+    that moves the ranking, 3 the trace's judgements: the slot of each running leader and of the conclusion) for
+    one instance.
 
     prompt   = <bos> (item attrs..)*history <cands> (slot last prev link pop item attrs..)*N <think>|<answer>
     trace    = per candidate: its slot, then each of its statistics (EVIDENCE) followed by the running evidence
@@ -420,25 +421,29 @@ def encode(hist, cands, target_idx, ev, attrs, vocab, score_w, trace=True):
             lead = conclusion(score_tok[:i + 1])
             response += [vocab.lead, vocab.slot(lead), score_tok[lead]]
         response += [vocab.best, vocab.slot(conclusion(score_tok)), vocab.answer]
-        kind = [0] * len(response)
+        kind = [3 if prev in (vocab.lead, vocab.best) else 0 for prev in [None] + response[:-1]]
     order = [target_idx] + [i for i in range(len(cands)) if i != target_idx]
     answer = [vocab.slot(i) for i in order] + [vocab.eos]
     return prompt, response + answer, kind + [2] + [1] * (len(answer) - 1)
 
 
-def kind_weights(kind, w_trace, w_answer, w_choice):
-    """Per-token loss weights from the token kinds of encode()."""
-    return torch.tensor([w_trace, w_answer, w_choice], device=kind.device)[kind]
+def kind_weights(kind, w_trace, w_answer, w_choice, w_judge=None):
+    """Per-token loss weights from the token kinds of encode() (the judgements weigh as the trace by default)."""
+    w_judge = w_trace if w_judge is None else w_judge
+    return torch.tensor([w_trace, w_answer, w_choice, w_judge], device=kind.device)[kind]
 
 
-def loss_weights(batch, w_trace, w_answer, w_choice, reject=False):
+def loss_weights(batch, w_trace, w_answer, w_choice, reject=False, w_judge=None):
     """(B, R) loss weights by token kind. With `reject`, the decision (the first ranked slot) of a window whose
     trace concludes on another candidate than its target carries no loss: GR2 kept only the teacher traces that
     reach the target (rejection sampling). Here the programmatic trace is sound reasoning either way, so its
     tokens still teach, and so does the rest of the answer (writing out the permutation); only the decision that
     contradicts the trace is dropped. Without it the decision is learnt from a weak signal: the conclusion differs
-    from the first candidate on 11% of train windows and is then the target 30% of the time."""
-    w = kind_weights(batch['kind'], w_trace, w_answer, w_choice)
+    from the first candidate on 11% of train windows and is then the target 30% of the time.
+    `w_judge` weighs the trace's judgements (kind 3): a running leader changes about once a list, so a model
+    that always repeats the last leader is right 98% of the time at the trace's weight, and a small one did
+    exactly that (it concluded c1 on 99% of lists where the trace concludes elsewhere on 16%)."""
+    w = kind_weights(batch['kind'], w_trace, w_answer, w_choice, w_judge)
     if reject:
         w = w * ((batch['kind'] != 2) | batch['follows'][:, None])
     return w

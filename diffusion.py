@@ -117,7 +117,7 @@ def diffusion_loss(model, batch, block, mask_id, masked=None, w_trace=1.0, w_ans
 
 
 def answer_positions(resp, kind, vocab):
-    return (kind >= 1) & vocab.is_slot(resp)                           # (B, R) the N ranked positions
+    return ((kind == 1) | (kind == 2)) & vocab.is_slot(resp)           # (B, R) the N ranked positions
 
 
 def candidate_mass(logits_at, at, resp, cands):

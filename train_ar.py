@@ -8,6 +8,7 @@ Mid-training (GR2 mid-trains an LLM before SFT) is here the analogue: next-item 
 sequences written as in the prompt (item, then its attributes), which also aligns items with attributes.
 SFT weighs reasoning and answer tokens separately. Keeps the checkpoint with the best validation R@1.
 """
+import math
 from dataclasses import dataclass, asdict
 
 import numpy as np
@@ -44,6 +45,7 @@ class TrainARConfig(StageSettings):  # + min_validity, eval_n, eval_batch, time_
     w_trace: float = 0.5         # loss weight of reasoning tokens
     w_answer: float = 1.0        # loss weight of answer tokens
     w_choice: float = 5.0        # loss weight of the first ranked item (the decision: one token, learnt last)
+    w_judge: float = 5.0         # loss weight of the trace's running leaders and conclusion (data_beauty.loss_weights)
     trace_sample: float = 0.25   # share of trace tokens that carry the loss each step (ar_response_loss)
     reject: bool = True          # no decision loss where the trace concludes elsewhere (data_beauty.loss_weights)
     grad_clip: float = 1.0
@@ -54,7 +56,8 @@ class TrainARConfig(StageSettings):  # + min_validity, eval_n, eval_batch, time_
 def lr_at(step, total, cfg):
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
-    return cfg.lr * 0.5 * (1 + np.cos(np.pi * min(1.0, (step - cfg.warmup) / max(1, total - cfg.warmup))))
+    # a Python float: the optimizer state holds it, and the resume file is read back with weights_only=True
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - cfg.warmup) / max(1, total - cfg.warmup))))
 
 
 def make_optimizer(model, lr, weight_decay):
@@ -75,17 +78,18 @@ def optimizer_step(model, opt, loss, grad_clip, step, lr):
 
 
 def ar_response_loss(model, batch, w_trace=1.0, w_answer=1.0, w_choice=1.0, trace_sample=1.0, generator=None,
-                     reject=False):
+                     reject=False, w_judge=None):
     """Teacher-forced AR cross-entropy over the response up to its first <eos>, weighted by token kind.
 
     The output head (12.8k-way at d = 256, as costly as the whole body) runs only where a loss is taken: on
-    every answer token and on a random `trace_sample` share of the trace tokens, whose weight is divided by
-    that share so the expected loss is unchanged. The answer (the decision and the copying of the list) is
+    every answer token and judgement and on a random `trace_sample` share of the other trace tokens, whose
+    weight is divided by that share so the expected loss is unchanged. The answer (the decision and the copying of the list) is
     what is slow to learn; the trace is long and mostly easy. `reject`: see data_beauty.loss_weights."""
     resp = batch['resp']
     B, R = resp.shape
     live = torch.arange(R, device=resp.device)[None, :] < batch['resp_len'][:, None]
-    w = loss_weights(batch, w_trace / trace_sample, w_answer, w_choice, reject) * live
+    w_judge = w_trace if w_judge is None else w_judge
+    w = loss_weights(batch, w_trace / trace_sample, w_answer, w_choice, reject, w_judge) * live
     if trace_sample < 1.0:
         keep = torch.rand(B, R, device=resp.device, generator=generator) < trace_sample
         w = w * (keep | (batch['kind'] > 0))
@@ -143,7 +147,7 @@ def trace_report(model, split, vocab, device, n=512, batch=32):
         p = logits.softmax(-1).gather(-1, resp[..., None]).squeeze(-1)  # (B, R)
         right = logits.argmax(-1) == resp
         before = torch.cat([torch.full_like(resp[:, :1], -1), resp[:, :-1]], 1)
-        trace = (b['kind'] == 0) & (torch.arange(R, device=device)[None, :] < b['resp_len'][:, None])
+        trace = ((b['kind'] == 0) | (b['kind'] == 3)) & (torch.arange(R, device=device)[None, :] < b['resp_len'][:, None])
         for key, where, hit in (('p99', trace, p > 0.99), ('score', trace & torch.isin(before, stats), right),
                                 ('lead', trace & (before == vocab.lead), right), ('best', before == vocab.best, right)):
             counts[key][0] += int((hit & where).sum())
@@ -254,7 +258,7 @@ def main():
         batch = collate(train, idx, data.vocab, device=device)
         with autocast(device):
             loss = ar_response_loss(model, batch, cfg.w_trace, cfg.w_answer, cfg.w_choice, cfg.trace_sample,
-                                    reject=cfg.reject)
+                                    reject=cfg.reject, w_judge=cfg.w_judge)
         optimizer_step(model, opt, loss, cfg.grad_clip, step, cfg.lr)
         pbar.set_postfix(loss=f"{loss.item():.3f}")
         log.write(step=step, loss=loss.item(), lr=opt.param_groups[0]['lr'])

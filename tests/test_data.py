@@ -155,7 +155,8 @@ def test_evidence_weights_never_see_validation_or_test(tiny_dir, tmp_path):
 
 def test_conclusion_follows_the_score_tokens(tiny_data):
     """Each candidate's score token is followed by the running leader (<lead> slot score: the first candidate with
-    the highest score so far), and <best> names the last leader: all computable from the trace."""
+    the highest score so far), and <best> names the last leader: all computable from the trace. Those slots, and
+    only those, are the trace's judgements (kind 3)."""
     v = tiny_data.vocab
     sp = tiny_data.splits['valid']
     for i in range(len(sp)):
@@ -167,6 +168,8 @@ def test_conclusion_follows_the_score_tokens(tiny_data):
             lead = int(np.argmax(scores[:n + 1]))
             assert r[j + 1] == v.slot(lead) and r[j + 2] == scores[lead]
         assert r[r.index(v.best) + 1] == v.slot(int(np.argmax(scores)))
+        judged = [j for j, k in enumerate(sp.kinds[i]) if k == 3]  # the judgements weighed by w_judge
+        assert judged == [j + 1 for j in at] + [r.index(v.best) + 1]
 
 
 def test_running_scores_add_one_statistic_per_step():

@@ -225,7 +225,7 @@ def test_interrupted_training_resumes(tiny_dir, tmp_path):
     from common import save_resume
     from data_beauty import DataConfig
     from model import GPT, GPTConfig
-    from train_ar import TrainARConfig, make_optimizer
+    from train_ar import TrainARConfig, make_optimizer, lr_at
     args = dict(data_dir=tiny_dir, n_layer=1, n_embd=32, n_head=2, batch_size=8, max_steps=6, mid_steps=2,
                 eval_every=3, device='cpu')
     cfg = TrainARConfig(**args)
@@ -234,6 +234,8 @@ def test_interrupted_training_resumes(tiny_dir, tmp_path):
     vocab_size = BeautyData(dataclasses.replace(data_cfg, cache_dir=str(tmp_path / 'out' / 'cache'))).vocab.size
     model = GPT(GPTConfig(vocab_size=vocab_size, n_layer=1, n_head=2, n_embd=32, dropout=cfg.dropout))
     opt = make_optimizer(model, cfg.lr, cfg.weight_decay)
+    for g in opt.param_groups:  # as interrupted after the warm-up (the schedule's value is in the saved state)
+        g['lr'] = lr_at(3, 6, dataclasses.replace(cfg, warmup=1))
     os.makedirs(tmp_path / 'out', exist_ok=True)
     run_cfg = {**dataclasses.asdict(cfg), 'data': dataclasses.asdict(data_cfg)}
     save_resume(str(tmp_path / 'out' / 'ar.pt'), model, opt, run_cfg, 3, {'best': None, 'best_step': -1})
