@@ -19,9 +19,9 @@ if [ "$MODE" = cpu ]; then
   BUDGET=${BUDGET:-1500}                           # the controls only while the half hour lasts
   DEV="--device=cpu"
   SIZE="--n_layer=2 --n_embd=128 --n_head=4"
-  AR="$SIZE --batch_size=32 --mid_steps=0 --max_steps=800 --eval_every=400 --eval_n=300 --eval_batch=300"
+  AR="$SIZE --batch_size=32 --mid_steps=0 --max_steps=1000 --eval_every=500 --eval_n=600 --eval_batch=300"
   DIR="$AR"
-  SMALL="--eval_n=100 --eval_batch=100"
+  SMALL="--eval_n=64 --eval_batch=64"   # stage evaluations (selection) on the first 64 validation users
   CFT="--batch_size=16 --max_steps=100 --eval_every=100 --sweep=False $SMALL"
   OPD="--n_prompts=2 --max_steps=3 --eval_every=3 $SMALL"
   MORE="--batch_size=16 --max_steps=20 --eval_every=20 --sweep=False $SMALL"
