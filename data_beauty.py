@@ -371,11 +371,11 @@ def running_scores(ev, score_w):
     one-step lookup; a single token for the whole sum (ten terms) was right about half the time for a 2-layer
     model. Weights are quarters and the sums exact."""
     b = evidence_buckets(ev)
-    ends = np.cumsum([len(BUCKETS[fam]) + 1 for fam in EVIDENCE])
-    score = score_w[ends[-1]:ends[-1] + b.shape[1]]  # the position weights
+    start = np.cumsum([0] + [len(BUCKETS[fam]) + 1 for fam in EVIDENCE])  # each family's block in evidence_features
+    score = score_w[start[-1]:start[-1] + b.shape[1]]  # the position weights come last
     steps = []
     for f in range(len(EVIDENCE)):
-        score = np.clip(score + score_w[ends[f] - len(BUCKETS[EVIDENCE[f]]) - 1 + b[f]], -SCORE_MAX, SCORE_MAX)
+        score = np.clip(score + score_w[start[f] + b[f]], -SCORE_MAX, SCORE_MAX)
         steps.append(score)
     return np.stack(steps, 1)
 

@@ -2,7 +2,8 @@
 
     python train_ar.py                                   # one GPU: d256 L6, about a minute -> out/ar.pt
     python train_ar.py --trace=False --out=out/ar_direct.pt   # the ablation: same model, answers directly
-    python train_ar.py --n_layer=2 --n_embd=128 --n_head=4 --batch_size=32 --mid_steps=0 --max_steps=900 --device=cpu  # CPU
+    python train_ar.py --n_layer=2 --n_embd=128 --n_head=4 --batch_size=32 --mid_steps=0 --max_steps=1000 \
+        --eval_every=500 --eval_n=600 --device=cpu                                  # CPU (run.sh cpu), ~10 min
 
 Mid-training (GR2 mid-trains an LLM before SFT) is here the analogue: next-item prediction over users' train
 sequences written as in the prompt (item, then its attributes), which also aligns items with attributes.
@@ -83,8 +84,9 @@ def ar_response_loss(model, batch, w_trace=1.0, w_answer=1.0, w_choice=1.0, trac
 
     The output head (12.8k-way at d = 256, as costly as the whole body) runs only where a loss is taken: on
     every answer token and judgement and on a random `trace_sample` share of the other trace tokens, whose
-    weight is divided by that share so the expected loss is unchanged. The answer (the decision and the copying of the list) is
-    what is slow to learn; the trace is long and mostly easy. `reject`: see data_beauty.loss_weights."""
+    weight is divided by that share so the expected loss is unchanged. The answer (the decision and the copying
+    of the list) is what is slow to learn; the trace is long and mostly easy. `reject`: see
+    data_beauty.loss_weights; `w_judge` defaults to the trace's weight before that division."""
     resp = batch['resp']
     B, R = resp.shape
     live = torch.arange(R, device=resp.device)[None, :] < batch['resp_len'][:, None]
@@ -147,7 +149,8 @@ def trace_report(model, split, vocab, device, n=512, batch=32):
         p = logits.softmax(-1).gather(-1, resp[..., None]).squeeze(-1)  # (B, R)
         right = logits.argmax(-1) == resp
         before = torch.cat([torch.full_like(resp[:, :1], -1), resp[:, :-1]], 1)
-        trace = ((b['kind'] == 0) | (b['kind'] == 3)) & (torch.arange(R, device=device)[None, :] < b['resp_len'][:, None])
+        live = torch.arange(R, device=device)[None, :] < b['resp_len'][:, None]
+        trace = ((b['kind'] == 0) | (b['kind'] == 3)) & live
         for key, where, hit in (('p99', trace, p > 0.99), ('score', trace & torch.isin(before, stats), right),
                                 ('lead', trace & (before == vocab.lead), right), ('best', before == vocab.best, right)):
             counts[key][0] += int((hit & where).sum())
