@@ -527,7 +527,8 @@ class BeautyData:
         # read stale tokens
         code = repr((BUCKETS, SPECIALS, EVIDENCE, cfg.trace)) + ''.join(inspect.getsource(f) for f in ENCODING_CODE)
         enc = hashlib.sha1((key + code).encode()).hexdigest()[:12]
-        fields = cached(os.path.join(cfg.cache_dir, f"{cfg.name}-{key}-tokens-{enc}.pt"), lambda: self._encode_all(blob))
+        tokens_path = os.path.join(cfg.cache_dir, f"{cfg.name}-{key}-tokens-{enc}.pt")
+        fields = cached(tokens_path, lambda: self._encode_all(blob))
         self.score_w = fields.pop('score_w')
         self.splits = {name: Split(**f) for name, f in fields.items()}
 
@@ -615,6 +616,11 @@ def parse_answer(resp, vocab):
     return [pos[t] for t in resp]
 
 
+def copies_incoming(ranking):
+    """A valid ranking that is the pre-ranker's order: what a reward-hacking policy writes (train_rl)."""
+    return ranking is not None and ranking == sorted(ranking)
+
+
 def target_rank(ranking, target_idx):
     """1-based rank of the target; invalid output (None) is scored as the pre-ranker's order."""
     if ranking is None:
@@ -654,14 +660,18 @@ def floor_ranks(split):
     return [int(t) + 1 for t in split.target]
 
 
-def rule_ranks(split, vocab):
-    """Ranks under the trace's own conclusion used as a ranker (the <best> candidate first, the rest in the
-    pre-ranker's order): the reference a model that just copies its conclusion would score."""
-    ranks = []
-    for resp, cands, target in zip(split.responses, split.cands, split.target):
+def rule_rankings(split, vocab):
+    """The trace's own conclusion used as a ranker (the <best> candidate first, the rest in the pre-ranker's
+    order): the reference a model that just copies its conclusion would score."""
+    rankings = []
+    for resp, cands in zip(split.responses, split.cands):
         best = int(resp[list(resp).index(vocab.best) + 1]) - vocab.slot0
-        ranks.append(target_rank([best] + [i for i in range(len(cands)) if i != best], target))
-    return ranks
+        rankings.append([best] + [i for i in range(len(cands)) if i != best])
+    return rankings
+
+
+def rule_ranks(split, vocab):
+    return [target_rank(r, t) for r, t in zip(rule_rankings(split, vocab), split.target)]
 
 
 # ----------------------------------------------------------------------------- script
@@ -702,11 +712,14 @@ def main():
     if cfg.trace:
         write_json(results_path('data.json'), out)
         test = sp['test']  # the floor and the rule as systems of their own, in the evaluation schema
-        for name, ranks in (('floor', floor_ranks(test)), ('rule', rule_ranks(test, v))):
+        rule = rule_rankings(test, v)
+        for name, ranks, copy in (('floor', floor_ranks(test), [True] * len(test)),
+                                  ('rule', rule_ranks(test, v), [copies_incoming(r) for r in rule])):
             write_json(results_path(f'eval_{name}.json'), {
                 'name': name, 'split': 'test', 'n': len(test), 'metrics': metrics_from_ranks(ranks), 'validity': 1.0,
                 'decode': None, 'command': command_line(), 'commit': git_commit(),
-                'per_user': {'user': [int(u) for u in test.users], 'rank': ranks, 'valid': [True] * len(test)}})
+                'per_user': {'user': [int(u) for u in test.users], 'rank': ranks, 'valid': [True] * len(test),
+                             'copy': copy}})
     print(f"done in {timer():.1f}s")
 
 

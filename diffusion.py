@@ -82,11 +82,11 @@ def noise_blocks(resp, block, mask_id, generator=None, t_min=0.05):
 
 
 def diffusion_loss(model, batch, block, mask_id, masked=None, w_trace=1.0, w_answer=1.0, w_choice=1.0,
-                   complementary=True, validity_weight=0.0, vocab=None, generator=None, reject=False):
+                   complementary=True, validity_weight=0.0, vocab=None, generator=None, reject=False, w_judge=None):
     """Masked-token cross-entropy of the block-diffusion model (plain mean over masked tokens, Fast-dLLM v2),
     with complementary masks (each example also with the opposite mask: every token supervised once), plus
-    optionally the permutation-validity loss on the answer positions (`reject`: data_beauty.loss_weights; the
-    validity loss does not read the target, so it keeps every row). Returns (loss, parts dict).
+    optionally the permutation-validity loss on the answer positions (`reject`, `w_judge`: data_beauty.loss_weights;
+    the validity loss does not read the target, so it keeps every row). Returns (loss, parts dict).
 
     The output head runs only at the masked positions of the trained region: they are all the loss reads (a
     revealed answer position enters the validity loss as one-hot on its token)."""
@@ -95,7 +95,7 @@ def diffusion_loss(model, batch, block, mask_id, masked=None, w_trace=1.0, w_ans
     if masked is None:
         masked = noise_blocks(resp, block, mask_id, generator)
     kind, cands = batch['kind'], batch['cands']
-    weights = loss_weights(batch, w_trace, w_answer, w_choice, reject)
+    weights = loss_weights(batch, w_trace, w_answer, w_choice, reject, w_judge)
     if complementary:
         prompt, pad, resp, kind, region, cands, weights = (torch.cat([z, z]) for z in
                                                            (prompt, pad, resp, kind, region, cands, weights))

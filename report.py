@@ -41,6 +41,16 @@ def interval(ranks, metric, n_boot=10000, seed=0):
     return [float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))]
 
 
+def copy_share(e, floor):
+    """Share of outputs that copy the pre-ranker's order, on the users whose target it does not put first
+    (elsewhere a copy is right): the reward hacking RL must not learn. None for files without the record."""
+    if floor is None or 'copy' not in e['per_user']:
+        return None
+    first = dict(zip(floor['per_user']['user'], floor['per_user']['rank']))
+    copies = [c for u, c in zip(e['per_user']['user'], e['per_user']['copy']) if first[u] > 1]
+    return float(np.mean(copies)) if copies else None
+
+
 def main(folder='results'):
     evals = {}
     for path in glob.glob(os.path.join(folder, 'eval_*.json')):
@@ -49,7 +59,7 @@ def main(folder='results'):
         if e.get('split') == 'test':
             evals[os.path.basename(path)[5:-5]] = e
     summary = {'accuracy': [], 'gains': [], 'speed': []}
-    lines = ['| system | R@1 | R@3 | R@5 | N@3 | N@5 | validity | n |', '|---|---|---|---|---|---|---|---|']
+    lines = ['| system | R@1 | R@3 | R@5 | N@3 | N@5 | validity | copies | n |', '|---' * 9 + '|']
     for key, label, prev in ROWS:
         if key not in evals:
             continue
@@ -58,14 +68,16 @@ def main(folder='results'):
         m = metrics_from_ranks(ranks)
         ci = {k: interval(ranks, k) for k in ('R@1', 'N@3')}
         row = {'name': key, 'label': label, 'n': len(ranks), 'metrics': m, 'validity': e.get('validity', 1.0),
-               'ci95': ci, 'device': e.get('device'), 'commit': e.get('commit')}
+               'ci95': ci, 'copy_share': copy_share(e, evals.get('floor')), 'device': e.get('device'),
+               'commit': e.get('commit')}
         seeds = sorted(glob.glob(os.path.join(folder, 'seeds', '*', f'eval_{key}.json')))
         if seeds:
             vals = [json.load(open(p))['metrics']['R@1'] for p in seeds]
             row['seeds'] = {'n': len(vals), 'R@1_mean': float(np.mean(vals)), 'R@1_std': float(np.std(vals))}
         summary['accuracy'].append(row)
+        copies = '' if row['copy_share'] is None else f"{row['copy_share']:.3f}"
         lines.append(f"| {label} | " + ' | '.join(f"{m[k]:.4f}" for k in METRICS) +
-                     f" | {row['validity']:.3f} | {len(ranks)} |")
+                     f" | {row['validity']:.3f} | {copies} | {len(ranks)} |")
         if prev in evals:  # paired on the users both evaluated (a limited run covers the first n in user order)
             other = evals[prev]['per_user']
             n = min(len(ranks), len(other['rank']))
@@ -92,8 +104,10 @@ def main(folder='results'):
             val = '' if r['validity'] is None else f"{r['validity']:.3f}"
             speed_lines.append(f"| {r['label']} | {r['batch']} | {r['graphs']} | {r1} | {val} | {r['tok_per_s']:.0f} | "
                                f"{r['forwards_per_token']:.3f} | {r['speedup']:.2f}x |")
-    text = '\n'.join(['## Accuracy (test)', ''] + lines + ['', '## Stage gains (paired bootstrap)', ''] + gain_lines +
-                     (['', '## Speed', ''] + speed_lines if speed_lines else [])) + '\n'
+    note = ("copies: share of outputs that are the pre-ranker's order, on the users whose target it does not "
+            "put first (RL must not raise it)")
+    text = '\n'.join(['## Accuracy (test)', ''] + lines + ['', note, '', '## Stage gains (paired bootstrap)', ''] +
+                     gain_lines + (['', '## Speed', ''] + speed_lines if speed_lines else [])) + '\n'
     print(text)
     write_json(os.path.join(folder, 'summary.json'), summary)
     with open(os.path.join(folder, 'tables.md'), 'w') as f:

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common import (StageSettings, parse_config, print_config, pick_device, autocast, device_name, load_checkpoint, JsonlLog,
-                    write_json, Timer, CheckpointError, save_resume, load_resume, finish_resume, results_path)
+from common import (StageSettings, parse_config, print_config, pick_device, autocast, device_name, load_checkpoint,
+                    JsonlLog, write_json, Timer, CheckpointError, save_resume, load_resume, finish_resume, results_path)
 from data_beauty import DataError, collate
 from decode import load_data_for
 from diffusion import convert, diffusion_loss
@@ -35,6 +35,7 @@ class TrainCFTConfig(StageSettings):  # + min_validity, eval_n, eval_batch, time
     w_trace: float = 0.5
     w_answer: float = 1.0
     w_choice: float = 1.0        # the first ranked item
+    w_judge: float = 0.5         # the trace's running leaders and conclusion (train_ar's 5: lower validity on a CPU)
     reject: bool = True          # no decision loss where the trace concludes elsewhere (data_beauty.loss_weights)
     max_steps: int = 600
     batch_size: int = 64
@@ -48,6 +49,11 @@ class TrainCFTConfig(StageSettings):  # + min_validity, eval_n, eval_batch, time
     eval_every: int = 200
 
 
+def loss_weighting(cfg):
+    return dict(w_trace=cfg.w_trace, w_answer=cfg.w_answer, w_choice=cfg.w_choice, w_judge=cfg.w_judge,
+                reject=cfg.reject)
+
+
 @torch.no_grad()
 def validation_loss(model, data, cfg, device, n=256, batch=64):
     """The block-diffusion loss (cross-entropy part, the training weights) on the first n validation instances
@@ -58,8 +64,7 @@ def validation_loss(model, data, cfg, device, n=256, batch=64):
     for a in range(0, n, batch):
         b = collate(sp, range(a, min(n, a + batch)), data.vocab, block=cfg.block, device=device)
         with autocast(device):
-            _, parts = diffusion_loss(model, b, cfg.block, data.vocab.mask, w_trace=cfg.w_trace, w_answer=cfg.w_answer,
-                                      w_choice=cfg.w_choice, generator=gen, reject=cfg.reject)
+            _, parts = diffusion_loss(model, b, cfg.block, data.vocab.mask, generator=gen, **loss_weighting(cfg))
         total += parts['ce'].item() * len(b['pad'])
     return total / n
 
@@ -110,10 +115,9 @@ def main():
         rng = np.random.default_rng([cfg.seed, step])  # batches depend on the step only: a resumed run sees the same
         batch = collate(train, rng.integers(0, len(train), cfg.batch_size), vocab, block=cfg.block, device=device)
         with autocast(device):
-            loss, parts = diffusion_loss(model, batch, cfg.block, vocab.mask, w_trace=cfg.w_trace,
-                                         w_answer=cfg.w_answer, w_choice=cfg.w_choice, complementary=cfg.complementary,
+            loss, parts = diffusion_loss(model, batch, cfg.block, vocab.mask, complementary=cfg.complementary,
                                          validity_weight=cfg.validity_weight, vocab=vocab, generator=gen,
-                                         reject=cfg.reject)
+                                         **loss_weighting(cfg))
         optimizer_step(model, opt, loss, cfg.grad_clip, step, cfg.lr)
         pbar.set_postfix(loss=f"{loss.item():.3f}")
         log.write(step=step + 1, loss=loss.item(), **{k: v.item() for k, v in parts.items()})

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from common import (StageSettings, parse_config, print_config, pick_device, autocast, load_checkpoint, Timer,
                     CheckpointError)
-from data_beauty import DataError, parse_answer, target_rank
+from data_beauty import DataError, parse_answer, target_rank, copies_incoming
 from decode import load_data_for
 from diffusion import convert, live_tokens, replay_logits, token_logprobs
 from train_ar import lr_at, finish
@@ -78,7 +78,7 @@ def score_rollouts(res, data, rows):
         ranking = parse_answer(toks, vocab)
         ranks.append(target_rank(ranking, sp.target[i]))
         valid.append(ranking is not None)
-        copies.append(ranking == list(range(len(sp.cands[i]))))
+        copies.append(copies_incoming(ranking))
     return np.array(ranks), np.array(valid), np.array(copies)
 
 

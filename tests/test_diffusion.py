@@ -177,10 +177,11 @@ def test_loss_at_masked_positions_equals_full_head(tiny_data):
     v, resp = d.vocab, batch['resp']
     masked = noise_blocks(resp, 4, v.mask, torch.Generator().manual_seed(0))
     loss, parts = diffusion_loss(model, batch, 4, v.mask, masked=masked, complementary=False, w_trace=0.5,
-                                 validity_weight=1.0, vocab=v)
+                                 validity_weight=1.0, vocab=v, w_judge=5.0)
     logits = model.head(bd3_hidden(model, batch['prompt'], batch['pad'], torch.where(masked, v.mask, resp), resp, 4))
     at = masked & loss_region(resp, batch['resp_len'], 4)
-    w = kind_weights(batch['kind'], 0.5, 1.0, 1.0) * at
+    assert (batch['kind'][at] == 3).any()                             # the judgements' weight is exercised
+    w = kind_weights(batch['kind'], 0.5, 1.0, 1.0, 5.0) * at
     ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), resp, reduction='none')
     torch.testing.assert_close(parts['ce'], (ce * w).sum() / w.sum())
     want_v = permutation_validity_loss(logits, resp, at, batch['cands'], batch['kind'], v)

@@ -45,6 +45,8 @@ def test_recipe_runs_end_to_end(pipeline):
     res = json.load(open(os.path.join(cwd, 'results', 'eval_rl.json')))
     assert res['n'] == len(res['per_user']['rank']) and res['decode']['block'] == 8
     assert res['per_user']['user'] == sorted(res['per_user']['user'])
+    pu = res['per_user']
+    assert len(pu['copy']) == res['n'] and all(v for v, c in zip(pu['valid'], pu['copy']) if c)  # a copy is valid
     ck = torch.load(os.path.join(cwd, 'out', 'rl.pt'), weights_only=True)
     assert ck['stage'] == 'rl' and ck['parent'] == 'out/opd.pt'
     trace = json.load(open(os.path.join(cwd, 'results', 'train_ar.json')))['valid']  # the trace's own diagnosis
@@ -270,3 +272,18 @@ def test_report_pairs_a_limited_run_on_its_users(tmp_path):
     summary = json.load(open(tmp_path / 'summary.json'))
     (gain,) = summary['gains']
     assert gain['n'] == 6 and gain['R@1']['diff'] == pytest.approx((5 - 3) / 6)
+    assert [r['copy_share'] for r in summary['accuracy']] == [None, None]  # files without the copy record
+
+
+def test_report_copy_share_counts_users_whose_target_is_not_first(tmp_path):
+    import json
+    import report
+    users, floor = list(range(6)), [1, 2, 3, 1, 4, 2]
+    copy = [True, True, False, False, True, False]       # on users 1, 2, 4, 5: 2 of 4 copy
+    for name, extra in (('floor', {'copy': [True] * 6}), ('rl', {'copy': copy})):
+        with open(tmp_path / f'eval_{name}.json', 'w') as f:
+            json.dump({'split': 'test', 'validity': 1.0,
+                       'per_user': {'user': users, 'rank': floor, 'valid': [True] * 6, **extra}}, f)
+    report.main(str(tmp_path))
+    rows = {r['name']: r for r in json.load(open(tmp_path / 'summary.json'))['accuracy']}
+    assert rows['floor']['copy_share'] == 1.0 and rows['rl']['copy_share'] == 0.5
