@@ -41,6 +41,7 @@ class TrainRLConfig(StageSettings):  # + min_validity, eval_n, eval_batch, time_
     k: int = 0
     clip: float = 0.2
     format_weight: float = 0.2
+    kl_weight: float = 0.0       # > 0: a per-token KL penalty to the start policy (GRPO's beta; 0 = the SPEC recipe)
     updates: int = 1             # policy updates per batch of rollouts
     max_steps: int = 60
     micro_batch: int = 32
@@ -65,6 +66,13 @@ def group_advantages(rewards, group):
     keep = std[:, 0] > 1e-8
     adv = np.where(keep[:, None], (r - r.mean(1, keepdims=True)) / np.maximum(std, 1e-8), 0.0)
     return adv.reshape(-1), np.repeat(keep, group)
+
+
+def kl_to_reference(new, ref):
+    """Per-token KL(policy || start) estimate at the policy's own samples (k3: exp(d) - d - 1 with d = ref - new):
+    non-negative, zero where the log-probs agree, and its gradient pulls the policy back to the start."""
+    d = ref - new
+    return d.exp() - d - 1
 
 
 def score_rollouts(res, data, rows):
@@ -103,7 +111,7 @@ def main():
     elif block != ck['run_cfg'].get('block'):
         raise SystemExit(f"error: {cfg.policy} decodes with block {ck['run_cfg'].get('block')}, not {block}")
     vocab, train, N = data.vocab, data.splits['train'], data.cfg.n_cand
-    reference = copy.deepcopy(policy).eval().requires_grad_(False)  # the start policy, for the KL we log
+    reference = copy.deepcopy(policy).eval().requires_grad_(False)  # the start policy: the KL we log (and penalise)
     print(f"policy {cfg.policy} (B = {block}); {cfg.n_prompts} prompts x {cfg.group} rollouts")
     log, opt, gen, keeper = on_policy_run(policy, data, cfg, device, ck, block, 'rl', cfg.policy, 0.0)
     pbar = tqdm(range(cfg.max_steps), desc=cfg.name, dynamic_ncols=True)
@@ -151,6 +159,8 @@ def main():
                     ratio = (new - old[ci]).exp()
                     obj = torch.minimum(ratio * a, ratio.clamp(1 - cfg.clip, 1 + cfg.clip) * a)
                     loss = -obj.sum() / n_live                            # token-level mean (DAPO)
+                    if cfg.kl_weight > 0:
+                        loss = loss + cfg.kl_weight * kl_to_reference(new, ref[ci]).sum() / n_live
                     loss.backward()
                     total += loss.item()
                 if not np.isfinite(total):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from train_rl import rank_reward, group_advantages
+from train_rl import rank_reward, group_advantages, kl_to_reference
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = {
@@ -108,6 +108,16 @@ def test_group_advantages_drop_zero_variance():
     assert not keep[:4].any() and keep[4:].all()
     assert np.all(adv[:4] == 0)
     assert abs(adv[4:].mean()) < 1e-9 and adv[4] > 0 > adv[5]
+
+
+def test_kl_to_reference_is_zero_at_the_start_and_pulls_back():
+    ref = torch.tensor([-0.5, -1.0, -2.0])
+    assert torch.equal(kl_to_reference(ref, ref), torch.zeros(3))
+    new = torch.tensor([-0.3, -1.5, -2.0], requires_grad=True)
+    kl = kl_to_reference(new, ref)
+    assert (kl[:2] > 0).all() and kl[2] == 0
+    kl.sum().backward()   # descending it moves each log-prob back towards the start policy's
+    assert new.grad[0] > 0 > new.grad[1] and new.grad[2] == 0
 
 
 @pytest.mark.parametrize('state', ['commit', 'l2r'])
