@@ -30,6 +30,7 @@ ROWS = [  # (file name, label, predecessor for the paired gain)
     ('cft_more', '+ CFT, more (OPD control)', 'cft'),
     ('opd', '+ CFT + OPD', 'cft'),
     ('rl', '+ CFT + OPD + RL', 'opd'),
+    ('rl_kl', '+ CFT + OPD + RL, KL penalty to OPD', 'rl'),
 ]
 METRICS = ('R@1', 'R@3', 'R@5', 'N@3', 'N@5')
 

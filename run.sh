@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # The whole recipe for one seed, then the two tables:
 #   data -> AR teacher (+ no-trace and no-rejection ablations) -> naive conversion -> CFT (+ no-validity ablation)
-#   -> OPD (+ off-policy control) -> RL (+ RL-tuned AR) -> test evaluation -> bench -> report
+#   -> OPD (+ off-policy control) -> RL (+ RL-tuned AR, + a KL penalty) -> test evaluation -> bench -> report
 #
 #   bash run.sh                  # one GPU, default config
 #   bash run.sh cpu              # this kind of 2-core CPU: a small model and short stages, labelled CPU in results/
-#   bash run.sh gpu core         # only the chain (data ... rl, bench); `ablations` runs the five controls after it
+#   bash run.sh gpu core         # only the chain (data ... rl, bench); `ablations` runs the six controls after it
 # Environment: DATA_DIR (default ../shared/data/beauty), SEED (default 0), BUDGET (seconds; optional stages
 # are skipped once it is spent, so a time-boxed run still ends with the tables).
 set -euo pipefail
@@ -62,6 +62,7 @@ ablations() {  # each answers one question about the chain; needs out/ar.pt and 
   if left; then python train_cft.py $D $DEV $MORE --parent=out/cft.pt --out=out/cft_more.pt --name=cft_more && ev --ckpt=out/cft_more.pt --name=cft_more --block=32 --tau=0.9; fi
   if left; then python train_rl.py $D $DEV $RL --policy=out/ar.pt --block=1 --out=out/ar_rl.pt --name=ar_rl && ev_ar --ckpt=out/ar_rl.pt --name=ar_rl --block=1 --tau=0.9; fi
   if left; then python train_ar.py $D $DEV $AR --reject=False --out=out/ar_noreject.pt --name=ar_noreject && ev_ar --ckpt=out/ar_noreject.pt --name=ar_noreject; fi
+  if left; then python train_rl.py $D $DEV $RL --kl_weight=1.0 --out=out/rl_kl.pt --name=rl_kl && ev --ckpt=out/rl_kl.pt --name=rl_kl --block=32 --tau=0.9; fi
 }
 
 case "$PART" in
