@@ -15,7 +15,8 @@ TINY = {
                     '--eval_every=6'],
     'train_cft.py': ['--block=8', '--batch_size=4', '--max_steps=3', '--eval_every=3'],
     'train_opd.py': ['--n_prompts=2', '--group=2', '--max_steps=2', '--eval_every=2'],
-    'train_rl.py': ['--n_prompts=2', '--group=4', '--max_steps=2', '--eval_every=2'],
+    'train_rl.py': ['--n_prompts=2', '--group=4', '--max_steps=2', '--eval_every=2',
+                    '--kl_weight=0.5'],  # the KL penalty's code path runs end to end
 }
 
 
