@@ -713,13 +713,14 @@ def main():
         write_json(results_path('data.json'), out)
         test = sp['test']  # the floor and the rule as systems of their own, in the evaluation schema
         rule = rule_rankings(test, v)
-        for name, ranks, copy in (('floor', floor_ranks(test), [True] * len(test)),
-                                  ('rule', rule_ranks(test, v), [copies_incoming(r) for r in rule])):
+        rule_r = [target_rank(r, t) for r, t in zip(rule, test.target)]
+        for name, ranks, copies in (('floor', floor_ranks(test), [True] * len(test)),
+                                    ('rule', rule_r, [copies_incoming(r) for r in rule])):
             write_json(results_path(f'eval_{name}.json'), {
                 'name': name, 'split': 'test', 'n': len(test), 'metrics': metrics_from_ranks(ranks), 'validity': 1.0,
                 'decode': None, 'command': command_line(), 'commit': git_commit(),
                 'per_user': {'user': [int(u) for u in test.users], 'rank': ranks, 'valid': [True] * len(test),
-                             'copy': copy}})
+                             'copy': copies}})
     print(f"done in {timer():.1f}s")
 
 

@@ -62,7 +62,7 @@ def decode_split(model, data, split, cfg, device, max_new=None):
     n = len(split) if not cfg.limit else min(cfg.limit, len(split))
     order = sorted(range(n), key=lambda i: len(split.prompts[i]))  # less padding; results do not depend on it
     max_resp = max_new or (max(len(split.responses[i]) for i in range(n)) + 32)
-    ranks, valid, copy, texts = [0] * n, [False] * n, [False] * n, [None] * n
+    ranks, valid, copies, texts = [0] * n, [False] * n, [False] * n, [None] * n
     stats = {'n_tokens': 0, 'n_forwards': 0, 'trace_tokens': 0, 'trace_forwards': 0, 'answer_tokens': 0,
              'answer_forwards': 0}
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
@@ -88,16 +88,16 @@ def decode_split(model, data, split, cfg, device, max_new=None):
             ranking = parse_answer(toks, vocab)
             ranks[i] = target_rank(ranking, split.target[i])
             valid[i] = ranking is not None
-            copy[i] = copies_incoming(ranking)
+            copies[i] = copies_incoming(ranking)
             texts[i] = toks
-    return ranks, valid, copy, texts, stats
+    return ranks, valid, copies, texts, stats
 
 
 def evaluate(model, data, split_name, cfg, device, max_new=None):
     """Metrics and the per-user record for one split (the schema of results/eval_<name>.json)."""
     split = data.splits[split_name]
     timer = Timer()
-    ranks, valid, copy, texts, stats = decode_split(model, data, split, cfg, device, max_new)
+    ranks, valid, copies, texts, stats = decode_split(model, data, split, cfg, device, max_new)
     n = len(ranks)
     out = {'split': split_name, 'n': n, 'metrics': metrics_from_ranks(ranks), 'validity': float(np.mean(valid)),
            'floor': metrics_from_ranks(floor_ranks(split)[:n]),
@@ -105,7 +105,7 @@ def evaluate(model, data, split_name, cfg, device, max_new=None):
                       'tau': cfg.tau if cfg.block > 0 and cfg.k <= 0 else None, 'k': cfg.k if cfg.block > 0 else None,
                       'greedy': True},
            'seconds': round(timer(), 2),
-           'per_user': {'user': [int(u) for u in split.users[:n]], 'rank': ranks, 'valid': valid, 'copy': copy}}
+           'per_user': {'user': [int(u) for u in split.users[:n]], 'rank': ranks, 'valid': valid, 'copy': copies}}
     if stats['n_forwards']:
         out['tokens_per_forward'] = stats['n_tokens'] / stats['n_forwards']
     if stats['trace_forwards']:
