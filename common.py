@@ -23,6 +23,9 @@ class StageSettings:
     seed: int = 0
     device: str = 'auto'
 
+    def problem(self):  # stages with a decoding setting (block, tau, k) are checked like decode.py's
+        return decoding_problem(getattr(self, 'block', 0), getattr(self, 'tau', 0.9), getattr(self, 'k', 0))
+
 
 def parse_config(cls, argv=None):
     """Build a dataclass from `--key=value` flags (values parsed with ast.literal_eval), reject unknown keys."""
@@ -50,7 +53,21 @@ def parse_config(cls, argv=None):
         if default is not None and not isinstance(value, type(default)):
             raise SystemExit(f"--{key} expects {type(default).__name__}, got {raw!r}")
         values[key] = value
-    return cls(**values)
+    cfg = cls(**values)
+    problem = cfg.problem() if hasattr(cfg, 'problem') else None  # a config may check its values' ranges
+    if problem:
+        raise SystemExit(f"error: {problem}")
+    return cfg
+
+
+def decoding_problem(block, tau, k):
+    """What is wrong with a decoding setting, or None: B >= 0 (0 = AR), k >= 0, and for the threshold rule
+    0 < tau <= 1 (tau > 1 would commit one token per step: say --k=1)."""
+    if block < 0 or k < 0:
+        return f"--block={block} --k={k}: both must be >= 0 (block 0 decodes autoregressively)"
+    if k == 0 and not 0 < tau <= 1:
+        return f"--tau={tau}: the confidence threshold lies in (0, 1]; one token per step is --k=1"
+    return None
 
 
 def print_config(cfg):

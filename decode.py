@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from common import (parse_config, print_config, pick_device, autocast, device_name, load_checkpoint,
-                    write_json, git_commit, command_line, Timer, CheckpointError, results_path)
+from common import (parse_config, decoding_problem, print_config, pick_device, autocast, device_name,
+                    load_checkpoint, write_json, git_commit, command_line, Timer, CheckpointError, results_path)
 from data_beauty import (DataConfig, BeautyData, DataError, collate, parse_answer, target_rank, metrics_from_ranks,
                          floor_ranks, copies_incoming)
 from diffusion import first_eos_lengths, generate_block
@@ -33,6 +33,13 @@ class DecodeConfig:
     limit: int = 0              # > 0: only the first `limit` instances (quick looks)
     seed: int = 0
     device: str = 'auto'
+
+    def problem(self):
+        if self.split not in ('train', 'valid', 'test'):
+            return f"--split={self.split!r}: use valid (selection) or test (the reported tables)"
+        if self.limit < 0 or self.batch_size < 1:
+            return f"--limit={self.limit} --batch_size={self.batch_size}: limit >= 0 (0 = all), batch_size >= 1"
+        return decoding_problem(self.block, self.tau, self.k)
 
 
 @torch.no_grad()

@@ -48,6 +48,9 @@ class TrainCFTConfig(StageSettings):  # + min_validity, eval_n, eval_batch, time
     sweep: bool = True           # at the end: validation accuracy and speed at tau 0.9 / 0.6 / 0.4 and k = 1
     eval_every: int = 200
 
+    def problem(self):
+        return "--block must be >= 1 (1: AR decoding with the CFT loss)" if self.block < 1 else super().problem()
+
 
 def loss_weighting(cfg):
     return dict(w_trace=cfg.w_trace, w_answer=cfg.w_answer, w_choice=cfg.w_choice, w_judge=cfg.w_judge,

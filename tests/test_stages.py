@@ -96,6 +96,18 @@ def test_unknown_flag_is_refused(tmp_path):
     assert p.returncode != 0 and 'unknown option --no_such_flag' in p.stderr + p.stdout
 
 
+@pytest.mark.parametrize('script,args,says', [
+    ('decode.py', ['--split=validation'], 'use valid'),
+    ('decode.py', ['--block=32', '--tau=0'], 'threshold lies in (0, 1]'),
+    ('decode.py', ['--limit=-1'], 'limit >= 0'),
+    ('train_cft.py', ['--block=0'], '--block must be >= 1'),
+    ('train_rl.py', ['--k=-2'], 'must be >= 0'),
+])
+def test_out_of_range_settings_are_refused_before_any_work(tmp_path, script, args, says):
+    p = run(script, str(tmp_path), *args)  # no data, no checkpoint here: the check comes first
+    assert p.returncode != 0 and says in p.stderr + p.stdout
+
+
 def test_rank_reward_by_hand():
     before = [3, 1, 4, 2, 5]
     after = [1, 1, 4, 3, 5]
