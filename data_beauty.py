@@ -504,8 +504,9 @@ def cached(path, build):
         return torch.load(path, weights_only=False)
     blob = build()
     os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-    torch.save(blob, path + '.tmp')
-    os.replace(path + '.tmp', path)
+    tmp = f"{path}.{os.getpid()}.tmp"  # two scripts building the same cache at once each write their own
+    torch.save(blob, tmp)
+    os.replace(tmp, path)
     return blob
 
 

@@ -52,13 +52,51 @@ def copy_share(e, floor):
     return float(np.mean(copies)) if copies else None
 
 
-def main(folder='results'):
+def test_evals(folder):
+    """name -> the test evaluation file results/eval_<name>.json."""
     evals = {}
     for path in glob.glob(os.path.join(folder, 'eval_*.json')):
         with open(path) as f:
             e = json.load(f)
         if e.get('split') == 'test':
             evals[os.path.basename(path)[5:-5]] = e
+    return evals
+
+
+def paired_users(e, other):
+    """The first n users both files decoded (a limited run covers the first n in user order), or 0."""
+    a, b = e['per_user'], other['per_user']
+    n = min(len(a['rank']), len(b['rank']))
+    return n if a['user'][:n] == b['user'][:n] else 0
+
+
+def over_seeds(folder):
+    """Rows for the systems every seed folder results/seeds/<seed>/ holds: the mean and spread of R@1 and N@3
+    over seeds, and the mean over seeds of the paired difference to the predecessor (SPEC item 10)."""
+    seeds = [test_evals(d) for d in sorted(glob.glob(os.path.join(folder, 'seeds', '*', '')))]
+    rows = []
+    for key, label, prev in ROWS if seeds else []:
+        if not all(key in ev for ev in seeds):
+            continue
+        row = {'name': key, 'label': label, 'seeds': len(seeds)}
+        for k in ('R@1', 'N@3'):
+            vals = [metrics_from_ranks(ev[key]['per_user']['rank'])[k] for ev in seeds]
+            row[k] = {'mean': float(np.mean(vals)), 'std': float(np.std(vals))}
+        if prev and all(prev in ev and paired_users(ev[key], ev[prev]) for ev in seeds):
+            row['vs'] = prev
+            for k in ('R@1', 'N@3'):
+                diffs = []
+                for ev in seeds:
+                    n = paired_users(ev[key], ev[prev])
+                    diffs.append(per_rank_metric(ev[key]['per_user']['rank'][:n], k).mean() -
+                                 per_rank_metric(ev[prev]['per_user']['rank'][:n], k).mean())
+                row[f'{k}_diff_mean'] = float(np.mean(diffs))
+        rows.append(row)
+    return rows
+
+
+def main(folder='results'):
+    evals = test_evals(folder)
     summary = {'accuracy': [], 'gains': [], 'speed': []}
     lines = ['| system | R@1 | R@3 | R@5 | N@3 | N@5 | validity | copies | n |', '|---' * 9 + '|']
     for key, label, prev in ROWS:
@@ -71,22 +109,16 @@ def main(folder='results'):
         row = {'name': key, 'label': label, 'n': len(ranks), 'metrics': m, 'validity': e.get('validity', 1.0),
                'ci95': ci, 'copy_share': copy_share(e, evals.get('floor')), 'device': e.get('device'),
                'commit': e.get('commit')}
-        seeds = sorted(glob.glob(os.path.join(folder, 'seeds', '*', f'eval_{key}.json')))
-        if seeds:
-            vals = [json.load(open(p))['metrics']['R@1'] for p in seeds]
-            row['seeds'] = {'n': len(vals), 'R@1_mean': float(np.mean(vals)), 'R@1_std': float(np.std(vals))}
         summary['accuracy'].append(row)
         copies = '' if row['copy_share'] is None else f"{row['copy_share']:.3f}"
         lines.append(f"| {label} | " + ' | '.join(f"{m[k]:.4f}" for k in METRICS) +
                      f" | {row['validity']:.3f} | {copies} | {len(ranks)} |")
-        if prev in evals:  # paired on the users both evaluated (a limited run covers the first n in user order)
-            other = evals[prev]['per_user']
-            n = min(len(ranks), len(other['rank']))
-            if e['per_user']['user'][:n] == other['user'][:n]:
-                g = {'name': key, 'vs': prev, 'n': n}
-                for k in ('R@1', 'N@3'):
-                    g[k] = paired_bootstrap(ranks[:n], other['rank'][:n], k)
-                summary['gains'].append(g)
+        n = paired_users(e, evals[prev]) if prev in evals else 0
+        if n:
+            g = {'name': key, 'vs': prev, 'n': n}
+            for k in ('R@1', 'N@3'):
+                g[k] = paired_bootstrap(ranks[:n], evals[prev]['per_user']['rank'][:n], k)
+            summary['gains'].append(g)
     gain_lines = ['| stage | vs | n | R@1 diff [95% CI] | N@3 diff [95% CI] |', '|---|---|---|---|---|']
     for g in summary['gains']:
         gain_lines.append(f"| {g['name']} | {g['vs']} | {g['n']} | " + ' | '.join(
@@ -105,10 +137,19 @@ def main(folder='results'):
             val = '' if r['validity'] is None else f"{r['validity']:.3f}"
             speed_lines.append(f"| {r['label']} | {r['batch']} | {r['graphs']} | {r1} | {val} | {r['tok_per_s']:.0f} | "
                                f"{r['forwards_per_token']:.3f} | {r['speedup']:.2f}x |")
+    summary['seeds'] = over_seeds(folder)
+    seed_lines = ['| system | seeds | R@1 mean (sd) | N@3 mean (sd) | vs | R@1 diff, mean | N@3 diff, mean |',
+                  '|---' * 7 + '|']
+    for r in summary['seeds']:
+        diff = (f"| {r['vs']} | {r['R@1_diff_mean']:+.4f} | {r['N@3_diff_mean']:+.4f} |" if 'vs' in r else '| | | |')
+        seed_lines.append(f"| {r['label']} | {r['seeds']} | " + ' | '.join(
+            f"{r[k]['mean']:.4f} ({r[k]['std']:.4f})" for k in ('R@1', 'N@3')) + f" {diff}")
     note = ("copies: share of outputs that are the pre-ranker's order, on the users whose target it does not "
             "put first (RL must not raise it)")
     text = '\n'.join(['## Accuracy (test)', ''] + lines + ['', note, '', '## Stage gains (paired bootstrap)', ''] +
-                     gain_lines + (['', '## Speed', ''] + speed_lines if speed_lines else [])) + '\n'
+                     gain_lines + (['', '## Over seeds (results/seeds/<seed>/)', ''] + seed_lines
+                                   if summary['seeds'] else []) +
+                     (['', '## Speed', ''] + speed_lines if speed_lines else [])) + '\n'
     print(text)
     write_json(os.path.join(folder, 'summary.json'), summary)
     with open(os.path.join(folder, 'tables.md'), 'w') as f:

@@ -7,13 +7,14 @@ import numpy as np
 import pytest
 import torch
 
+from train_cft import TrainCFTConfig, block_at
 from train_rl import rank_reward, group_advantages, kl_to_reference
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = {
     'train_ar.py': ['--n_layer=1', '--n_embd=32', '--n_head=2', '--batch_size=8', '--max_steps=6', '--mid_steps=2',
                     '--eval_every=6'],
-    'train_cft.py': ['--block=8', '--batch_size=4', '--max_steps=3', '--eval_every=3'],
+    'train_cft.py': ['--block=8', '--batch_size=4', '--max_steps=3', '--eval_every=3', '--block_warmup=2'],
     'train_opd.py': ['--n_prompts=2', '--group=2', '--max_steps=2', '--eval_every=2'],
     'train_rl.py': ['--n_prompts=2', '--group=4', '--max_steps=2', '--eval_every=2',
                     '--kl_weight=0.5'],  # the KL penalty's code path runs end to end
@@ -106,6 +107,14 @@ def test_unknown_flag_is_refused(tmp_path):
 def test_out_of_range_settings_are_refused_before_any_work(tmp_path, script, args, says):
     p = run(script, str(tmp_path), *args)  # no data, no checkpoint here: the check comes first
     assert p.returncode != 0 and says in p.stderr + p.stdout
+
+
+def test_block_warmup_doubles_from_ar_to_the_block_size():
+    cfg = TrainCFTConfig(block=32, block_warmup=60)
+    sizes = [block_at(step, cfg) for step in range(80)]                      # six stretches of 10 steps
+    assert sizes[0] == 1 and sizes[49] == 16 and sizes[50:] == [32] * 30   # B = 1 first: the AR loss exactly
+    assert sorted(set(sizes)) == [1, 2, 4, 8, 16, 32] and sizes == sorted(sizes)
+    assert block_at(0, TrainCFTConfig(block=32)) == 32                      # off by default
 
 
 def test_rank_reward_by_hand():
@@ -310,3 +319,24 @@ def test_report_copy_share_counts_users_whose_target_is_not_first(tmp_path):
     report.main(str(tmp_path))
     rows = {r['name']: r for r in json.load(open(tmp_path / 'summary.json'))['accuracy']}
     assert rows['floor']['copy_share'] == 1.0 and rows['rl']['copy_share'] == 0.5
+
+
+def test_report_averages_paired_differences_over_seeds(tmp_path):
+    """SPEC item 10 reads the mean over seeds of the paired difference; a system missing in one seed is left out."""
+    import json
+    import report
+    users, floor = list(range(4)), [2, 2, 1, 3]
+    ar = {'0': [1, 2, 1, 3], '1': [1, 1, 1, 3]}                # R@1 gain over the floor: 1/4 and 2/4
+    for seed in ('0', '1'):
+        folder = tmp_path / 'seeds' / seed
+        folder.mkdir(parents=True)
+        files = {'floor': floor, 'ar': ar[seed], **({'rl': floor} if seed == '0' else {})}
+        for name, ranks in files.items():
+            with open(folder / f'eval_{name}.json', 'w') as f:
+                json.dump({'split': 'test', 'per_user': {'user': users, 'rank': ranks, 'valid': [True] * 4}}, f)
+    report.main(str(tmp_path))
+    rows = {r['name']: r for r in json.load(open(tmp_path / 'summary.json'))['seeds']}
+    assert set(rows) == {'floor', 'ar'} and rows['ar']['vs'] == 'floor'
+    assert rows['ar']['R@1']['mean'] == pytest.approx(0.625) and rows['ar']['R@1']['std'] == pytest.approx(0.125)
+    assert rows['ar']['R@1_diff_mean'] == pytest.approx(0.375)
+    assert 'Over seeds' in (tmp_path / 'tables.md').read_text()
