@@ -30,6 +30,7 @@ class TrainCFTConfig(StageSettings):  # + min_validity, eval_n, eval_batch, time
     name: str = 'cft'
     data_dir: str = '../shared/data/beauty'
     block: int = 32              # B: tokens per block
+    block_warmup: int = 0        # > 0: train with B = 1, 2, 4, ... up to `block` over these first steps
     validity_weight: float = 1.0  # permutation-validity loss weight (0 = ablation)
     complementary: bool = True   # each example also with the opposite mask
     w_trace: float = 0.5
@@ -49,7 +50,22 @@ class TrainCFTConfig(StageSettings):  # + min_validity, eval_n, eval_batch, time
     eval_every: int = 200
 
     def problem(self):
-        return "--block must be >= 1 (1: AR decoding with the CFT loss)" if self.block < 1 else super().problem()
+        if self.block < 1:
+            return "--block must be >= 1 (1: AR decoding with the CFT loss)"
+        if self.block_warmup > 0 and self.block & (self.block - 1):
+            return f"--block_warmup doubles the block size up to --block={self.block}: use a power of two"
+        return super().problem()
+
+
+def block_at(step, cfg):
+    """The training block size at a step. With a warm-up, B doubles from 1 (the AR loss exactly) to cfg.block in
+    equal stretches of it (the last one already at cfg.block), so the weights leave the AR solution one step of
+    parallelism at a time (the analogue of the attention-mask annealing used when adapting AR models to
+    diffusion). Evaluation always uses cfg.block; every stage's size divides it, and so the batch padding."""
+    if step >= cfg.block_warmup:
+        return cfg.block
+    stages = cfg.block.bit_length()                                     # 1, 2, 4, ..., block
+    return 2 ** (step * stages // cfg.block_warmup)
 
 
 def loss_weighting(cfg):
@@ -118,9 +134,9 @@ def main():
         rng = np.random.default_rng([cfg.seed, step])  # batches depend on the step only: a resumed run sees the same
         batch = collate(train, rng.integers(0, len(train), cfg.batch_size), vocab, block=cfg.block, device=device)
         with autocast(device):
-            loss, parts = diffusion_loss(model, batch, cfg.block, vocab.mask, complementary=cfg.complementary,
-                                         validity_weight=cfg.validity_weight, vocab=vocab, generator=gen,
-                                         **loss_weighting(cfg))
+            loss, parts = diffusion_loss(model, batch, block_at(step, cfg), vocab.mask,
+                                         complementary=cfg.complementary, validity_weight=cfg.validity_weight,
+                                         vocab=vocab, generator=gen, **loss_weighting(cfg))
         optimizer_step(model, opt, loss, cfg.grad_clip, step, cfg.lr)
         pbar.set_postfix(loss=f"{loss.item():.3f}")
         log.write(step=step + 1, loss=loss.item(), **{k: v.item() for k, v in parts.items()})
