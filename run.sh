@@ -2,10 +2,11 @@
 # The whole recipe for one seed, then the two tables:
 #   data -> AR teacher (+ no-trace and no-rejection ablations) -> naive conversion -> CFT (+ no-validity ablation)
 #   -> OPD (+ off-policy control) -> RL (+ RL-tuned AR, + a KL penalty) -> test evaluation -> bench -> report
+#   (+ CFT with a block-size warm-up)
 #
 #   bash run.sh                  # one GPU, default config
 #   bash run.sh cpu              # this kind of 2-core CPU: a small model and short stages, labelled CPU in results/
-#   bash run.sh gpu core         # only the chain (data ... rl, bench); `ablations` runs the six controls after it
+#   bash run.sh gpu core         # only the chain (data ... rl, bench); `ablations` runs the seven controls after it
 # Environment: DATA_DIR (default ../shared/data/beauty), SEED (default 0), BUDGET (seconds; optional stages
 # are skipped once it is spent, so a time-boxed run still ends with the tables).
 set -euo pipefail
@@ -23,6 +24,7 @@ if [ "$MODE" = cpu ]; then
   DIR="$AR"
   SMALL="--eval_n=64 --eval_batch=64"   # stage evaluations (selection) on the first 64 validation users
   CFT="--batch_size=16 --max_steps=100 --eval_every=50 --lr=1e-4 --sweep=False $SMALL"  # lr 5e-4: validity 0.08
+  WARM=50
   OPD="--n_prompts=2 --max_steps=3 --eval_every=3 $SMALL"
   MORE="--batch_size=16 --max_steps=20 --eval_every=20 --lr=1e-4 --sweep=False $SMALL"
   RL="--n_prompts=2 --max_steps=2 --eval_every=2 $SMALL"
@@ -33,7 +35,7 @@ else
   BUDGET=${BUDGET:-100000}
   DEV=""
   AR="--time_limit=80"; DIR="--time_limit=30"
-  CFT="--time_limit=60"; OPD="--time_limit=30"; MORE="--max_steps=300 --time_limit=30"; RL="--time_limit=30"
+  CFT="--time_limit=60"; WARM=200; OPD="--time_limit=30"; MORE="--max_steps=300 --time_limit=30"; RL="--time_limit=30"
   BENCH="--graphs=(True,) --repeats=2 --n_time_b1=8"
   EVAL="--batch_size=512"
   EVAL_AR="$EVAL"
@@ -63,6 +65,7 @@ ablations() {  # each answers one question about the chain; needs out/ar.pt and 
   if left; then python train_rl.py $D $DEV $RL --policy=out/ar.pt --block=1 --out=out/ar_rl.pt --name=ar_rl && ev_ar --ckpt=out/ar_rl.pt --name=ar_rl --block=1 --tau=0.9; fi
   if left; then python train_ar.py $D $DEV $AR --reject=False --out=out/ar_noreject.pt --name=ar_noreject && ev_ar --ckpt=out/ar_noreject.pt --name=ar_noreject; fi
   if left; then python train_rl.py $D $DEV $RL --kl_weight=1.0 --out=out/rl_kl.pt --name=rl_kl && ev --ckpt=out/rl_kl.pt --name=rl_kl --block=32 --tau=0.9; fi
+  if left; then python train_cft.py $D $DEV $CFT --sweep=False --block_warmup=$WARM --out=out/cft_warmup.pt --name=cft_warmup && ev --ckpt=out/cft_warmup.pt --name=cft_warmup --block=32 --tau=0.9; fi
 }
 
 case "$PART" in
