@@ -100,6 +100,25 @@ def decode_split(model, data, split, cfg, device, max_new=None):
     return ranks, valid, copies, texts, stats
 
 
+def trace_agreement(texts, split, vocab):
+    """How far free decoding follows the data's trace (never the target: the trace is computed without it).
+    trace: the whole trace is the data's, token for token; conclusion: the decoded <best> is the data's;
+    follows: the answer starts with the decoded <best>. Shares over all outputs (a missing part disagrees);
+    None for a model trained without the trace."""
+    if not texts or vocab.best not in split.responses[0]:
+        return None
+    counts = np.zeros(3)
+    for toks, gold in zip(texts, split.responses):
+        gold = [int(t) for t in gold]
+        end = gold.index(vocab.best)
+        at = toks.index(vocab.best) + 1 if vocab.best in toks else len(toks)
+        best = toks[at] if at < len(toks) else None
+        answer = toks.index(vocab.answer) + 1 if vocab.answer in toks else len(toks)
+        first = toks[answer] if answer < len(toks) else None
+        counts += [toks[:end + 2] == gold[:end + 2], best == gold[end + 1], best is not None and first == best]
+    return dict(zip(('trace', 'conclusion', 'follows'), (counts / len(texts)).tolist()))
+
+
 def evaluate(model, data, split_name, cfg, device, max_new=None):
     """Metrics and the per-user record for one split (the schema of results/eval_<name>.json)."""
     split = data.splits[split_name]
@@ -120,6 +139,7 @@ def evaluate(model, data, split_name, cfg, device, max_new=None):
     if stats['answer_forwards']:
         out['tokens_per_forward_answer'] = stats['answer_tokens'] / stats['answer_forwards']
     out['mean_response_tokens'] = stats['n_tokens'] / max(n, 1)
+    out['trace_agreement'] = trace_agreement(texts, split, data.vocab)
     return out, texts
 
 
@@ -154,6 +174,8 @@ def main():
         print(f"tokens per forward {res['tokens_per_forward']:.2f} "
               f"(trace {res.get('tokens_per_forward_trace', 0):.2f}, "
               f"answer {res.get('tokens_per_forward_answer', 0):.2f})")
+    if res['trace_agreement']:
+        print("follows the data's trace: " + ', '.join(f"{k} {v:.3f}" for k, v in res['trace_agreement'].items()))
     print("example: " + data.vocab.decode(texts[0]))
     if cfg.name:
         write_json(results_path(f"eval_{cfg.name}.json"), res)

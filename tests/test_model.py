@@ -7,7 +7,7 @@ import torch
 from common import save_checkpoint, load_checkpoint, CheckpointError
 from conftest import tiny_model
 from data_beauty import collate
-from decode import generate_ar
+from decode import generate_ar, trace_agreement
 from model import attention_mask, column_blocks, positions
 from train_ar import ar_response_loss, make_optimizer
 
@@ -143,3 +143,16 @@ def test_sampled_trace_loss_is_unbiased(tiny_data):
                                for _ in range(300)])
     assert sampled.std() > 0
     assert abs(sampled.mean() - full) < 0.01 * full
+
+
+def test_trace_agreement_by_hand(tiny_data):
+    v, sp = tiny_data.vocab, tiny_data.splits['test']
+    texts = [[int(t) for t in r] for r in sp.responses[:4]]
+    at = texts[0].index(v.best) + 1                                      # the conclusion's slot (fixed-length trace)
+    for t in texts:
+        t[t.index(v.answer) + 1] = t[at]                                  # every answer starts with its conclusion
+    assert trace_agreement(texts, sp, v) == {'trace': 1.0, 'conclusion': 1.0, 'follows': 1.0}
+    texts[1][0] = v.lead                                                  # a trace token off (slots start a trace)
+    texts[2][at] = v.slot(0) if texts[2][at] != v.slot(0) else v.slot(1)  # another conclusion, not followed
+    texts[3] = texts[3][:at]                                              # cut before the conclusion
+    assert trace_agreement(texts, sp, v) == {'trace': 0.25, 'conclusion': 0.5, 'follows': 0.5}
