@@ -170,9 +170,8 @@ def main():
     m = res['metrics']
     print(f"{cfg.split} n={res['n']} validity {res['validity']:.4f} " + ' '.join(f"{k} {v:.4f}" for k, v in m.items()))
     print("floor       " + ' '.join(f"{k} {v:.4f}" for k, v in res['floor'].items()))
-    if 'tokens_per_forward' in res:
-        print(f"tokens per forward {res['tokens_per_forward']:.2f} "
-              f"(trace {res.get('tokens_per_forward_trace', 0):.2f}, "
+    if 'tokens_per_forward_trace' in res:  # block decoding (AR commits one token per forward by construction)
+        print(f"tokens per forward {res['tokens_per_forward']:.2f} (trace {res['tokens_per_forward_trace']:.2f}, "
               f"answer {res.get('tokens_per_forward_answer', 0):.2f})")
     if res['trace_agreement']:
         print("follows the data's trace: " + ', '.join(f"{k} {v:.3f}" for k, v in res['trace_agreement'].items()))
