@@ -25,11 +25,12 @@ from tqdm import tqdm
 
 from common import (StageSettings, parse_config, print_config, pick_device, autocast, load_checkpoint, JsonlLog, Timer,
                     CheckpointError, check_data_matches)
-from data_beauty import DataError, collate
+from data_beauty import DataError, collate, parse_answer, target_rank, copies_incoming
 from decode import load_data_for
-from diffusion import generate_block, live_tokens, replay_logits, forward_kl, left_to_right_steps
+from diffusion import generate_block, live_tokens, replay_logits, forward_kl, left_to_right_steps, diffusion_loss
 from model import response_hidden
 from train_ar import make_optimizer, lr_at, validate_and_keep, finish
+from train_cft import TrainCFTConfig
 
 
 @dataclass
@@ -52,6 +53,7 @@ class TrainOPDConfig(StageSettings):  # + min_validity, eval_n, eval_batch, time
     warmup: int = 10
     grad_clip: float = 1.0
     eval_every: int = 20
+    cft_weight: float = 0.0      # > 0: add the CFT loss (the student's own weights) on each step's prompts
 
 
 def load_student_and_teacher(cfg, device, student_stages):
@@ -105,6 +107,21 @@ def rollouts(model, data, idx, group, block, cfg, gen, device):
     return batch, res, rows
 
 
+def score_rollouts(res, data, rows):
+    """Parse each rollout: its target rank after re-ranking (invalid = the pre-ranker's), validity, and
+    whether a valid output copies the incoming order."""
+    sp, vocab = data.splits['train'], data.vocab
+    tokens, lengths = res['tokens'].cpu(), res['lengths'].cpu()  # one copy, not one sync per rollout
+    ranks, valid, copies = [], [], []
+    for r, i in enumerate(rows):
+        toks = tokens[r, :int(lengths[r])].tolist()
+        ranking = parse_answer(toks, vocab)
+        ranks.append(target_rank(ranking, sp.target[i]))
+        valid.append(ranking is not None)
+        copies.append(copies_incoming(ranking))
+    return np.array(ranks), np.array(valid), np.array(copies)
+
+
 def opd_kl(student, teacher, batch, res, block, vocab, rows=slice(None), state='l2r'):
     """Mean KL(teacher || student) over the live tokens of rollouts `rows`: the teacher teacher-forced on the
     rollout, the student replayed at the left-to-right state (l2r) or at the state in which it committed
@@ -119,6 +136,12 @@ def opd_kl(student, teacher, batch, res, block, vocab, rows=slice(None), state='
         t_logits[:, vocab.mask] = -float('inf')
     s_logits = replay_logits(student, prompt, pad, part, block, vocab, live)
     return forward_kl(t_logits, s_logits, torch.ones(len(t_logits), device=t_logits.device))
+
+
+def cft_loss_settings(run_cfg):
+    """The CFT loss as the student was trained with it (train_cft's defaults where its record lacks a field)."""
+    keys = ('w_trace', 'w_answer', 'w_choice', 'w_judge', 'reject', 'validity_weight')
+    return {k: run_cfg.get(k, getattr(TrainCFTConfig, k)) for k in keys}
 
 
 def chunks(n, size):
@@ -139,12 +162,14 @@ def main():
     block, vocab, train = sck['run_cfg']['block'], data.vocab, data.splits['train']
     print(f"student {cfg.student} (B = {block}), teacher {cfg.teacher}; {cfg.n_prompts} prompts x {cfg.group} rollouts")
     log, opt, gen, keeper = on_policy_run(student, data, cfg, device, sck, block, 'opd', cfg.student, cfg.weight_decay)
+    cft_settings = cft_loss_settings(sck['run_cfg'])
+    noise_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)  # the rollouts' generator stays as it was
     pbar = tqdm(range(cfg.max_steps), desc='opd', dynamic_ncols=True)
     for step in pbar:
         for g in opt.param_groups:
             g['lr'] = lr_at(step, cfg.max_steps, cfg)
         idx = rng.integers(0, len(train), cfg.n_prompts)
-        batch, res, _ = rollouts(student, data, idx, cfg.group, block, cfg, gen, device)
+        batch, res, rows = rollouts(student, data, idx, cfg.group, block, cfg, gen, device)
         live = live_tokens(res)
         n_live = live.sum()
         opt.zero_grad(set_to_none=True)
@@ -154,13 +179,22 @@ def main():
                 loss = opd_kl(student, teacher, batch, res, block, vocab, sl, cfg.state) * live[sl].sum() / n_live
             loss.backward()
             total += loss.item()
+        extra = {}
+        if cfg.cft_weight > 0:  # off-policy anchor: the denoising states that the KL's replay never visits
+            gold = collate(train, idx, vocab, block=block, device=device)
+            with autocast(device):
+                cft, _ = diffusion_loss(student, gold, block, vocab.mask, vocab=vocab, generator=noise_gen,
+                                        **cft_settings)
+            (cfg.cft_weight * cft).backward()
+            extra['cft_loss'] = cft.item()
         if not np.isfinite(total):
             raise SystemExit(f"error: KL is {total} at step {step}; lower --lr (now {cfg.lr})")
         torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
         opt.step()
         pbar.set_postfix(kl=f"{total:.3f}")
-        log.write(step=step + 1, kl=total, rollout_len=res['lengths'].float().mean().item(),
-                  tok_per_fwd=(res['n_tokens'].sum() / res['n_forwards'].sum()).item())
+        log.write(step=step + 1, kl=total, rollout_validity=score_rollouts(res, data, rows)[1].mean(),
+                  rollout_len=res['lengths'].float().mean().item(),
+                  tok_per_fwd=(res['n_tokens'].sum() / res['n_forwards'].sum()).item(), **extra)
         out_of_time = cfg.time_limit > 0 and timer() > cfg.time_limit
         if (step + 1) % cfg.eval_every == 0 or step == cfg.max_steps - 1 or out_of_time:
             keeper(step + 1)
@@ -168,7 +202,7 @@ def main():
             tqdm.write(f"time limit {cfg.time_limit:.0f}s reached at step {step + 1}")
             break
     finish(cfg, cfg.name, f"OPD ({cfg.name})", log, keeper.best, timer, device,
-           ['kl', 'tok_per_fwd', 'val_R1', 'val_validity'])
+           ['kl', 'rollout_validity', 'tok_per_fwd', 'val_R1', 'val_validity'])
 
 if __name__ == '__main__':
     main()

@@ -20,11 +20,11 @@ from tqdm import tqdm
 
 from common import (StageSettings, parse_config, print_config, pick_device, autocast, load_checkpoint, Timer,
                     CheckpointError)
-from data_beauty import DataError, parse_answer, target_rank, copies_incoming
+from data_beauty import DataError
 from decode import load_data_for
 from diffusion import convert, live_tokens, replay_logits, token_logprobs
 from train_ar import lr_at, finish
-from train_opd import rollouts, chunks, on_policy_run
+from train_opd import rollouts, score_rollouts, chunks, on_policy_run
 
 
 @dataclass
@@ -73,21 +73,6 @@ def kl_to_reference(new, ref):
     non-negative, zero where the log-probs agree, and its gradient pulls the policy back to the start."""
     d = ref - new
     return d.exp() - d - 1
-
-
-def score_rollouts(res, data, rows):
-    """Parse each rollout: its target rank after re-ranking (invalid = the pre-ranker's), validity, and
-    whether a valid output copies the incoming order."""
-    sp, vocab = data.splits['train'], data.vocab
-    tokens, lengths = res['tokens'].cpu(), res['lengths'].cpu()  # one copy, not one sync per rollout
-    ranks, valid, copies = [], [], []
-    for r, i in enumerate(rows):
-        toks = tokens[r, :int(lengths[r])].tolist()
-        ranking = parse_answer(toks, vocab)
-        ranks.append(target_rank(ranking, sp.target[i]))
-        valid.append(ranking is not None)
-        copies.append(copies_incoming(ranking))
-    return np.array(ranks), np.array(valid), np.array(copies)
 
 
 def main():

@@ -15,7 +15,7 @@ TINY = {
     'train_ar.py': ['--n_layer=1', '--n_embd=32', '--n_head=2', '--batch_size=8', '--max_steps=6', '--mid_steps=2',
                     '--eval_every=6'],
     'train_cft.py': ['--block=8', '--batch_size=4', '--max_steps=3', '--eval_every=3', '--block_warmup=2'],
-    'train_opd.py': ['--n_prompts=2', '--group=2', '--max_steps=2', '--eval_every=2'],
+    'train_opd.py': ['--n_prompts=2', '--group=2', '--max_steps=2', '--eval_every=2', '--cft_weight=0.5'],
     'train_rl.py': ['--n_prompts=2', '--group=4', '--max_steps=2', '--eval_every=2',
                     '--kl_weight=0.5'],  # the KL penalty's code path runs end to end
 }
