@@ -99,7 +99,7 @@ def over_seeds(folder):
 def main(folder='results'):
     evals = test_evals(folder)
     summary = {'accuracy': [], 'gains': [], 'speed': []}
-    lines = ['| system | R@1 | R@3 | R@5 | N@3 | N@5 | validity | copies | n |', '|---' * 9 + '|']
+    lines = ['| system | R@1 | R@3 | R@5 | N@3 | N@5 | validity | copies | conclusion | n |', '|---' * 10 + '|']
     for key, label, prev in ROWS:
         if key not in evals:
             continue
@@ -108,12 +108,14 @@ def main(folder='results'):
         m = metrics_from_ranks(ranks)
         ci = {k: interval(ranks, k) for k in ('R@1', 'N@3')}
         row = {'name': key, 'label': label, 'n': len(ranks), 'metrics': m, 'validity': e.get('validity', 1.0),
-               'ci95': ci, 'copy_share': copy_share(e, evals.get('floor')), 'device': e.get('device'),
+               'ci95': ci, 'copy_share': copy_share(e, evals.get('floor')),
+               'trace_agreement': e.get('trace_agreement'), 'device': e.get('device'),
                'commit': e.get('commit')}
         summary['accuracy'].append(row)
         copies = '' if row['copy_share'] is None else f"{row['copy_share']:.3f}"
+        agree = '' if not row['trace_agreement'] else f"{row['trace_agreement']['conclusion']:.3f}"
         lines.append(f"| {label} | " + ' | '.join(f"{m[k]:.4f}" for k in METRICS) +
-                     f" | {row['validity']:.3f} | {copies} | {len(ranks)} |")
+                     f" | {row['validity']:.3f} | {copies} | {agree} | {len(ranks)} |")
         n = paired_users(e, evals[prev]) if prev in evals else 0
         if n:
             g = {'name': key, 'vs': prev, 'n': n}
@@ -146,7 +148,8 @@ def main(folder='results'):
         seed_lines.append(f"| {r['label']} | {r['seeds']} | " + ' | '.join(
             f"{r[k]['mean']:.4f} ({r[k]['std']:.4f})" for k in ('R@1', 'N@3')) + f" {diff}")
     note = ("copies: share of outputs that are the pre-ranker's order, on the users whose target it does not "
-            "put first (RL must not raise it)")
+            "put first (RL must not raise it); conclusion: share of outputs whose decoded <best> is the data's trace's "
+            "(blank: no trace, or a file from before the record)")
     text = '\n'.join(['## Accuracy (test)', ''] + lines + ['', note, '', '## Stage gains (paired bootstrap)', ''] +
                      gain_lines + (['', '## Over seeds (results/seeds/<seed>/)', ''] + seed_lines
                                    if summary['seeds'] else []) +
