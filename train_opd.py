@@ -189,8 +189,9 @@ def main():
                                         **cft_settings)
             (cfg.cft_weight * cft).backward()
             extra['cft_loss'] = cft.item()
-        if not np.isfinite(total):
-            raise SystemExit(f"error: KL is {total} at step {step}; lower --lr (now {cfg.lr})")
+        if not np.isfinite(total + extra.get('cft_loss', 0.0)):  # the anchor is checked with the KL
+            raise SystemExit(f"error: KL {total}, CFT loss {extra.get('cft_loss')} at step {step}; "
+                             f"lower --lr (now {cfg.lr})")
         torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
         opt.step()
         pbar.set_postfix(kl=f"{total:.3f}")
