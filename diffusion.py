@@ -72,17 +72,28 @@ def loss_region(resp, resp_len, block):
     return torch.arange(R, device=resp.device)[None, :] < end[:, None]
 
 
-def noise_blocks(resp, block, mask_id, generator=None, t_min=0.05):
-    """Mask each position with probability t, one t ~ U(t_min, 1) per block (BD3-LM)."""
+def noise_blocks(resp, block, mask_id, generator=None, t_min=0.05, suffix_share=0.0):
+    """Mask each position with probability t, one t ~ U(t_min, 1) per block (BD3-LM). With suffix_share > 0, that
+    share of the blocks is instead masked from a random cut to its end: the states a sampler that commits
+    mostly left to right visits (tokens left of the cut known, the rest masked), which random masks almost
+    never draw for a long block."""
     B, R = resp.shape
     t = torch.rand(B, R // block, device=resp.device, generator=generator) * (1 - t_min) + t_min
     t = t.repeat_interleave(block, dim=1)                               # (B, R)
     masked = torch.rand(B, R, device=resp.device, generator=generator) < t
+    if suffix_share > 0:
+        per_block = lambda z: z.repeat_interleave(block, dim=1)
+        shape = (B, R // block)
+        suffix = torch.rand(shape, device=resp.device, generator=generator) < suffix_share
+        cut = (torch.rand(shape, device=resp.device, generator=generator) * block).long()  # 0 .. block-1
+        offset = torch.arange(R, device=resp.device) % block
+        masked = torch.where(per_block(suffix), offset[None, :] >= per_block(cut), masked)
     return masked
 
 
 def diffusion_loss(model, batch, block, mask_id, masked=None, w_trace=1.0, w_answer=1.0, w_choice=1.0,
-                   complementary=True, validity_weight=0.0, vocab=None, generator=None, reject=False, w_judge=None):
+                   complementary=True, validity_weight=0.0, vocab=None, generator=None, reject=False, w_judge=None,
+                   suffix_share=0.0):
     """Masked-token cross-entropy of the block-diffusion model (plain mean over masked tokens, Fast-dLLM v2),
     with complementary masks (each example also with the opposite mask: every token supervised once), plus
     optionally the permutation-validity loss on the answer positions (`reject`, `w_judge`: data_beauty.loss_weights;
@@ -93,7 +104,7 @@ def diffusion_loss(model, batch, block, mask_id, masked=None, w_trace=1.0, w_ans
     prompt, resp, pad = batch['prompt'], batch['resp'], batch['pad']
     region = loss_region(resp, batch['resp_len'], block)
     if masked is None:
-        masked = noise_blocks(resp, block, mask_id, generator)
+        masked = noise_blocks(resp, block, mask_id, generator, suffix_share=suffix_share)
     kind, cands = batch['kind'], batch['cands']
     weights = loss_weights(batch, w_trace, w_answer, w_choice, reject, w_judge)
     if complementary:

@@ -2,11 +2,11 @@
 # The whole recipe for one seed, then the two tables:
 #   data -> AR teacher (+ no-trace and no-rejection ablations) -> naive conversion -> CFT (+ no-validity ablation)
 #   -> OPD (+ off-policy control) -> RL (+ RL-tuned AR, + a KL penalty) -> test evaluation -> bench -> report
-#   (+ CFT with a block-size warm-up)
+#   (+ CFT with a block-size warm-up, + CFT with suffix masks)
 #
 #   bash run.sh                  # one GPU, default config
 #   bash run.sh cpu              # this kind of 2-core CPU: a small model and short stages, labelled CPU in results/
-#   bash run.sh gpu core         # only the chain (data ... rl, bench); `ablations` runs the seven controls after it
+#   bash run.sh gpu core         # only the chain (data ... rl, bench); `ablations` runs the eight controls after it
 # Environment: DATA_DIR (default ../shared/data/beauty), SEED (default 0), BUDGET (seconds; optional stages
 # are skipped once it is spent, so a time-boxed run still ends with the tables).
 set -euo pipefail
@@ -66,6 +66,7 @@ ablations() {  # each answers one question about the chain; needs out/ar.pt and 
   if left; then python train_ar.py $D $DEV $AR --reject=False --out=out/ar_noreject.pt --name=ar_noreject && ev_ar --ckpt=out/ar_noreject.pt --name=ar_noreject; fi
   if left; then python train_rl.py $D $DEV $RL --kl_weight=1.0 --out=out/rl_kl.pt --name=rl_kl && ev --ckpt=out/rl_kl.pt --name=rl_kl --block=32 --tau=0.9; fi
   if left; then python train_cft.py $D $DEV $CFT --sweep=False --block_warmup=$WARM --out=out/cft_warmup.pt --name=cft_warmup && ev --ckpt=out/cft_warmup.pt --name=cft_warmup --block=32 --tau=0.9; fi
+  if left; then python train_cft.py $D $DEV $CFT --sweep=False --suffix_share=0.5 --out=out/cft_suffix.pt --name=cft_suffix && ev --ckpt=out/cft_suffix.pt --name=cft_suffix --block=32 --tau=0.9; fi
 }
 
 case "$PART" in

@@ -33,6 +33,7 @@ class TrainCFTConfig(StageSettings):  # + min_validity, eval_n, eval_batch, time
     block_warmup: int = 0        # > 0: train with B = 1, 2, 4, ... up to `block` over these first steps
     validity_weight: float = 1.0  # permutation-validity loss weight (0 = ablation)
     complementary: bool = True   # each example also with the opposite mask
+    suffix_share: float = 0.0    # share of blocks masked from a random cut to the end (diffusion.noise_blocks)
     w_trace: float = 0.5
     w_answer: float = 1.0
     w_choice: float = 1.0        # the first ranked item
@@ -52,6 +53,8 @@ class TrainCFTConfig(StageSettings):  # + min_validity, eval_n, eval_batch, time
     def problem(self):
         if self.block < 1:
             return "--block must be >= 1 (1: AR decoding with the CFT loss)"
+        if not 0 <= self.suffix_share <= 1:
+            return f"--suffix_share={self.suffix_share}: a share of the blocks, in [0, 1]"
         if self.block_warmup > 0 and self.block & (self.block - 1):
             return f"--block_warmup doubles the block size up to --block={self.block}: use a power of two"
         return super().problem()
@@ -135,7 +138,8 @@ def main():
         batch = collate(train, rng.integers(0, len(train), cfg.batch_size), vocab, block=cfg.block, device=device)
         with autocast(device):
             loss, parts = diffusion_loss(model, batch, block_at(step, cfg), vocab.mask,
-                                         complementary=cfg.complementary, validity_weight=cfg.validity_weight,
+                                         complementary=cfg.complementary, suffix_share=cfg.suffix_share,
+                                         validity_weight=cfg.validity_weight,
                                          vocab=vocab, generator=gen, **loss_weighting(cfg))
         optimizer_step(model, opt, loss, cfg.grad_clip, step, cfg.lr)
         pbar.set_postfix(loss=f"{loss.item():.3f}")

@@ -187,3 +187,19 @@ def test_loss_at_masked_positions_equals_full_head(tiny_data):
     want_v = permutation_validity_loss(logits, resp, at, batch['cands'], batch['kind'], v)
     assert want_v > 0
     torch.testing.assert_close(parts['validity_loss'], want_v)
+
+
+def test_suffix_masks_hide_a_block_from_a_cut_to_its_end():
+    from diffusion import noise_blocks
+    resp = torch.zeros(64, 24, dtype=torch.long)
+    g = lambda: torch.Generator().manual_seed(0)
+    masked = noise_blocks(resp, 8, 1, g(), suffix_share=1.0).view(64, 3, 8)
+    first = masked.float().argmax(2, keepdim=True)                     # the cut: first masked offset
+    offset = torch.arange(8)[None, None, :]
+    assert masked.any(2).all()                                           # every block keeps something to learn
+    assert torch.equal(masked, offset >= first)                          # ... and it is a suffix
+    assert len(first.unique()) == 8                                      # cuts anywhere in the block
+    mixed = noise_blocks(resp, 8, 1, g(), suffix_share=0.5).view(64, 3, 8)
+    is_suffix = (mixed == (offset >= mixed.float().argmax(2, keepdim=True))).all(2)
+    assert 0.3 < is_suffix.float().mean() < 0.9                          # random masks are rarely suffixes
+    assert torch.equal(noise_blocks(resp, 8, 1, g()), noise_blocks(resp, 8, 1, g(), suffix_share=0.0))

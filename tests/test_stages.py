@@ -14,7 +14,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = {
     'train_ar.py': ['--n_layer=1', '--n_embd=32', '--n_head=2', '--batch_size=8', '--max_steps=6', '--mid_steps=2',
                     '--eval_every=6'],
-    'train_cft.py': ['--block=8', '--batch_size=4', '--max_steps=3', '--eval_every=3', '--block_warmup=2'],
+    'train_cft.py': ['--block=8', '--batch_size=4', '--max_steps=3', '--eval_every=3', '--block_warmup=2',
+                     '--suffix_share=0.5'],
     'train_opd.py': ['--n_prompts=2', '--group=2', '--max_steps=2', '--eval_every=2', '--cft_weight=0.5'],
     'train_rl.py': ['--n_prompts=2', '--group=4', '--max_steps=2', '--eval_every=2',
                     '--kl_weight=0.5'],  # the KL penalty's code path runs end to end
@@ -102,6 +103,7 @@ def test_unknown_flag_is_refused(tmp_path):
     ('decode.py', ['--block=32', '--tau=0'], 'threshold lies in (0, 1]'),
     ('decode.py', ['--limit=-1'], 'limit >= 0'),
     ('train_cft.py', ['--block=0'], '--block must be >= 1'),
+    ('train_cft.py', ['--suffix_share=2'], 'in [0, 1]'),
     ('train_rl.py', ['--k=-2'], 'must be >= 0'),
 ])
 def test_out_of_range_settings_are_refused_before_any_work(tmp_path, script, args, says):
