@@ -74,9 +74,9 @@ def loss_region(resp, resp_len, block):
 
 def noise_blocks(resp, block, mask_id, generator=None, t_min=0.05, suffix_share=0.0):
     """Mask each position with probability t, one t ~ U(t_min, 1) per block (BD3-LM). With suffix_share > 0, that
-    share of the blocks is instead masked from a random cut to its end: the states a sampler that commits
-    mostly left to right visits (tokens left of the cut known, the rest masked), which random masks almost
-    never draw for a long block."""
+    share of the blocks is instead masked from a random cut to its end: tokens left of the cut known, the rest
+    masked, the state in which threshold decoding mostly goes wrong and which random masks almost never draw
+    for a long block (FINDINGS.md: an addition to random masks, not a substitute)."""
     B, R = resp.shape
     t = torch.rand(B, R // block, device=resp.device, generator=generator) * (1 - t_min) + t_min
     t = t.repeat_interleave(block, dim=1)                               # (B, R)
