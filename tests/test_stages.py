@@ -282,6 +282,18 @@ def test_interrupted_training_resumes(tiny_dir, tmp_path):
     assert not os.path.exists(tmp_path / 'out' / 'ar.pt.resume') and os.path.exists(tmp_path / 'out' / 'ar.pt')
 
 
+def test_opd_anchor_uses_the_students_own_cft_loss():
+    """--cft_weight trains the student with the masks and weights it was trained with (train_cft's defaults where
+    an older record lacks a field), so the anchor is the loss it was selected under."""
+    from dataclasses import asdict
+    from train_opd import cft_loss_settings
+    trained = asdict(TrainCFTConfig(suffix_share=0.5, complementary=False, w_judge=2.0))
+    got = cft_loss_settings(trained)
+    assert (got['suffix_share'], got['complementary'], got['w_judge']) == (0.5, False, 2.0)
+    old = {k: v for k, v in trained.items() if k != 'suffix_share'}
+    assert cft_loss_settings(old)['suffix_share'] == TrainCFTConfig.suffix_share
+
+
 def test_flags_are_typed_by_their_defaults():
     from common import parse_config
     from train_ar import TrainARConfig
