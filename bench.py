@@ -31,6 +31,7 @@ class BenchConfig:
     batches: tuple = (1, 16, 128)
     taus: tuple = (0.9, 0.6, 0.4)
     ks: tuple = (1, 2)
+    left_taus: tuple = (0.9,)    # the threshold rule committing in position order (diffusion.commit_rule)
     graphs: tuple = (True, False)
     n_time: int = 128            # test prompts timed per setting (batch 1 times the first n_time_b1)
     n_time_b1: int = 16
@@ -41,8 +42,9 @@ class BenchConfig:
     device: str = 'auto'
 
 
-def decode_batches(model, batches, vocab, max_resp, block, tau, k, runner):
-    """Decode a list of same-shape batches with one reused runner; returns outputs and wall time per batch."""
+def decode_batches(model, batches, vocab, max_resp, block, rule, runner):
+    """Decode a list of same-shape batches with one reused runner; returns outputs and wall time per batch.
+    rule: generate_block's commit settings (tau, k, from_left); block 0 decodes autoregressively."""
     outs, times = [], []
     for batch in batches:
         runner.set_pad(batch['pad'])
@@ -54,8 +56,8 @@ def decode_batches(model, batches, vocab, max_resp, block, tau, k, runner):
                 tokens, lengths = generate_ar(model, batch['prompt'], batch['pad'], max_resp, vocab, runner=runner)
                 forwards = lengths.clone()
             else:
-                res = generate_block(model, batch['prompt'], batch['pad'], max_resp, vocab, block=block, tau=tau, k=k,
-                                     runner=runner)
+                res = generate_block(model, batch['prompt'], batch['pad'], max_resp, vocab, block=block, runner=runner,
+                                     **rule)
                 tokens, lengths, forwards = res['tokens'], res['lengths'], res['n_forwards']
         if batch['prompt'].is_cuda:
             torch.cuda.synchronize()
@@ -64,10 +66,10 @@ def decode_batches(model, batches, vocab, max_resp, block, tau, k, runner):
     return outs, times
 
 
-def time_setting(model, batches, vocab, max_resp, block, tau, k, graphs, repeats):
+def time_setting(model, batches, vocab, max_resp, block, rule, graphs, repeats):
     runner = CachedForward(model, batches[0]['pad'], batches[0]['prompt'].shape[1], max_resp, block or 1, graphs)
-    decode_batches(model, batches[:1], vocab, max_resp, block, tau, k, runner)  # warm-up (and graph capture)
-    runs = [decode_batches(model, batches, vocab, max_resp, block, tau, k, runner) for _ in range(repeats)]
+    decode_batches(model, batches[:1], vocab, max_resp, block, rule, runner)  # warm-up (and graph capture)
+    runs = [decode_batches(model, batches, vocab, max_resp, block, rule, runner) for _ in range(repeats)]
     outs = runs[0][0]
     total = statistics.median(sum(t) for _, t in runs)
     tokens = sum(int(l.sum()) for _, l, _ in outs)
@@ -121,15 +123,15 @@ def main():
     print(f"AR {cfg.ar} vs diffusion {path} (B = {block}) on {device_name(device)}")
     idx = list(range(min(cfg.n_time, len(test))))
     full = collate(test, idx, vocab, device=device)  # one common prompt width: every batch has the same shape
-    settings = [('ar', 0, None, None)] + [('diffusion', block, t, 0) for t in cfg.taus] + \
-               [('diffusion', block, None, k) for k in cfg.ks]
+    settings = [('AR', 0, {})] + [(f"tau {t}", block, dict(tau=t)) for t in cfg.taus] + \
+               [(f"k {k}", block, dict(k=k)) for k in cfg.ks] + \
+               [(f"tau {t} left", block, dict(tau=t, from_left=True)) for t in cfg.left_taus]
     accuracy = {}
-    for mode, b, tau, k in settings:
+    for label, b, rule in settings:
         if cfg.accuracy:
-            dcfg = DecodeConfig(block=b, tau=tau or 0.0, k=k or 0, batch_size=512)
-            res, _ = evaluate(ar if mode == 'ar' else dm, data, 'test', dcfg, device)
-            accuracy[(mode, tau, k)] = (res['metrics']['R@1'], res['validity'])
-            print(f"accuracy {mode} tau={tau} k={k}: R@1 {res['metrics']['R@1']:.4f} validity {res['validity']:.4f}")
+            res, _ = evaluate(dm if b else ar, data, 'test', DecodeConfig(block=b, batch_size=512, **rule), device)
+            accuracy[label] = (res['metrics']['R@1'], res['validity'])
+            print(f"accuracy {label}: R@1 {res['metrics']['R@1']:.4f} validity {res['validity']:.4f}")
     rows = []
     for g in graphs:
         for bs in cfg.batches:
@@ -138,13 +140,12 @@ def main():
             if not batches:
                 continue
             base = None
-            for mode, b, tau, k in settings:
-                model = ar if mode == 'ar' else dm
-                _, t = time_setting(model, batches, vocab, cfg.max_resp, b, tau or 0.0, k or 0, g, cfg.repeats)
+            for label, b, rule in settings:
+                _, t = time_setting(dm if b else ar, batches, vocab, cfg.max_resp, b, rule, g, cfg.repeats)
                 base = base or t['tok_per_s']
-                acc = accuracy.get((mode, tau, k), (None, None))
-                label = 'AR' if mode == 'ar' else (f"tau {tau}" if tau is not None else f"k {k}")
-                rows.append({'mode': mode, 'label': label, 'batch': bs, 'block': b or None, 'tau': tau, 'k': k or None,
+                acc = accuracy.get(label, (None, None))
+                rows.append({'mode': 'diffusion' if b else 'ar', 'label': label, 'batch': bs, 'block': b or None,
+                             'tau': rule.get('tau'), 'k': rule.get('k'), 'from_left': rule.get('from_left', False),
                              'graphs': g, 'tok_per_s': t['tok_per_s'], 'forwards_per_token': t['forwards_per_token'],
                              'ms_per_request': t['ms_per_request'], 'speedup': t['tok_per_s'] / base,
                              'R@1': acc[0], 'validity': acc[1], 'requests': t['requests']})

@@ -3,6 +3,7 @@
     python decode.py --ckpt=out/ar.pt --name=ar                           # AR teacher, greedy, test
     python decode.py --ckpt=out/cft.pt --name=cft --block=32 --tau=0.9    # block diffusion, threshold rule
     python decode.py --ckpt=out/ar.pt --name=naive --block=32 --tau=0.9   # naive conversion of the AR model
+    python decode.py --ckpt=out/cft.pt --name=cft_left --block=32 --from_left=True  # commit in position order
 
 Writes results/eval_<name>.json: metrics, validity, floor, decode settings, and per-user ranks in user order
 (invalid output scored as the pre-ranker's order), so any two systems can be compared by a paired bootstrap.
@@ -29,6 +30,7 @@ class DecodeConfig:
     block: int = 0              # 0: autoregressive decoding; B >= 1: block diffusion with blocks of B tokens
     tau: float = 0.9            # diffusion: commit every masked position with confidence >= tau (at least one)
     k: int = 0                  # diffusion: if > 0, commit exactly the k most confident per step instead
+    from_left: bool = False     # diffusion: commit in position order from the leftmost masked (diffusion.commit_rule)
     batch_size: int = 256
     limit: int = 0              # > 0: only the first `limit` instances (quick looks)
     seed: int = 0
@@ -85,7 +87,7 @@ def decode_split(model, data, split, cfg, device, max_new=None):
             else:
                 max_r = -(-max_resp // cfg.block) * cfg.block
                 res = generate_block(model, batch['prompt'], batch['pad'], max_r, vocab, block=cfg.block,
-                                     tau=cfg.tau, k=cfg.k, generator=gen)
+                                     tau=cfg.tau, k=cfg.k, generator=gen, from_left=cfg.from_left)
                 out, lengths = res['tokens'], res['lengths']
                 for key in stats:
                     stats[key] += int(res[key].sum())
@@ -129,7 +131,7 @@ def evaluate(model, data, split_name, cfg, device, max_new=None):
            'floor': metrics_from_ranks(floor_ranks(split)[:n]),
            'decode': {'mode': 'ar' if cfg.block <= 0 else 'diffusion', 'block': cfg.block or None,
                       'tau': cfg.tau if cfg.block > 0 and cfg.k <= 0 else None, 'k': cfg.k if cfg.block > 0 else None,
-                      'greedy': True},
+                      'from_left': cfg.from_left if cfg.block > 0 else None, 'greedy': True},
            'seconds': round(timer(), 2),
            'per_user': {'user': [int(u) for u in split.users[:n]], 'rank': ranks, 'valid': valid, 'copy': copies}}
     if stats['n_forwards']:

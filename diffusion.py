@@ -172,10 +172,22 @@ def choose_tokens(logits, temperature, generator):
     return tok, probs.gather(-1, tok[..., None]).squeeze(-1)
 
 
-def commit_rule(conf, masked, tau, k):
+def commit_rule(conf, masked, tau, k, from_left=False):
     """Which masked positions to commit this step: every one with confidence >= tau and at least the most
-    confident (Fast-dLLM threshold rule), or the k most confident (static k)."""
+    confident (Fast-dLLM threshold rule), or the k most confident (static k).
+
+    from_left: commit in position order instead: the run of positions with confidence >= tau that starts at the
+    leftmost masked position, or that position alone (static k: the k leftmost). The threshold rule commits any
+    confident token, even right of an unsure one; here an unsure position stops the run, so a judgement after it
+    waits until the entries it judges are written (FINDINGS.md: why the CPU student copied)."""
     c = torch.where(masked, conf, -1.0)
+    if from_left:
+        pos = torch.arange(masked.size(1), device=masked.device)
+        first = masked.float().argmax(1, keepdim=True)                 # the leftmost masked position
+        if k > 0:
+            return masked & (pos >= first) & (pos < first + k)
+        run = ((c >= tau) | (pos < first)).long().cumprod(1).bool()     # confident from `first` on, unbroken
+        return masked & (run | (pos == first))                          # at least the leftmost
     if k > 0:
         top = c.topk(min(k, c.size(1)), dim=1).indices
         commit = torch.zeros_like(masked).scatter_(1, top, True)
@@ -187,7 +199,7 @@ def commit_rule(conf, masked, tau, k):
 
 @torch.no_grad()
 def generate_block(model, prompt, pad, max_resp, vocab, block, tau=0.9, k=0, temperature=0.0, generator=None,
-                   runner=None):
+                   runner=None, from_left=False):
     """Block-by-block decoding over a KV cache of the prompt and finished blocks.
 
     Inside a block, each step predicts every masked position at once and commits some of them (commit_rule).
@@ -237,7 +249,7 @@ def generate_block(model, prompt, pad, max_resp, vocab, block, tau=0.9, k=0, tem
                 torch.cat([first_logits[:, None], model.head(h[:, :block - 1], fp32=True)], 1)  # (B, block, V)
             logits[..., vocab.mask] = -float('inf')
             tok, conf = choose_tokens(logits, temperature, generator)
-            commit = commit_rule(conf, masked, tau, k)
+            commit = commit_rule(conf, masked, tau, k, from_left)
             cur = torch.where(commit, tok, cur)
             steps[:, b * block:(b + 1) * block] += commit * step
             logp[:, b * block:(b + 1) * block] += commit * conf.clamp(min=1e-30).log()

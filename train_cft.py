@@ -50,7 +50,8 @@ class TrainCFTConfig(StageSettings):  # + min_validity, eval_n, eval_batch, time
     grad_clip: float = 1.0
     tau: float = 0.9             # evaluation decoding (greedy, threshold rule)
     k: int = 0
-    sweep: bool = True           # at the end: validation accuracy and speed at tau 0.9 / 0.6 / 0.4 and k = 1
+    from_left: bool = False      # evaluation commits in position order (diffusion.commit_rule)
+    sweep: bool = True           # at the end: validation accuracy and speed at tau 0.9 / 0.6 / 0.4, k = 1, from_left
     eval_every: int = 200
 
     def problem(self):
@@ -157,13 +158,15 @@ def main():
     if cfg.sweep:  # decoding settings of the kept model on validation: accuracy against tokens per forward
         model, _ = load_checkpoint(cfg.out, device=device)
         sweep = []
-        for tau, k in ((0.9, 0), (0.6, 0), (0.4, 0), (0.0, 1)):
-            res = validate(model, data, cfg, device, block=cfg.block, tau=tau, k=k)
-            sweep.append({'tau': tau if k == 0 else None, 'k': k or None, 'R@1': res['metrics']['R@1'],
+        for tau, k, left in ((0.9, 0, False), (0.6, 0, False), (0.4, 0, False), (0.0, 1, False), (0.9, 0, True)):
+            res = validate(model, data, cfg, device, block=cfg.block, tau=tau, k=k, from_left=left)
+            sweep.append({'tau': tau if k == 0 else None, 'k': k or None, 'from_left': left,
+                          'R@1': res['metrics']['R@1'],
                           'validity': res['validity'], 'tokens_per_forward': res.get('tokens_per_forward'),
                           'tokens_per_forward_trace': res.get('tokens_per_forward_trace'),
                           'tokens_per_forward_answer': res.get('tokens_per_forward_answer')})
-            print(f"valid tau={tau} k={k}: R@1 {sweep[-1]['R@1']:.4f} validity {sweep[-1]['validity']:.4f} "
+            print(f"valid tau={tau} k={k} from_left={left}: R@1 {sweep[-1]['R@1']:.4f} "
+                  f"validity {sweep[-1]['validity']:.4f} "
                   f"tokens/forward {sweep[-1]['tokens_per_forward']:.2f}")
         write_json(results_path(f"sweep_{cfg.name}.json"), {'split': 'valid', 'n': res['n'], 'block': cfg.block,
                                                       'rows': sweep, 'device': device_name(device)})

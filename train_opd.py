@@ -47,6 +47,7 @@ class TrainOPDConfig(StageSettings):  # + min_validity, eval_n, eval_batch, time
     temperature: float = 1.0     # rollouts sample; evaluation is greedy
     tau: float = 0.9             # the evaluation's threshold rule, also used for rollouts
     k: int = 0
+    from_left: bool = False      # the evaluation's commit order, also used for rollouts
     state: str = 'l2r'           # the student's state for the KL: l2r or commit (see the docstring)
     max_steps: int = 100
     micro_batch: int = 16        # rollouts per replay forward (memory: l2r stacks B states per rollout)
@@ -105,7 +106,7 @@ def rollouts(model, data, idx, group, block, cfg, gen, device):
     model.eval()
     with torch.no_grad(), autocast(device):
         res = generate_block(model, batch['prompt'], batch['pad'], max_r, data.vocab, block=block, tau=cfg.tau,
-                             k=cfg.k, temperature=cfg.temperature, generator=gen)
+                             k=cfg.k, temperature=cfg.temperature, generator=gen, from_left=cfg.from_left)
     return batch, res, rows
 
 

@@ -5,8 +5,8 @@ import torch
 from conftest import tiny_model
 from data_beauty import collate
 from decode import generate_ar
-from diffusion import (bd3_columns, bd3_hidden, convert, diffusion_loss, generate_block, replay_hidden,
-                       left_to_right_steps,
+from diffusion import (bd3_columns, bd3_hidden, commit_rule, convert, diffusion_loss, generate_block,
+                       replay_hidden, left_to_right_steps,
                        token_logprobs, permutation_validity_loss, forward_kl, predicting_columns)
 from train_ar import ar_response_loss
 
@@ -106,7 +106,8 @@ def test_left_to_right_state_equals_masking_the_rest_of_the_block(tiny_data):
 def test_sampler_properties(tiny_data):
     d, model, batch = setup(tiny_data, block=4)
     prompt = batch['prompt'].clone()
-    for kw in (dict(tau=0.9), dict(tau=0.0), dict(k=2), dict(tau=0.5, temperature=1.0)):
+    for kw in (dict(tau=0.9), dict(tau=0.0), dict(k=2), dict(tau=0.5, temperature=1.0),
+               dict(tau=0.5, temperature=1.0, from_left=True), dict(k=2, from_left=True)):
         g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
         a = generate_block(model, batch['prompt'], batch['pad'], 24, d.vocab, block=4, generator=g1, **kw)
         b = generate_block(model, batch['prompt'], batch['pad'], 24, d.vocab, block=4, generator=g2, **kw)
@@ -121,6 +122,33 @@ def test_sampler_properties(tiny_data):
     s2 = generate_block(model, batch['prompt'], batch['pad'], 24, d.vocab, block=4, tau=0.5, temperature=1.0,
                         generator=torch.Generator().manual_seed(2))
     assert not torch.equal(s1['tokens'], s2['tokens'])
+
+
+def test_commit_rule_from_left_commits_a_run_from_the_leftmost_masked():
+    masked = torch.tensor([[False, True, True, True, True]] * 3)
+    conf = torch.tensor([[0.99, 0.50, 0.95, 0.20, 0.99],    # leftmost below tau: only it
+                         [0.99, 0.95, 0.95, 0.20, 0.99],    # a run of two, stopped by 0.20
+                         [0.10, 0.95, 0.95, 0.95, 0.95]])   # the whole masked rest
+    left = commit_rule(conf, masked, 0.9, 0, from_left=True)
+    assert left.tolist() == [[False, True, False, False, False], [False, True, True, False, False],
+                             [False, True, True, True, True]]
+    # the threshold rule commits out of order, ahead of a masked position to the left
+    assert commit_rule(conf, masked, 0.9, 0)[0].tolist() == [False, False, True, False, True]
+    assert commit_rule(conf, masked, 0.9, 2, from_left=True)[0].tolist() == [False, True, True, False, False]
+
+
+def test_sampler_from_left_commits_in_position_order(tiny_data):
+    """Inside every block the commit step never decreases left to right; k = 1 takes one position per step."""
+    d, model, batch = setup(tiny_data, block=4)
+    for kw, one_per_step in ((dict(tau=0.3, temperature=1.0), False), (dict(k=1), True)):
+        res = generate_block(model, batch['prompt'], batch['pad'], 24, d.vocab, block=4, from_left=True,
+                             generator=torch.Generator().manual_seed(0), **kw)
+        steps = res['steps'].view(len(res['steps']), -1, 4)                 # (rows, blocks, offset)
+        decoded = steps[..., 0] > 0
+        assert decoded.any()
+        assert (steps[decoded][:, 1:] >= steps[decoded][:, :-1]).all()
+        if one_per_step:
+            assert (steps[decoded] == torch.arange(1, 5)).all()
 
 
 def test_sampler_batch_invariance(tiny_data):

@@ -225,13 +225,13 @@ def test_bench_outputs_equal_decode(tiny_data):
     model = convert(tiny_model(d.vocab.size), d.vocab)
     full = collate(d.splits['test'], range(4), d.vocab)
     batches = [{k: v[a:a + 2] for k, v in full.items()} for a in (0, 2)]
-    for block, tau, k in ((0, 0.0, 0), (4, 0.6, 0), (4, 0.0, 2)):
-        outs, t = time_setting(model, batches, d.vocab, 24, block, tau, k, False, repeats=1)
+    for block, rule in ((0, {}), (4, dict(tau=0.6)), (4, dict(k=2)), (4, dict(tau=0.6, from_left=True))):
+        outs, t = time_setting(model, batches, d.vocab, 24, block, rule, False, repeats=1)
         for batch, (tokens, lengths, _) in zip(batches, outs):
             if block == 0:
                 ref, ref_len = generate_ar(model, batch['prompt'], batch['pad'], 24, d.vocab)
             else:
-                r = generate_block(model, batch['prompt'], batch['pad'], 24, d.vocab, block=block, tau=tau, k=k)
+                r = generate_block(model, batch['prompt'], batch['pad'], 24, d.vocab, block=block, **rule)
                 ref, ref_len = r['tokens'], r['lengths']
             assert torch.equal(lengths, ref_len)
             for row in range(2):
@@ -250,8 +250,8 @@ def test_cuda_graphs_match_eager(tiny_data):
     full = collate(d.splits['test'], range(4), d.vocab, device='cuda')
     batches = [full]
     for block in (0, 4):
-        eager, _ = time_setting(model, batches, d.vocab, 24, block, 0.6, 0, False, repeats=1)
-        graphed, _ = time_setting(model, batches, d.vocab, 24, block, 0.6, 0, True, repeats=1)
+        eager, _ = time_setting(model, batches, d.vocab, 24, block, dict(tau=0.6), False, repeats=1)
+        graphed, _ = time_setting(model, batches, d.vocab, 24, block, dict(tau=0.6), True, repeats=1)
         assert torch.equal(eager[0][0], graphed[0][0])
 
 
