@@ -205,9 +205,9 @@ def generate_block(model, prompt, pad, max_resp, vocab, block, tau=0.9, k=0, tem
     Inside a block, each step predicts every masked position at once and commits some of them (commit_rule).
     A finished block's keys/values are written by one more pass, fused with the next block's first step
     ([finished block ; masked block] in one forward: the finished block's last position also predicts the new
-    block's first token). Stops after the block that holds <eos> (per row; the batch until all are done).
-    Returns tokens (B, R), lengths (up to <eos>), steps (B, R: the step of its block at which each token was
-    committed, 1-based; 0 = not decoded), logp (its log-probability then) and per-row forward and token
+    block's first token). A row stops as soon as every position left of a committed <eos> is committed (the
+    rest of that block stays masked); the batch, once every row has. Returns tokens (B, R), lengths (up to <eos>), steps (B, R: the step of its block at which each
+    token was committed, 1-based; 0 = not decoded), logp (its log-probability then) and per-row forward and token
     counts (total, trace blocks, answer blocks)."""
     B, P = prompt.shape
     R, dev = max_resp, prompt.device
@@ -221,13 +221,17 @@ def generate_block(model, prompt, pad, max_resp, vocab, block, tau=0.9, k=0, tem
     forwards = torch.ones(B, dtype=torch.long, device=dev)              # the prefill
     block_steps = torch.zeros((B, R // block), dtype=torch.long, device=dev)
     done = torch.zeros(B, dtype=torch.bool, device=dev)
+    pos = torch.arange(block, device=dev)
     for b in range(R // block):
         s0 = P + b * block                                              # first column of this block
         cur = torch.where(done[:, None], vocab.eos, x[:, b * block:(b + 1) * block])
         pending = b > 0                                                 # previous block not yet in the cache
         step = 0
         while True:
-            masked = cur == vocab.mask
+            # positions after a committed <eos> are never read: a row is done once everything left of it is
+            is_eos = cur == vocab.eos
+            eos_at = torch.where(is_eos.any(1), is_eos.float().argmax(1), block)
+            masked = (cur == vocab.mask) & (pos[None, :] < eos_at[:, None])
             active = masked.any(1)
             if not bool(active.any()):                                  # one host sync per step
                 break

@@ -27,6 +27,7 @@ ROWS = [  # (file name, label, predecessor for the paired gain)
     ('naive', 'naive diffusion (B=32)', 'ar'),
     ('cft_novalid', '+ CFT, no validity loss', 'naive'),
     ('cft', '+ CFT', 'naive'),
+    ('cft_left', '+ CFT, committed from the left (same weights)', 'cft'),
     ('cft_more', '+ CFT, more (OPD control)', 'cft'),
     ('cft_warmup', '+ CFT, block size warmed up from 1', 'cft'),
     ('cft_suffix', '+ CFT, half the blocks suffix-masked', 'cft'),

@@ -151,6 +151,22 @@ def test_sampler_from_left_commits_in_position_order(tiny_data):
             assert (steps[decoded] == torch.arange(1, 5)).all()
 
 
+def test_sampler_spends_no_step_after_eos(tiny_data):
+    """A row's forwards are the prefill plus, per block, the step that committed its last live token: no step
+    is spent on positions after <eos> (they stay uncommitted), so the count compares fairly with AR's."""
+    d, model, batch = setup(tiny_data, n=6, block=4)
+    head = model.head
+    model.head = lambda h, fp32=False: head(h, fp32).index_add(  # an untrained model that often ends early
+        -1, torch.tensor([d.vocab.eos]), torch.full((*h.shape[:-1], 1), 4.0))
+    for kw in (dict(tau=0.3, temperature=1.0), dict(tau=0.9), dict(k=1, from_left=True)):
+        res = generate_block(model, batch['prompt'], batch['pad'], 24, d.vocab, block=4,
+                             generator=torch.Generator().manual_seed(0), **kw)
+        assert ((res['lengths'] < 24) & (res['lengths'] % 4 != 0)).any()     # some row ends inside a block
+        live = torch.arange(24)[None, :] < res['lengths'][:, None]
+        per_block = (res['steps'] * live).view(len(live), -1, 4).amax(2)
+        assert torch.equal(res['n_forwards'], 1 + per_block.sum(1))
+
+
 def test_sampler_batch_invariance(tiny_data):
     d, model, batch = setup(tiny_data, n=4, block=4)
     res = generate_block(model, batch['prompt'], batch['pad'], 24, d.vocab, block=4, tau=0.5)
