@@ -97,7 +97,8 @@ def plot(rows, path):
         ax.axhline(ar[0]['R@1'], color='gray', ls='--', label='AR R@1')
     ax.set_xlabel('decode speedup over AR (tokens/s)')
     ax.set_ylabel('test R@1')
-    ax.legend()
+    if ax.get_legend_handles_labels()[0]:                  # nothing to label without --accuracy
+        ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
@@ -149,7 +150,7 @@ def main():
                              'graphs': g, 'tok_per_s': t['tok_per_s'], 'forwards_per_token': t['forwards_per_token'],
                              'ms_per_request': t['ms_per_request'], 'speedup': t['tok_per_s'] / base,
                              'R@1': acc[0], 'validity': acc[1], 'requests': t['requests']})
-                print(f"graphs={g!s:5} batch {bs:3d} {label:8s} {t['tok_per_s']:9.0f} tok/s  "
+                print(f"graphs={g!s:5} batch {bs:3d} {label:12s} {t['tok_per_s']:9.0f} tok/s  "
                       f"{t['forwards_per_token']:.3f} fwd/tok  {t['ms_per_request']:8.2f} ms/call  "
                       f"speedup {t['tok_per_s'] / base:5.2f}x")
     out = {'device': device_name(device), 'torch': torch.__version__, 'commit': git_commit(),

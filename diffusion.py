@@ -206,9 +206,9 @@ def generate_block(model, prompt, pad, max_resp, vocab, block, tau=0.9, k=0, tem
     A finished block's keys/values are written by one more pass, fused with the next block's first step
     ([finished block ; masked block] in one forward: the finished block's last position also predicts the new
     block's first token). A row stops as soon as every position left of a committed <eos> is committed (the
-    rest of that block stays masked); the batch, once every row has. Returns tokens (B, R), lengths (up to <eos>), steps (B, R: the step of its block at which each
-    token was committed, 1-based; 0 = not decoded), logp (its log-probability then) and per-row forward and token
-    counts (total, trace blocks, answer blocks)."""
+    rest of that block stays masked); the batch, once every row has. Returns tokens (B, R), lengths (up to
+    <eos>), steps (B, R: the step of its block at which each token was committed, 1-based; 0 = not decoded),
+    logp (its log-probability then) and per-row forward and token counts (total, trace blocks, answer blocks)."""
     B, P = prompt.shape
     R, dev = max_resp, prompt.device
     assert R % block == 0, "the response length must be a multiple of the block size"
