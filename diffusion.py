@@ -229,9 +229,7 @@ def generate_block(model, prompt, pad, max_resp, vocab, block, tau=0.9, k=0, tem
         step = 0
         while True:
             # positions after a committed <eos> are never read: a row is done once everything left of it is
-            is_eos = cur == vocab.eos
-            eos_at = torch.where(is_eos.any(1), is_eos.float().argmax(1), block)
-            masked = (cur == vocab.mask) & (pos[None, :] < eos_at[:, None])
+            masked = (cur == vocab.mask) & (pos[None, :] < first_eos_lengths(cur, vocab)[:, None])
             active = masked.any(1)
             if not bool(active.any()):                                  # one host sync per step
                 break
