@@ -15,8 +15,8 @@ import torch
 
 from common import (parse_config, decoding_problem, print_config, pick_device, autocast, device_name,
                     load_checkpoint, write_json, git_commit, command_line, Timer, CheckpointError, results_path)
-from data_beauty import (DataConfig, BeautyData, DataError, collate, parse_answer, target_rank, metrics_from_ranks,
-                         floor_ranks, copies_incoming)
+from data_beauty import DataConfig, BeautyData, DataError, collate
+from metrics import parse_answer, target_rank, metrics_from_ranks, floor_ranks, copies_incoming
 from diffusion import first_eos_lengths, generate_block
 from model import CachedForward
 

@@ -10,7 +10,7 @@ References: BD3-LM (Arriola et al. 2025), MDLM (Sahoo et al. 2024), Fast-dLLM (W
 import torch
 import torch.nn.functional as F
 
-from data_beauty import loss_weights
+from reasoning import loss_weights
 from model import CachedForward, positions
 
 
@@ -96,7 +96,7 @@ def diffusion_loss(model, batch, block, mask_id, masked=None, w_trace=1.0, w_ans
                    suffix_share=0.0):
     """Masked-token cross-entropy of the block-diffusion model (plain mean over masked tokens, Fast-dLLM v2),
     with complementary masks (each example also with the opposite mask: every token supervised once), plus
-    optionally the permutation-validity loss on the answer positions (`reject`, `w_judge`: data_beauty.loss_weights;
+    optionally the permutation-validity loss on the answer positions (`reject`, `w_judge`: reasoning.loss_weights;
     the validity loss does not read the target, so it keeps every row). Returns (loss, parts dict).
 
     The output head runs only at the masked positions of the trained region: they are all the loss reads (a

@@ -15,7 +15,7 @@ import sys
 import numpy as np
 
 from common import write_json
-from data_beauty import per_rank_metric, paired_bootstrap, metrics_from_ranks
+from metrics import per_rank_metric, paired_bootstrap, metrics_from_ranks
 
 ROWS = [  # (file name, label, predecessor for the paired gain)
     ('floor', 'pre-rank floor', None),

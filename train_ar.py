@@ -20,7 +20,8 @@ from tqdm import tqdm
 from common import (StageSettings, parse_config, print_config, pick_device, autocast, device_name, save_checkpoint,
                     load_checkpoint, JsonlLog, plot_curves, git_commit, is_better, command_line, write_json, Timer,
                     save_resume, load_resume, finish_resume, results_path)
-from data_beauty import DataConfig, BeautyData, DataError, collate, loss_weights, BUCKETS, EVIDENCE
+from data_beauty import DataConfig, BeautyData, DataError, collate
+from reasoning import loss_weights, BUCKETS, EVIDENCE
 from decode import DecodeConfig, evaluate
 from model import GPT, GPTConfig, response_hidden
 
@@ -46,9 +47,9 @@ class TrainARConfig(StageSettings):  # + min_validity, eval_n, eval_batch, time_
     w_trace: float = 0.5         # loss weight of reasoning tokens
     w_answer: float = 1.0        # loss weight of answer tokens
     w_choice: float = 5.0        # loss weight of the first ranked item (the decision: one token, learnt last)
-    w_judge: float = 5.0         # loss weight of the trace's running leaders and conclusion (data_beauty.loss_weights)
+    w_judge: float = 5.0         # loss weight of the trace's running leaders and conclusion (reasoning.loss_weights)
     trace_sample: float = 0.25   # share of trace tokens that carry the loss each step (ar_response_loss)
-    reject: bool = True          # no decision loss where the trace concludes elsewhere (data_beauty.loss_weights)
+    reject: bool = True          # no decision loss where the trace concludes elsewhere (reasoning.loss_weights)
     grad_clip: float = 1.0
     # evaluation
     eval_every: int = 250
@@ -86,7 +87,7 @@ def ar_response_loss(model, batch, w_trace=1.0, w_answer=1.0, w_choice=1.0, trac
     every answer token and judgement and on a random `trace_sample` share of the other trace tokens, whose
     weight is divided by that share so the expected loss is unchanged. The answer (the decision and the copying
     of the list) is what is slow to learn; the trace is long and mostly easy. `reject`: see
-    data_beauty.loss_weights; `w_judge` defaults to the trace's weight before that division."""
+    reasoning.loss_weights; `w_judge` defaults to the trace's weight before that division."""
     resp = batch['resp']
     B, R = resp.shape
     live = torch.arange(R, device=resp.device)[None, :] < batch['resp_len'][:, None]

@@ -42,7 +42,7 @@ class TrainCFTConfig(StageSettings):  # + min_validity, eval_n, eval_batch, time
     w_answer: float = 1.0
     w_choice: float = 1.0        # the first ranked item
     w_judge: float = 0.5         # the trace's running leaders and conclusion (train_ar's 5: lower validity on a CPU)
-    reject: bool = True          # no decision loss where the trace concludes elsewhere (data_beauty.loss_weights)
+    reject: bool = True          # no decision loss where the trace concludes elsewhere (reasoning.loss_weights)
     max_steps: int = 600
     batch_size: int = 64
     lr: float = 5e-4

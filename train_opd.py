@@ -27,7 +27,8 @@ from tqdm import tqdm
 
 from common import (StageSettings, parse_config, print_config, pick_device, autocast, load_checkpoint, JsonlLog, Timer,
                     CheckpointError, check_data_matches)
-from data_beauty import DataError, collate, parse_answer, target_rank, copies_incoming
+from data_beauty import DataError, collate
+from metrics import parse_answer, target_rank, copies_incoming
 from decode import load_data_for
 from diffusion import generate_block, live_tokens, replay_logits, forward_kl, left_to_right_steps, diffusion_loss
 from model import response_hidden

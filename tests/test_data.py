@@ -2,10 +2,11 @@
 import numpy as np
 import pytest
 
-from data_beauty import (DataConfig, BeautyData, DataError, Vocab, cooc_matrix, prerank, windows_of, encode,
-                         parse_answer, target_rank, metrics_from_ranks, paired_bootstrap, load_5core,
-                         fit_evidence_weights, BUCKETS, EVIDENCE, attr_transitions, link_evidence,
-                         evidence_features, evidence_buckets, running_scores)
+from data_beauty import (DataConfig, BeautyData, DataError, cooc_matrix, prerank, windows_of, load_5core,
+                         attr_transitions, link_evidence)
+from metrics import parse_answer, target_rank, metrics_from_ranks, paired_bootstrap
+from reasoning import (Vocab, encode, fit_evidence_weights, BUCKETS, EVIDENCE, evidence_features, evidence_buckets,
+                       running_scores)
 
 
 def test_missing_data_dir_names_the_fix(tmp_path):
@@ -261,7 +262,8 @@ def test_reject_drops_only_the_answers_that_contradict_the_trace(tiny_data):
     """With `reject`, a window whose trace concludes on another candidate than its target loses the loss of its
     decision (the first ranked slot) and keeps every other; a window whose conclusion is the target keeps all."""
     import torch
-    from data_beauty import collate, loss_weights
+    from data_beauty import collate
+    from reasoning import loss_weights
     sp, v = tiny_data.splits['train'], tiny_data.vocab
     b = collate(sp, range(len(sp)), v)
     concl = torch.tensor([int(r[list(r).index(v.best) + 1]) for r in sp.responses])

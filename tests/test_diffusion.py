@@ -216,7 +216,7 @@ def test_predicting_columns():
 def test_loss_at_masked_positions_equals_full_head(tiny_data):
     """diffusion_loss runs the head only where the loss reads it; the result equals the full-head reference."""
     from diffusion import noise_blocks, loss_region
-    from data_beauty import kind_weights
+    from reasoning import kind_weights
     d, model, batch = setup(tiny_data, block=4)
     v, resp = d.vocab, batch['resp']
     masked = noise_blocks(resp, 4, v.mask, torch.Generator().manual_seed(0))

@@ -1,0 +1,204 @@
+"""The reasoning trace: the token vocabulary, the evidence a trace adds up, and how one instance is written as
+prompt -> trace -> answer, with the per-token loss weights every stage trains with.
+
+GR2's teacher LLM writes free-text reasoning; here the trace is programmatic (a small model learns it from
+scratch): for each candidate its statistics and a running evidence score, then the running leader, then the
+conclusion. Only the prompt, leave-out statistics and weights fitted on train windows go into it, never the
+target. data_beauty.py computes the statistics and calls encode() for every instance.
+"""
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+SCORE_MAX = 4  # the running evidence score is clipped to [-4, 4] (the sums on Beauty stay within [-3.75, 3.5])
+
+BUCKETS = {  # evidence token families: name -> upper edges of the buckets (the last bucket is open)
+    'last': [0, 1, 2, 4, 8, 16],         # co-occurrence with the last history item
+    'prev': [0, 1, 2, 4, 8, 16],         # co-occurrence with the history items before the last one
+    'link': [0, 0.5, 1, 1.5, 2, 2.5, 3, 4],  # attribute link to the last history item (log lift, link_evidence)
+    'pop': [1, 3, 7, 15, 31, 63, 127],   # train interactions (log buckets)
+    'score': [x / 4 for x in range(-4 * SCORE_MAX, 4 * SCORE_MAX)],  # running evidence score: -4 .. 4 in quarters
+}
+SPECIALS = ['<eos>', '<bos>', '<mask>', '<cands>', '<think>', '<answer>', '<best>', '<lead>']
+
+
+class Vocab:
+    """One token space: specials, list slots, evidence buckets, attributes, items (items last).
+
+    The slots c1..cN name the N places of the pre-ranker's list, as [1]..[N] do in LLM list re-rankers: the
+    prompt shows each candidate as `c_i item ...`, and the answer is a permutation of slots. Writing `c4` then
+    copying the item that follows `c4` in the prompt is a plain induction pattern; copying a raw item id from
+    a 12k-token space without the slot was the slowest skill for a small model to learn here."""
+
+    def __init__(self, n_items, n_attrs, n_cand=10):
+        self.n_items, self.n_attrs, self.n_cand = n_items, n_attrs, n_cand
+        self.names = list(SPECIALS)
+        self.slot0 = len(self.names)
+        self.names += [f"c{i + 1}" for i in range(n_cand)]
+        self.bucket0 = {}
+        for fam, edges in BUCKETS.items():
+            self.bucket0[fam] = len(self.names)
+            self.names += [f"{fam}{i}" if fam != 'score' else f"s{(i - 4 * SCORE_MAX) / 4:+.2f}"  # its value
+                           for i in range(len(edges) + 1)]
+        self.attr0 = len(self.names) - 1   # attribute ids start at 1
+        self.item0 = self.attr0 + n_attrs  # item ids start at 1
+        self.size = self.item0 + n_items + 1
+        self.eos, self.bos, self.mask, self.cands, self.think, self.answer, self.best, self.lead = range(8)
+
+    @property
+    def slots(self):
+        """The N slot tokens: the answer's alphabet (a ranking is a permutation of them)."""
+        return list(range(self.slot0, self.slot0 + self.n_cand))
+
+    def slot(self, i):
+        return self.slot0 + int(i)
+
+    def is_slot(self, tok):
+        return (tok >= self.slot0) & (tok < self.slot0 + self.n_cand)
+
+    def item(self, i):
+        return self.item0 + int(i)
+
+    def attr(self, a):
+        return self.attr0 + int(a)
+
+    def bucket(self, fam, value):
+        return self.bucket0[fam] + int(np.searchsorted(BUCKETS[fam], value, side='left'))
+
+    def token_str(self, t):
+        t = int(t)
+        if t < len(self.names):
+            return self.names[t]
+        if t > self.item0:
+            return f"i{t - self.item0}"
+        return f"a{t - self.attr0}"
+
+    def decode(self, toks):
+        return ' '.join(self.token_str(t) for t in toks)
+
+
+EVIDENCE = ('last', 'prev', 'link', 'pop')  # the rows of an instance's `ev` (4, N): its candidates' statistics
+
+
+def evidence_buckets(ev):
+    """(4, N) bucket index of each candidate's statistic in each EVIDENCE family."""
+    return np.stack([np.searchsorted(BUCKETS[fam], ev[f], side='left') for f, fam in enumerate(EVIDENCE)])
+
+
+def stat_tokens(ev, i, vocab):
+    """Candidate i's leave-out statistics as bucket tokens: co-occurrence with the last history item and with the
+    items before it, attribute link to the last item, popularity."""
+    return [vocab.bucket(fam, ev[f][i]) for f, fam in enumerate(EVIDENCE)]
+
+
+def evidence_features(ev):
+    """(N, F) what a candidate's trace entry adds up: one-hot buckets of its statistics (EVIDENCE), then its position
+    in the pre-ranker's list. (Attribute-share counts were tried as well: their fitted weights were within 0.11 of
+    zero, and dropping them left the conclusion's validation R@1 where it was.)"""
+    b = evidence_buckets(ev)
+    N = b.shape[1]
+    onehots = [np.eye(len(BUCKETS[fam]) + 1, dtype=np.float32)[b[f]] for f, fam in enumerate(EVIDENCE)]
+    return np.concatenate(onehots + [np.eye(N, dtype=np.float32)], 1)
+
+
+def fit_evidence_weights(features, target, steps=500, lr=0.03, weight_decay=1e-3):
+    """Weights of an additive evidence score, fitted on TRAIN windows only: a conditional logit over each list
+    (softmax over its N candidates), rounded to quarters so that the trace's running sums are exact on the grid of
+    its score tokens. It plays the part of GR2's larger teacher LLM, whose traces end in a judgement: the trace
+    states each candidate's score and concludes with the best one, all computable from the prompt without the
+    target. features (n, N, F), target (n,) -> (F,) weights."""
+    X, y = torch.as_tensor(features), torch.as_tensor(target)
+    w = torch.zeros(X.shape[-1], requires_grad=True)
+    opt = torch.optim.Adam([w], lr=lr, weight_decay=weight_decay)
+    for _ in range(steps):  # full batch from zeros: deterministic
+        loss = F.cross_entropy(X @ w, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return np.round(w.detach().numpy().astype(np.float64) * 4) / 4
+
+
+def running_scores(ev, score_w):
+    """(N, 4) each candidate's running evidence score after each of its statistics: it starts at the weight of the
+    candidate's list position and adds one statistic's weight per step (clipped to the score tokens' range), so
+    every score token the trace writes is the last one plus the weight of the bucket token just before it, a
+    one-step lookup; a single token for the whole sum (ten terms) was right about half the time for a 2-layer
+    model. Weights are quarters and the sums exact."""
+    b = evidence_buckets(ev)
+    start = np.cumsum([0] + [len(BUCKETS[fam]) + 1 for fam in EVIDENCE])  # each family's block in evidence_features
+    score = score_w[start[-1]:start[-1] + b.shape[1]]  # the position weights come last
+    steps = []
+    for f in range(len(EVIDENCE)):
+        score = np.clip(score + score_w[start[f] + b[f]], -SCORE_MAX, SCORE_MAX)
+        steps.append(score)
+    return np.stack(steps, 1)
+
+
+def conclusion(score_buckets):
+    """The trace's conclusion: the first candidate (pre-ranker order) among those with the highest score bucket,
+    so that it follows from the score tokens the trace has just written."""
+    return int(np.argmax(score_buckets))
+
+
+def encode(hist, cands, target_idx, ev, attrs, vocab, score_w, trace=True):
+    """Prompt, response and per-token kind (0 trace, 1 answer, 2 the choice: the first ranked item, the one token
+    that moves the ranking, 3 the trace's judgements: the slot of each running leader and of the conclusion) for
+    one instance.
+
+    prompt   = <bos> (item attrs..)*history <cands> (slot last prev link pop item attrs..)*N <think>|<answer>
+    trace    = per candidate: its slot, then each of its statistics (EVIDENCE) followed by the running evidence
+               score (running_scores), then the running leader `<lead> slot score` (the best so far: a comparison
+               of two score tokens per step, where an argmax over ten far-apart tokens was the step small models
+               failed); then the conclusion <best> slot (the last leader). The statistics come with the prompt,
+               as retrieved item facts do in an LLM re-ranker's prompt (a small model cannot recall pair counts
+               it never sees), right after the slot, so the trace reads them at a fixed offset from it; the
+               item id is not restated (copying a 12k-way id is what a small model got wrong most, and a wrong
+               copy derailed the rest of the entry)
+    answer   = <answer> the target's slot, then the other slots in the pre-ranker's order, <eos>
+    The trace reads only the prompt, leave-out statistics and the train-fitted `score_w`; `target_idx` only
+    shapes the answer."""
+    prompt = [vocab.bos]
+    for h in hist:
+        prompt += [vocab.item(h)] + [vocab.attr(a) for a in attrs[h]]
+    prompt.append(vocab.cands)
+    for i, c in enumerate(cands):  # each candidate: its retrieved statistics, the item and its attributes
+        prompt += [vocab.slot(i)] + stat_tokens(ev, i, vocab) + [vocab.item(c)] + [vocab.attr(a) for a in attrs[c]]
+    prompt.append(vocab.think if trace else vocab.answer)
+    response, kind = [], []
+    if trace:
+        steps = [[vocab.bucket('score', x) for x in row] for row in running_scores(ev, score_w)]
+        score_tok = [row[-1] for row in steps]
+        for i in range(len(cands)):
+            response.append(vocab.slot(i))
+            for stat, score in zip(stat_tokens(ev, i, vocab), steps[i]):
+                response += [stat, score]
+            lead = conclusion(score_tok[:i + 1])
+            response += [vocab.lead, vocab.slot(lead), score_tok[lead]]
+        response += [vocab.best, vocab.slot(conclusion(score_tok)), vocab.answer]
+        kind = [3 if prev in (vocab.lead, vocab.best) else 0 for prev in [None] + response[:-1]]
+    order = [target_idx] + [i for i in range(len(cands)) if i != target_idx]
+    answer = [vocab.slot(i) for i in order] + [vocab.eos]
+    return prompt, response + answer, kind + [2] + [1] * (len(answer) - 1)
+
+
+def kind_weights(kind, w_trace, w_answer, w_choice, w_judge=None):
+    """Per-token loss weights from the token kinds of encode() (the judgements weigh as the trace by default)."""
+    w_judge = w_trace if w_judge is None else w_judge
+    return torch.tensor([w_trace, w_answer, w_choice, w_judge], device=kind.device)[kind]
+
+
+def loss_weights(batch, w_trace, w_answer, w_choice, reject=False, w_judge=None):
+    """(B, R) loss weights by token kind. With `reject`, the decision (the first ranked slot) of a window whose
+    trace concludes on another candidate than its target carries no loss: GR2 kept only the teacher traces that
+    reach the target (rejection sampling). Here the programmatic trace is sound reasoning either way, so its
+    tokens still teach, and so does the rest of the answer (writing out the permutation); only the decision that
+    contradicts the trace is dropped. Without it the decision is learnt from a weak signal: the conclusion differs
+    from the first candidate on 11% of train windows and is then the target 30% of the time.
+    `w_judge` weighs the trace's judgements (kind 3): a running leader changes about once a list, so a model
+    that always repeats the last leader is right 98% of the time at the trace's weight, and a small one did
+    exactly that (it concluded c1 on 99% of lists where the trace concludes elsewhere on 16%)."""
+    w = kind_weights(batch['kind'], w_trace, w_answer, w_choice, w_judge)
+    if reject:
+        w = w * ((batch['kind'] != 2) | batch['follows'][:, None])
+    return w
