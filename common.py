@@ -9,6 +9,7 @@ import time
 from contextlib import nullcontext
 
 import torch
+from tqdm import tqdm
 
 
 # ----------------------------------------------------------------------------- config
@@ -22,6 +23,14 @@ class StageSettings:
     time_limit: float = 0.0      # seconds; > 0: stop training early (then evaluate and save as usual)
     seed: int = 0
     device: str = 'auto'
+
+    def evaluation_due(self, step, timer):
+        """After 0-based training step `step`: (evaluate now, stop after it). Every `eval_every` steps, at the
+        last step, and once `time_limit` seconds are spent, which also ends the run."""
+        out_of_time = self.time_limit > 0 and timer() > self.time_limit
+        if out_of_time:
+            tqdm.write(f"time limit {self.time_limit:.0f}s reached at step {step + 1}: a last evaluation, then stop")
+        return (step + 1) % self.eval_every == 0 or step == self.max_steps - 1 or out_of_time, out_of_time
 
     def problem(self):  # stages with a decoding setting (block, tau, k) are checked like decode.py's
         return decoding_problem(getattr(self, 'block', 0), getattr(self, 'tau', 0.9), getattr(self, 'k', 0))

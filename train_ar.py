@@ -268,15 +268,14 @@ def main():
         optimizer_step(model, opt, loss, cfg.grad_clip, step, cfg.lr)
         pbar.set_postfix(loss=f"{loss.item():.3f}")
         log.write(step=step, loss=loss.item(), lr=opt.param_groups[0]['lr'])
-        out_of_time = cfg.time_limit > 0 and timer() > cfg.time_limit
-        if (step + 1) % cfg.eval_every == 0 or step == cfg.max_steps - 1 or out_of_time:
+        evaluate_now, stop = cfg.evaluation_due(step, timer)
+        if evaluate_now:
             best = validate_and_keep(model, data, cfg, device, log, step + 1, best, run_cfg, 'ar')
             choice = choice_accuracy(model, data.splits['valid'], data.vocab, device)
             log.write(step=step + 1, val_choice_R1=choice)
             tqdm.write(f"step {step + 1}: teacher-forced choice R@1 {choice:.4f} (valid, first 1024)")
             save_resume(cfg.out, model, opt, run_cfg, step + 1, {'best': best})
-        if out_of_time:
-            tqdm.write(f"time limit {cfg.time_limit:.0f}s reached at step {step + 1}")
+        if stop:
             break
     finish_resume(cfg.out)
     if cfg.trace:

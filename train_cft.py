@@ -149,11 +149,10 @@ def main():
         optimizer_step(model, opt, loss, cfg.grad_clip, step, cfg.lr)
         pbar.set_postfix(loss=f"{loss.item():.3f}")
         log.write(step=step + 1, loss=loss.item(), **{k: v.item() for k, v in parts.items()})
-        out_of_time = cfg.time_limit > 0 and timer() > cfg.time_limit
-        if (step + 1) % cfg.eval_every == 0 or step == cfg.max_steps - 1 or out_of_time:
+        evaluate_now, stop = cfg.evaluation_due(step, timer)
+        if evaluate_now:
             best = evaluate_and_keep(step + 1, best)
-        if out_of_time:
-            tqdm.write(f"time limit {cfg.time_limit:.0f}s reached at step {step + 1}")
+        if stop:
             break
     finish_resume(cfg.out)
     if cfg.sweep:  # decoding settings of the kept model on validation: accuracy against tokens per forward
@@ -173,6 +172,7 @@ def main():
                                                       'rows': sweep, 'device': device_name(device)})
     finish(cfg, cfg.name, f"CFT ({cfg.name})", log, best, timer, device,
            ['loss', 'validity_loss', 'val_loss', 'val_R1', 'val_validity'])
+
 
 if __name__ == '__main__':
     main()

@@ -200,14 +200,14 @@ def main():
         log.write(step=step + 1, kl=total, rollout_validity=score_rollouts(res, data, rows)[1].mean(),
                   rollout_len=res['lengths'].float().mean().item(),
                   tok_per_fwd=(res['n_tokens'].sum() / res['n_forwards'].sum()).item(), **extra)
-        out_of_time = cfg.time_limit > 0 and timer() > cfg.time_limit
-        if (step + 1) % cfg.eval_every == 0 or step == cfg.max_steps - 1 or out_of_time:
+        evaluate_now, stop = cfg.evaluation_due(step, timer)
+        if evaluate_now:
             keeper(step + 1)
-        if out_of_time:
-            tqdm.write(f"time limit {cfg.time_limit:.0f}s reached at step {step + 1}")
+        if stop:
             break
     finish(cfg, cfg.name, f"OPD ({cfg.name})", log, keeper.best, timer, device,
            ['kl', 'rollout_validity', 'tok_per_fwd', 'val_R1', 'val_validity'])
+
 
 if __name__ == '__main__':
     main()

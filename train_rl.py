@@ -156,14 +156,14 @@ def main():
             stats['loss'] = total
         log.write(**stats)
         pbar.set_postfix(reward=f"{rewards.mean():.3f}", valid=f"{valid.mean():.2f}")
-        out_of_time = cfg.time_limit > 0 and timer() > cfg.time_limit
-        if (step + 1) % cfg.eval_every == 0 or step == cfg.max_steps - 1 or out_of_time:
+        evaluate_now, stop = cfg.evaluation_due(step, timer)
+        if evaluate_now:
             keeper(step + 1)
-        if out_of_time:
-            tqdm.write(f"time limit {cfg.time_limit:.0f}s reached at step {step + 1}")
+        if stop:
             break
     finish(cfg, cfg.name, f"RL ({cfg.name})", log, keeper.best, timer, device,
            ['reward', 'validity', 'rank_change', 'copy_share', 'kl_to_start', 'val_R1'])
+
 
 if __name__ == '__main__':
     main()

@@ -119,6 +119,15 @@ def test_block_warmup_doubles_from_ar_to_the_block_size():
     assert block_at(0, TrainCFTConfig(block=32)) == 32                      # off by default
 
 
+def test_evaluations_fall_every_eval_every_steps_at_the_end_and_when_time_runs_out():
+    cfg = TrainCFTConfig(max_steps=12, eval_every=5)
+    due = [step for step in range(12) if cfg.evaluation_due(step, timer=lambda: 1e9)[0]]
+    assert due == [4, 9, 11] and not any(cfg.evaluation_due(s, lambda: 1e9)[1] for s in range(12))  # no limit set
+    cfg.time_limit = 60.0
+    assert cfg.evaluation_due(2, timer=lambda: 30.0) == (False, False)
+    assert cfg.evaluation_due(2, timer=lambda: 61.0) == (True, True)  # evaluate, save, then stop
+
+
 def test_rank_reward_by_hand():
     before = [3, 1, 4, 2, 5]
     after = [1, 1, 4, 3, 5]
