@@ -31,7 +31,7 @@ class TrainARConfig(StageSettings):  # + min_validity, eval_n, eval_batch, time_
     data_dir: str = '../shared/data/beauty'
     trace: bool = True           # False: prompt -> answer (the no-reasoning ablation)
     out: str = 'out/ar.pt'
-    name: str = ''               # results/eval_<name>.json on test at the end; default ar / ar_direct
+    name: str = ''               # results/train_<name>.json and curves_<name>.png; default ar / ar_direct
     # model
     n_layer: int = 6
     n_head: int = 8
