@@ -300,8 +300,16 @@ def collate(split, idx, vocab, block=1, device='cpu'):
     concluded = resp.gather(1, (at_best.long().argmax(1, keepdim=True) + 1).clamp(max=R - 1))
     chosen = resp.gather(1, (kind == 2).long().argmax(1, keepdim=True))
     follows = ~at_best.any(1) | (concluded == chosen).squeeze(1)  # a direct model has no trace to contradict
+    # where the running leader changes (a leader slot unlike the leader before it): the trace's rare judgements,
+    # about one a list, that its conclusion and so the decision hang on; loss_weights' `w_change`
+    cols = torch.arange(R)
+    is_lead = torch.cat([torch.zeros_like(resp[:, :1], dtype=torch.bool), resp[:, :-1] == vocab.lead], 1)
+    last_lead = torch.where(is_lead, cols, -1).cummax(1).values                     # (B, R) latest leader column
+    before = torch.cat([torch.full_like(last_lead[:, :1], -1), last_lead[:, :-1]], 1)  # the one before column j
+    lead_change = is_lead & (before >= 0) & (resp != resp.gather(1, before.clamp(min=0)))
     return dict(prompt=prompt.to(device), pad=pad.to(device), resp=resp.to(device), kind=kind.to(device),
                 resp_len=resp_len.to(device), cands=cands.to(device), follows=follows.to(device),
+                lead_change=lead_change.to(device),
                 target=torch.as_tensor(split.target[idx]).to(device))
 
 
