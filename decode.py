@@ -4,6 +4,8 @@
     python decode.py --ckpt=out/cft.pt --name=cft --block=32 --tau=0.9    # block diffusion, threshold rule
     python decode.py --ckpt=out/ar.pt --name=naive --block=32 --tau=0.9   # naive conversion of the AR model
     python decode.py --ckpt=out/cft.pt --name=cft_left --block=32 --from_left=True  # commit in position order
+    python decode.py --ckpt=out/cft.pt --block=32 --split=valid --limit=512 --teacher_forced=True
+                                         # + the trace's judgements scored on the gold traces (trace_report)
 
 Writes results/eval_<name>.json: metrics, validity, floor, decode settings, and per-user ranks in user order
 (invalid output scored as the pre-ranker's order), so any two systems can be compared by a paired bootstrap.
@@ -16,9 +18,10 @@ import torch
 from common import (parse_config, decoding_problem, print_config, pick_device, autocast, device_name,
                     load_checkpoint, write_json, git_commit, command_line, Timer, CheckpointError, results_path)
 from data_beauty import DataConfig, BeautyData, DataError, collate
+from reasoning import BUCKETS, EVIDENCE
 from metrics import parse_answer, target_rank, metrics_from_ranks, floor_ranks, copies_incoming
-from diffusion import first_eos_lengths, generate_block
-from model import CachedForward
+from diffusion import convert, first_eos_lengths, generate_block, replay_hidden, left_to_right_steps
+from model import CachedForward, response_hidden
 
 
 @dataclass
@@ -31,6 +34,7 @@ class DecodeConfig:
     tau: float = 0.9            # diffusion: commit every masked position with confidence >= tau (at least one)
     k: int = 0                  # diffusion: if > 0, commit exactly the k most confident per step instead
     from_left: bool = False     # diffusion: commit in position order from the leftmost masked (diffusion.commit_rule)
+    teacher_forced: bool = False  # also score the trace's judgements on the gold traces (trace_report; slow on a CPU)
     batch_size: int = 256
     limit: int = 0              # > 0: only the first `limit` instances (quick looks)
     seed: int = 0
@@ -145,6 +149,55 @@ def evaluate(model, data, split_name, cfg, device, max_new=None):
     return out, texts
 
 
+def teacher_forced_logits(model, b, vocab, block=1):
+    """(B, R, V) fp32 logits of every token of the batch's gold responses: the AR forward, or with block > 1 (a
+    diffusion model) the left-to-right state, the tokens left of each one in its block revealed and the rest
+    masked (diffusion.left_to_right_steps): the context the AR teacher had, so the two read side by side."""
+    if block == 1:
+        with autocast(b['prompt'].device):
+            h = response_hidden(model, b['prompt'], b['pad'], b['resp'])
+    else:
+        live = torch.arange(b['resp'].shape[1], device=b['resp'].device)[None, :] < b['resp_len'][:, None]
+        with autocast(b['prompt'].device):
+            h = replay_hidden(model, b['prompt'], b['pad'], b['resp'], left_to_right_steps(live.long(), block), block,
+                              vocab.mask)
+    logits = model.head(h, fp32=True)
+    logits[..., vocab.mask] = -float('inf')  # never an answer; a converted model has not learnt that yet
+    return logits
+
+
+@torch.no_grad()
+def trace_report(model, split, vocab, device, n=512, batch=32, block=1):
+    """Teacher-forced on the gold traces of a split: the share of trace tokens predicted with probability > 0.99 (how much of the
+    trace is near-certain restatement rather than inference; reported beside every result), and the accuracy of
+    the trace's three inference steps: the running scores, the running leader (and, apart, its rare changes,
+    which the decision hangs on), the conclusion; for a diffusion model at the left-to-right state
+    (teacher_forced_logits)."""
+    model.eval()
+    counts = {k: [0, 0] for k in ('p99', 'score', 'lead', 'change', 'best')}
+    stats = torch.tensor([vocab.bucket0[fam] + j for fam in EVIDENCE for j in range(len(BUCKETS[fam]) + 1)],
+                         device=device)  # a running score follows each of these
+    batch = max(1, batch // block)  # a diffusion batch stacks one state per offset in the block
+    for a in range(0, min(n, len(split)), batch):
+        b = collate(split, range(a, min(n, len(split), a + batch)), vocab, block=block, device=device)
+        resp, R = b['resp'], b['resp'].shape[1]
+        live = torch.arange(R, device=device)[None, :] < b['resp_len'][:, None]
+        logits = teacher_forced_logits(model, b, vocab, block)
+        p = logits.softmax(-1).gather(-1, resp[..., None]).squeeze(-1)  # (B, R)
+        right = logits.argmax(-1) == resp
+        before = torch.cat([torch.full_like(resp[:, :1], -1), resp[:, :-1]], 1)
+        trace = ((b['kind'] == 0) | (b['kind'] == 3)) & live
+        for key, where, hit in (('p99', trace, p > 0.99), ('score', trace & torch.isin(before, stats), right),
+                                ('lead', trace & (before == vocab.lead), right), ('change', b['lead_change'], right),
+                                ('best', before == vocab.best, right)):
+            counts[key][0] += int((hit & where).sum())
+            counts[key][1] += int(where.sum())
+    share = {k: hits / max(total, 1) for k, (hits, total) in counts.items()}
+    return {'trace_p99_share': share['p99'], 'score_accuracy': share['score'], 'lead_accuracy': share['lead'],
+            'lead_change_accuracy': share['change'], 'lead_changes': counts['change'][1],
+            'conclusion_accuracy': share['best']}
+
+
 def load_data_for(ckpt, data_dir):
     """The data a checkpoint was trained on (same trace setting, same vocabulary). A checkpoint from before a
     change of the token vocabulary (a new evidence bucket, a new special token) cannot read today's data."""
@@ -166,7 +219,14 @@ def main():
         data = load_data_for(ckpt, cfg.data_dir)
     except (CheckpointError, DataError) as e:
         raise SystemExit(f"error: {e}")
+    if ckpt['stage'] == 'ar' and cfg.block > 0:  # the naive conversion: the teacher's weights, CFT's starting point
+        convert(model, data.vocab)
     res, texts = evaluate(model, data, cfg.split, cfg, device)
+    if cfg.teacher_forced:
+        res['teacher_forced'] = trace_report(model, data.splits[cfg.split], data.vocab, device,
+                                             n=cfg.limit or len(data.splits[cfg.split]), block=max(cfg.block, 1))
+        print("teacher-forced: " + ', '.join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
+                                             for k, v in res['teacher_forced'].items()))
     res.update(name=cfg.name, ckpt=cfg.ckpt, stage=ckpt['stage'], seed=cfg.seed, device=device_name(device),
                command=command_line(), commit=git_commit())
     m = res['metrics']

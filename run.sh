@@ -23,10 +23,10 @@ if [ "$MODE" = cpu ]; then
   AR="$SIZE --batch_size=32 --mid_steps=0 --max_steps=1000 --eval_every=500 --eval_n=600 --eval_batch=300"
   DIR="$AR"
   SMALL="--eval_n=64 --eval_batch=64"   # stage evaluations (selection) on the first 64 validation users
-  CFT="--batch_size=16 --max_steps=100 --eval_every=50 --lr=1e-4 --sweep=False $SMALL"  # lr 5e-4: validity 0.08
+  CFT="--batch_size=16 --max_steps=100 --eval_every=50 --lr=1e-4 --sweep=False --judge=False $SMALL"  # lr 5e-4: validity 0.08
   WARM=50
   OPD="--n_prompts=2 --max_steps=3 --eval_every=3 $SMALL"
-  MORE="--batch_size=16 --max_steps=20 --eval_every=20 --lr=1e-4 --sweep=False $SMALL"
+  MORE="--batch_size=16 --max_steps=20 --eval_every=20 --lr=1e-4 --sweep=False --judge=False $SMALL"
   RL="--n_prompts=2 --max_steps=2 --eval_every=2 $SMALL"
   BENCH="--batches=(1,16) --graphs=(False,) --n_time=16 --n_time_b1=4 --repeats=1 --accuracy=False"
   EVAL="--batch_size=100 --limit=100"   # diffusion: the first 100 test users (in user order), block decoding

@@ -21,8 +21,8 @@ from common import (StageSettings, parse_config, print_config, pick_device, auto
                     load_checkpoint, JsonlLog, plot_curves, git_commit, is_better, command_line, write_json, Timer,
                     save_resume, load_resume, finish_resume, results_path)
 from data_beauty import DataConfig, BeautyData, DataError, collate
-from reasoning import loss_weights, BUCKETS, EVIDENCE
-from decode import DecodeConfig, evaluate
+from reasoning import loss_weights
+from decode import DecodeConfig, evaluate, trace_report
 from model import GPT, GPTConfig, response_hidden
 
 
@@ -130,35 +130,6 @@ def lm_loss(model, x, live):
     ce = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), x[:, 1:].reshape(-1), reduction='none')
     w = live[:, 1:].reshape(-1).float()
     return (ce * w).sum() / w.sum()
-
-
-@torch.no_grad()
-def trace_report(model, split, vocab, device, n=512, batch=32):
-    """Teacher-forced on validation: the share of trace tokens predicted with probability > 0.99 (how much of the
-    trace is near-certain restatement rather than inference; reported beside every result), and the accuracy of
-    the trace's three inference steps: the running scores, the running leader, the conclusion."""
-    model.eval()
-    counts = {k: [0, 0] for k in ('p99', 'score', 'lead', 'best')}
-    stats = torch.tensor([vocab.bucket0[fam] + j for fam in EVIDENCE for j in range(len(BUCKETS[fam]) + 1)],
-                         device=device)  # a running score follows each of these
-    for a in range(0, min(n, len(split)), batch):
-        b = collate(split, range(a, min(n, len(split), a + batch)), vocab, device=device)
-        with autocast(device):
-            h = response_hidden(model, b['prompt'], b['pad'], b['resp'])
-        logits = model.head(h, fp32=True)
-        resp, R = b['resp'], b['resp'].shape[1]
-        p = logits.softmax(-1).gather(-1, resp[..., None]).squeeze(-1)  # (B, R)
-        right = logits.argmax(-1) == resp
-        before = torch.cat([torch.full_like(resp[:, :1], -1), resp[:, :-1]], 1)
-        live = torch.arange(R, device=device)[None, :] < b['resp_len'][:, None]
-        trace = ((b['kind'] == 0) | (b['kind'] == 3)) & live
-        for key, where, hit in (('p99', trace, p > 0.99), ('score', trace & torch.isin(before, stats), right),
-                                ('lead', trace & (before == vocab.lead), right), ('best', before == vocab.best, right)):
-            counts[key][0] += int((hit & where).sum())
-            counts[key][1] += int(where.sum())
-    share = {k: hits / max(total, 1) for k, (hits, total) in counts.items()}
-    return {'trace_p99_share': share['p99'], 'score_accuracy': share['score'], 'lead_accuracy': share['lead'],
-            'conclusion_accuracy': share['best']}
 
 
 @torch.no_grad()
@@ -282,8 +253,8 @@ def main():
         best_model, _ = load_checkpoint(cfg.out, device=device)
         best.update(trace_report(best_model, data.splits['valid'], data.vocab, device))
         print("the trace, teacher-forced on validation: share of tokens predicted with p > 0.99 {trace_p99_share:.3f}; "
-              "accuracy of the scores {score_accuracy:.3f}, running leaders {lead_accuracy:.3f}, conclusion "
-              "{conclusion_accuracy:.3f}".format(**best))
+              "accuracy of the scores {score_accuracy:.3f}, running leaders {lead_accuracy:.3f} (where they change "
+              "{lead_change_accuracy:.3f} of {lead_changes}), conclusion {conclusion_accuracy:.3f}".format(**best))
     finish(cfg, name, f"AR teacher ({name})", log, best, timer, device,
            ['mid_loss', 'loss', 'val_R1', 'val_choice_R1', 'val_validity'],
            params=model.num_params())

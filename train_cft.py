@@ -22,7 +22,7 @@ from tqdm import tqdm
 from common import (StageSettings, parse_config, print_config, pick_device, autocast, device_name, load_checkpoint,
                     JsonlLog, write_json, Timer, CheckpointError, save_resume, load_resume, finish_resume, results_path)
 from data_beauty import DataError, collate
-from decode import load_data_for
+from decode import load_data_for, trace_report
 from diffusion import convert, diffusion_loss
 from train_ar import make_optimizer, optimizer_step, lr_at, validate, validate_and_keep, finish
 
@@ -42,7 +42,6 @@ class TrainCFTConfig(StageSettings):  # + min_validity, eval_n, eval_batch, time
     w_answer: float = 1.0
     w_choice: float = 1.0        # the first ranked item
     w_judge: float = 0.5         # the trace's running leaders and conclusion (train_ar's 5: lower validity on a CPU)
-    change_boost: float = 1.0    # x the weight of the running leaders that change (the decision's judgements)
     reject: bool = True          # no decision loss where the trace concludes elsewhere (reasoning.loss_weights)
     max_steps: int = 600
     batch_size: int = 64
@@ -53,6 +52,8 @@ class TrainCFTConfig(StageSettings):  # + min_validity, eval_n, eval_batch, time
     tau: float = 0.9             # evaluation decoding (greedy, threshold rule)
     k: int = 0
     from_left: bool = False      # evaluation commits in position order (diffusion.commit_rule)
+    judge: bool = True           # at each evaluation, score the trace's judgements teacher-forced (decode.trace_report;
+    judge_n: int = 512           # on this many validation lists: `block` forwards each, slow on a CPU)
     sweep: bool = True           # at the end: validation accuracy and speed at tau 0.9 / 0.6 / 0.4, k = 1, from_left
     eval_every: int = 200
 
@@ -79,7 +80,7 @@ def block_at(step, cfg):
 
 def loss_weighting(cfg):
     return dict(w_trace=cfg.w_trace, w_answer=cfg.w_answer, w_choice=cfg.w_choice, w_judge=cfg.w_judge,
-                change_boost=cfg.change_boost, reject=cfg.reject)
+                reject=cfg.reject)
 
 
 @torch.no_grad()
@@ -123,9 +124,23 @@ def main():
         gen.set_state(resumed['state']['gen'])
     log = JsonlLog(f"out/log_{cfg.name}.jsonl", fresh=resumed is None)
 
+    def score_judgements(step):
+        """The judgements the decision hangs on, teacher-forced: what masked training unlearns first (FINDINGS)."""
+        judged = trace_report(model, data.splits['valid'], vocab, device, n=cfg.judge_n, block=cfg.block)
+        log.write(step=step, val_lead=judged['lead_accuracy'], val_lead_change=judged['lead_change_accuracy'],
+                  val_score=judged['score_accuracy'])
+        tqdm.write(f"step {step}: teacher-forced at the left-to-right state: running leaders "
+                   f"{judged['lead_accuracy']:.3f}, where they change {judged['lead_change_accuracy']:.3f} "
+                   f"(of {judged['lead_changes']}), scores {judged['score_accuracy']:.3f}")
+        return judged
+
     def evaluate_and_keep(step, best):
         log.write(step=step, val_loss=validation_loss(model, data, cfg, device))
         best = validate_and_keep(model, data, cfg, device, log, step, best, run_cfg, 'cft', cfg.parent, cfg.block)
+        if cfg.judge:
+            judged = score_judgements(step)
+            if best['step'] == step:  # the kept model's record carries them too
+                best.update(judged)
         save_resume(cfg.out, model, opt, run_cfg, step, {'best': best, 'gen': gen.get_state()})
         return best
 
@@ -136,6 +151,8 @@ def main():
         start, best = 0, (evaluate_and_keep(0, None) if ckpt['stage'] == 'cft' else None)
         if ckpt['stage'] == 'ar':
             log.write(step=0, val_loss=validation_loss(model, data, cfg, device))  # the naive conversion
+            if cfg.judge:
+                score_judgements(0)
     pbar = tqdm(range(start, cfg.max_steps), desc='cft', dynamic_ncols=True, initial=start, total=cfg.max_steps)
     for step in pbar:
         for g in opt.param_groups:
@@ -172,7 +189,7 @@ def main():
         write_json(results_path(f"sweep_{cfg.name}.json"), {'split': 'valid', 'n': res['n'], 'block': cfg.block,
                                                       'rows': sweep, 'device': device_name(device)})
     finish(cfg, cfg.name, f"CFT ({cfg.name})", log, best, timer, device,
-           ['loss', 'validity_loss', 'val_loss', 'val_R1', 'val_validity'])
+           ['loss', 'validity_loss', 'val_loss', 'val_R1', 'val_validity', 'val_lead_change'])
 
 
 if __name__ == '__main__':

@@ -86,6 +86,28 @@ def test_cached_sampler_equals_uncached_replay(tiny_data):
     torch.testing.assert_close(lp[live], res['logp'][live], atol=1e-4, rtol=1e-4)
 
 
+def test_teacher_forced_diffusion_logits_are_at_the_left_to_right_state(tiny_data):
+    """decode.teacher_forced_logits (what trace_report scores) with block B predicts each token with its block's
+    tokens left of it revealed and the rest masked: equal to a plain bd3 forward per position; and trace_report
+    counts the leader changes of collate."""
+    from decode import teacher_forced_logits, trace_report
+    d, model, _ = setup(tiny_data)
+    sp, v, B = d.splits['valid'], d.vocab, 4
+    b = collate(sp, range(6), v, block=B)
+    logits = teacher_forced_logits(model, b, v, block=B)
+    cols = torch.arange(b['resp'].shape[1])
+    for r in range(6):
+        for j in range(0, int(b['resp_len'][r]), 3):
+            start = j - j % B
+            xt = torch.where((cols >= j) & (cols < start + B), v.mask, b['resp'][r])[None]
+            h = bd3_hidden(model, b['prompt'][r:r + 1], b['pad'][r:r + 1], xt, b['resp'][r:r + 1], B)[0, j]
+            ref = model.head(h, fp32=True)
+            ref[v.mask] = -float('inf')
+            torch.testing.assert_close(logits[r, j], ref, atol=1e-5, rtol=1e-5)
+    rep = trace_report(model, sp, v, torch.device('cpu'), n=len(sp), block=B)
+    assert rep['lead_changes'] == int(collate(sp, range(len(sp)), v, block=B)['lead_change'].sum()) > 0
+
+
 def test_left_to_right_state_equals_masking_the_rest_of_the_block(tiny_data):
     """Replayed at left_to_right_steps, token j is predicted with its block's tokens left of j revealed and
     j onwards masked: equal to a plain bd3 forward with exactly that noised input."""

@@ -57,6 +57,25 @@ def test_recipe_runs_end_to_end(pipeline):
         assert 0.0 <= trace[key] <= 1.0
 
 
+def test_naive_conversion_decodes_the_model_cft_starts_from(pipeline):
+    """decode.py on an AR checkpoint with a block size converts it as train_cft does (the mask token's
+    embedding), so the naive row is CFT's step 0; --teacher_forced adds the trace's judgements."""
+    import json
+    from common import load_checkpoint
+    from decode import DecodeConfig, evaluate, load_data_for
+    from diffusion import convert
+    cwd, data = pipeline
+    p = run('decode.py', cwd, data, '--ckpt=out/ar.pt', '--name=naive', '--block=8', '--split=valid',
+            '--teacher_forced=True')
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = json.load(open(os.path.join(cwd, 'results', 'eval_naive.json')))
+    model, ck = load_checkpoint(os.path.join(cwd, 'out', 'ar.pt'))
+    d = load_data_for(ck, data.split('=', 1)[1])
+    ref, _ = evaluate(convert(model, d.vocab), d, 'valid', DecodeConfig(block=8, split='valid'), torch.device('cpu'))
+    assert res['per_user'] == ref['per_user'] and res['validity'] == ref['validity']
+    assert 0.0 <= res['teacher_forced']['lead_change_accuracy'] <= 1.0
+
+
 def test_opd_runs_at_the_commit_state(pipeline):
     cwd, data = pipeline
     p = run('train_opd.py', cwd, data, *TINY['train_opd.py'], '--state=commit', '--out=out/opd_c.pt', '--name=opd_c')
