@@ -301,7 +301,7 @@ def collate(split, idx, vocab, block=1, device='cpu'):
     chosen = resp.gather(1, (kind == 2).long().argmax(1, keepdim=True))
     follows = ~at_best.any(1) | (concluded == chosen).squeeze(1)  # a direct model has no trace to contradict
     # where the running leader changes (a leader slot unlike the leader before it): the trace's rare judgements,
-    # about one a list, that its conclusion and so the decision hang on (train_ar.trace_report scores them apart)
+    # about one a list, that its conclusion and so the decision hang on (decode.trace_report; loss_weights)
     cols = torch.arange(R)
     is_lead = torch.cat([torch.zeros_like(resp[:, :1], dtype=torch.bool), resp[:, :-1] == vocab.lead], 1)
     last_lead = torch.where(is_lead, cols, -1).cummax(1).values                     # (B, R) latest leader column

@@ -168,10 +168,10 @@ def teacher_forced_logits(model, b, vocab, block=1):
 
 @torch.no_grad()
 def trace_report(model, split, vocab, device, n=512, batch=32, block=1):
-    """Teacher-forced on the gold traces of a split: the share of trace tokens predicted with probability > 0.99 (how much of the
-    trace is near-certain restatement rather than inference; reported beside every result), and the accuracy of
-    the trace's three inference steps: the running scores, the running leader (and, apart, its rare changes,
-    which the decision hangs on), the conclusion; for a diffusion model at the left-to-right state
+    """Teacher-forced on the gold traces of a split: the share of trace tokens predicted with probability > 0.99
+    (how much of the trace is near-certain restatement rather than inference; reported beside every result), and
+    the accuracy of the trace's three inference steps: the running scores, the running leader (and, apart, its
+    rare changes, which the decision hangs on), the conclusion; for a diffusion model at the left-to-right state
     (teacher_forced_logits)."""
     model.eval()
     counts = {k: [0, 0] for k in ('p99', 'score', 'lead', 'change', 'best')}

@@ -42,6 +42,7 @@ class TrainCFTConfig(StageSettings):  # + min_validity, eval_n, eval_batch, time
     w_answer: float = 1.0
     w_choice: float = 1.0        # the first ranked item
     w_judge: float = 0.5         # the trace's running leaders and conclusion (train_ar's 5: lower validity on a CPU)
+    change_boost: float = 1.0    # x the weight of the running leaders that change (reasoning.loss_weights)
     reject: bool = True          # no decision loss where the trace concludes elsewhere (reasoning.loss_weights)
     max_steps: int = 600
     batch_size: int = 64
@@ -80,7 +81,7 @@ def block_at(step, cfg):
 
 def loss_weighting(cfg):
     return dict(w_trace=cfg.w_trace, w_answer=cfg.w_answer, w_choice=cfg.w_choice, w_judge=cfg.w_judge,
-                reject=cfg.reject)
+                change_boost=cfg.change_boost, reject=cfg.reject)
 
 
 @torch.no_grad()

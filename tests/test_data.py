@@ -278,9 +278,10 @@ def test_reject_drops_only_the_answers_that_contradict_the_trace(tiny_data):
 
 def test_lead_change_marks_each_leader_unlike_the_one_before(tiny_data):
     """collate's `lead_change` (the running leader's rare changes, which trace_report scores apart) equals a plain
-    walk over each trace."""
+    walk over each trace, and `change_boost` multiplies the weight of exactly those tokens."""
     import torch
     from data_beauty import collate
+    from reasoning import loss_weights
     sp, v = tiny_data.splits['train'], tiny_data.vocab
     b = collate(sp, range(len(sp)), v, block=4)
     expected = torch.zeros_like(b['lead_change'])
@@ -291,3 +292,7 @@ def test_lead_change_marks_each_leader_unlike_the_one_before(tiny_data):
                 expected[r, j] = leader is not None and int(resp[j]) != leader
                 leader = int(resp[j])
     assert torch.equal(b['lead_change'], expected) and expected.any()
+    plain = loss_weights(b, 0.5, 1.0, 2.0, w_judge=1.0)
+    boosted = loss_weights(b, 0.5, 1.0, 2.0, w_judge=1.0, change_boost=8.0)
+    assert torch.equal(boosted[b['lead_change']], 8.0 * plain[b['lead_change']])
+    assert torch.equal(boosted[~b['lead_change']], plain[~b['lead_change']])
