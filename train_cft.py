@@ -10,8 +10,10 @@ through the permutation-validity loss, to land its answer on a valid permutation
 any constrained decoder. Keeps the checkpoint with the best validation R@1 under the evaluation's decoding.
 On a 2-layer CPU model, 600 steps at B = 32 keep 0.34 of the outputs valid; growing the block from 1
 (`--block_warmup`) or masking half the blocks from a cut to their end (`--suffix_share`) keeps about 0.8, and
-`--block=8` 0.94, but a student that commits more than one token per forward there loses the trace's running
-leader and writes the pre-ranker's order (FINDINGS.md).
+`--block=8` 0.94, but a student that commits more than one token per forward there (or at 4 layers) unlearns
+the running leader's rare changes and writes the pre-ranker's order; each evaluation logs how many of those
+changes it still writes given the data's trace (`val_lead_change`), and `--change_boost` weighs them up
+(FINDINGS.md).
 """
 from dataclasses import dataclass, asdict
 
