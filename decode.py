@@ -153,14 +153,13 @@ def teacher_forced_logits(model, b, vocab, block=1):
     """(B, R, V) fp32 logits of every token of the batch's gold responses: the AR forward, or with block > 1 (a
     diffusion model) the left-to-right state, the tokens left of each one in its block revealed and the rest
     masked (diffusion.left_to_right_steps): the context the AR teacher had, so the two read side by side."""
-    if block == 1:
-        with autocast(b['prompt'].device):
+    with autocast(b['prompt'].device):
+        if block == 1:
             h = response_hidden(model, b['prompt'], b['pad'], b['resp'])
-    else:
-        live = torch.arange(b['resp'].shape[1], device=b['resp'].device)[None, :] < b['resp_len'][:, None]
-        with autocast(b['prompt'].device):
-            h = replay_hidden(model, b['prompt'], b['pad'], b['resp'], left_to_right_steps(live.long(), block), block,
-                              vocab.mask)
+        else:
+            live = torch.arange(b['resp'].shape[1], device=b['resp'].device)[None, :] < b['resp_len'][:, None]
+            steps = left_to_right_steps(live.long(), block)
+            h = replay_hidden(model, b['prompt'], b['pad'], b['resp'], steps, block, vocab.mask)
     logits = model.head(h, fp32=True)
     logits[..., vocab.mask] = -float('inf')  # never an answer; a converted model has not learnt that yet
     return logits
