@@ -8,6 +8,7 @@ import sys
 import time
 from contextlib import nullcontext
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -67,6 +68,15 @@ def parse_config(cls, argv=None):
     if problem:
         raise SystemExit(f"error: {problem}")
     return cfg
+
+
+def start_stage(cls):
+    """The first lines of every training stage: its flags (checked and printed), the seeded generators (torch's
+    global one and a numpy one for batch order), the device and the stage's timer."""
+    cfg = parse_config(cls)
+    print_config(cfg)
+    torch.manual_seed(cfg.seed)
+    return cfg, np.random.default_rng(cfg.seed), pick_device(cfg.device), Timer()
 
 
 def decoding_problem(block, tau, k):

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (StageSettings, parse_config, print_config, pick_device, autocast, device_name, save_checkpoint,
-                    load_checkpoint, JsonlLog, plot_curves, git_commit, is_better, command_line, write_json, Timer,
+from common import (StageSettings, start_stage, autocast, device_name, save_checkpoint,
+                    load_checkpoint, JsonlLog, plot_curves, git_commit, is_better, command_line, write_json,
                     save_resume, load_resume, finish_resume, results_path)
 from data_beauty import DataConfig, BeautyData, DataError, collate
 from reasoning import loss_weights
@@ -187,12 +187,7 @@ def finish(cfg, name, title, log, best, timer, device, keys, **extra):
 
 
 def main():
-    cfg = parse_config(TrainARConfig)
-    print_config(cfg)
-    torch.manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
-    device = pick_device(cfg.device)
-    timer = Timer()
+    cfg, rng, device, timer = start_stage(TrainARConfig)
     try:
         data = BeautyData(DataConfig(data_dir=cfg.data_dir, trace=cfg.trace))
     except DataError as e:

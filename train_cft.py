@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common import (StageSettings, parse_config, print_config, pick_device, autocast, device_name, load_checkpoint,
-                    JsonlLog, write_json, Timer, CheckpointError, save_resume, load_resume, finish_resume, results_path)
+from common import (StageSettings, start_stage, autocast, device_name, load_checkpoint,
+                    JsonlLog, write_json, CheckpointError, save_resume, load_resume, finish_resume, results_path)
 from data_beauty import DataError, collate
 from decode import load_data_for, trace_report
 from diffusion import convert, diffusion_loss
@@ -102,11 +102,7 @@ def validation_loss(model, data, cfg, device, n=256, batch=64):
 
 
 def main():
-    cfg = parse_config(TrainCFTConfig)
-    print_config(cfg)
-    torch.manual_seed(cfg.seed)
-    device = pick_device(cfg.device)
-    timer = Timer()
+    cfg, _, device, timer = start_stage(TrainCFTConfig)
     try:
         model, ckpt = load_checkpoint(cfg.parent, stages=['ar', 'cft'], device=device)
         data = load_data_for(ckpt, cfg.data_dir)

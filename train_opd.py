@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common import (StageSettings, parse_config, print_config, pick_device, autocast, load_checkpoint, JsonlLog, Timer,
+from common import (StageSettings, start_stage, autocast, load_checkpoint, JsonlLog,
                     CheckpointError, check_data_matches)
 from data_beauty import DataError, collate
 from metrics import parse_answer, target_rank, copies_incoming
@@ -58,6 +58,11 @@ class TrainOPDConfig(StageSettings):  # + min_validity, eval_n, eval_batch, time
     grad_clip: float = 1.0
     eval_every: int = 20
     cft_weight: float = 0.0      # > 0: add the CFT loss (the student's own weights) on each step's prompts
+
+    def problem(self):
+        if self.state not in ('commit', 'l2r'):
+            return f"--state={self.state}: use commit or l2r"
+        return super().problem()
 
 
 def load_student_and_teacher(cfg, device, student_stages):
@@ -155,14 +160,7 @@ def chunks(n, size):
 
 
 def main():
-    cfg = parse_config(TrainOPDConfig)
-    print_config(cfg)
-    if cfg.state not in ('commit', 'l2r'):
-        raise SystemExit(f"error: --state={cfg.state}; use commit or l2r")
-    torch.manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
-    device = pick_device(cfg.device)
-    timer = Timer()
+    cfg, rng, device, timer = start_stage(TrainOPDConfig)
     student, sck, teacher, data = load_student_and_teacher(cfg, device, ['cft', 'opd'])
     block, vocab, train = sck['run_cfg']['block'], data.vocab, data.splits['train']
     print(f"student {cfg.student} (B = {block}), teacher {cfg.teacher}; {cfg.n_prompts} prompts x {cfg.group} rollouts")

@@ -18,8 +18,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common import (StageSettings, parse_config, print_config, pick_device, autocast, load_checkpoint, Timer,
-                    CheckpointError)
+from common import StageSettings, start_stage, autocast, load_checkpoint, CheckpointError
 from data_beauty import DataError
 from decode import load_data_for
 from diffusion import convert, live_tokens, replay_logits, token_logprobs
@@ -77,12 +76,7 @@ def kl_to_reference(new, ref):
 
 
 def main():
-    cfg = parse_config(TrainRLConfig)
-    print_config(cfg)
-    torch.manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
-    device = pick_device(cfg.device)
-    timer = Timer()
+    cfg, rng, device, timer = start_stage(TrainRLConfig)
     try:
         policy, ck = load_checkpoint(cfg.policy, stages=['ar', 'cft', 'opd', 'rl'], device=device)
         data = load_data_for(ck, cfg.data_dir)
