@@ -307,9 +307,10 @@ def collate(split, idx, vocab, block=1, device='cpu'):
     last_lead = torch.where(is_lead, cols, -1).cummax(1).values                     # (B, R) latest leader column
     before = torch.cat([torch.full_like(last_lead[:, :1], -1), last_lead[:, :-1]], 1)  # the one before column j
     lead_change = is_lead & (before >= 0) & (resp != resp.gather(1, before.clamp(min=0)))
+    choice_change = (kind == 2) & (resp != vocab.slot(0))  # a decision other than the pre-ranker's first
     return dict(prompt=prompt.to(device), pad=pad.to(device), resp=resp.to(device), kind=kind.to(device),
                 resp_len=resp_len.to(device), cands=cands.to(device), follows=follows.to(device),
-                lead_change=lead_change.to(device),
+                lead_change=lead_change.to(device), choice_change=choice_change.to(device),
                 target=torch.as_tensor(split.target[idx]).to(device))
 
 

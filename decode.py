@@ -170,10 +170,11 @@ def trace_report(model, split, vocab, device, n=512, batch=32, block=1):
     """Teacher-forced on the gold traces of a split: the share of trace tokens predicted with probability > 0.99
     (how much of the trace is near-certain restatement rather than inference; reported beside every result), and
     the accuracy of the trace's three inference steps: the running scores, the running leader (and, apart, its
-    rare changes, which the decision hangs on), the conclusion; for a diffusion model at the left-to-right state
-    (teacher_forced_logits)."""
+    rare changes, which the decision hangs on), the conclusion; and whether the decision (the first ranked slot)
+    is the conclusion where that departs from the pre-ranker's first, c1 (the decision's rare case); for a
+    diffusion model at the left-to-right state (teacher_forced_logits)."""
     model.eval()
-    counts = {k: [0, 0] for k in ('p99', 'score', 'lead', 'change', 'best')}
+    counts = {k: [0, 0] for k in ('p99', 'score', 'lead', 'change', 'best', 'depart')}
     stats = torch.tensor([vocab.bucket0[fam] + j for fam in EVIDENCE for j in range(len(BUCKETS[fam]) + 1)],
                          device=device)  # a running score follows each of these
     batch = max(1, batch // block)  # a diffusion batch stacks one state per offset in the block
@@ -186,15 +187,18 @@ def trace_report(model, split, vocab, device, n=512, batch=32, block=1):
         right = logits.argmax(-1) == resp
         before = torch.cat([torch.full_like(resp[:, :1], -1), resp[:, :-1]], 1)
         trace = ((b['kind'] == 0) | (b['kind'] == 3)) & live
+        at_best = before == vocab.best
+        concluded = torch.where(at_best, resp, -1).max(1, keepdim=True).values  # (B, 1); -1 without a trace
+        depart = (b['kind'] == 2) & (concluded >= 0) & (concluded != vocab.slot(0))
         for key, where, hit in (('p99', trace, p > 0.99), ('score', trace & torch.isin(before, stats), right),
                                 ('lead', trace & (before == vocab.lead), right), ('change', b['lead_change'], right),
-                                ('best', before == vocab.best, right)):
+                                ('best', at_best, right), ('depart', depart, logits.argmax(-1) == concluded)):
             counts[key][0] += int((hit & where).sum())
             counts[key][1] += int(where.sum())
     share = {k: hits / max(total, 1) for k, (hits, total) in counts.items()}
     return {'trace_p99_share': share['p99'], 'score_accuracy': share['score'], 'lead_accuracy': share['lead'],
             'lead_change_accuracy': share['change'], 'lead_changes': counts['change'][1],
-            'conclusion_accuracy': share['best']}
+            'conclusion_accuracy': share['best'], 'departure_accuracy': share['depart'], 'departures': counts['depart'][1]}
 
 
 def load_data_for(ckpt, data_dir):

@@ -93,10 +93,10 @@ def noise_blocks(resp, block, mask_id, generator=None, t_min=0.05, suffix_share=
 
 def diffusion_loss(model, batch, block, mask_id, masked=None, w_trace=1.0, w_answer=1.0, w_choice=1.0,
                    complementary=True, validity_weight=0.0, vocab=None, generator=None, reject=False, w_judge=None,
-                   suffix_share=0.0, change_boost=1.0):
+                   suffix_share=0.0, change_boost=1.0, choice_boost=1.0):
     """Masked-token cross-entropy of the block-diffusion model (plain mean over masked tokens, Fast-dLLM v2),
     with complementary masks (each example also with the opposite mask: every token supervised once), plus
-    optionally the permutation-validity loss on the answer positions (`reject`, `w_judge`, `change_boost`:
+    optionally the permutation-validity loss on the answer positions (`reject`, `w_judge`, `change_boost`, `choice_boost`:
     reasoning.loss_weights; the validity loss does not read the target, so it keeps every row). Returns (loss,
     parts dict).
 
@@ -107,7 +107,7 @@ def diffusion_loss(model, batch, block, mask_id, masked=None, w_trace=1.0, w_ans
     if masked is None:
         masked = noise_blocks(resp, block, mask_id, generator, suffix_share=suffix_share)
     kind, cands = batch['kind'], batch['cands']
-    weights = loss_weights(batch, w_trace, w_answer, w_choice, reject, w_judge, change_boost)
+    weights = loss_weights(batch, w_trace, w_answer, w_choice, reject, w_judge, change_boost, choice_boost)
     if complementary:
         prompt, pad, resp, kind, region, cands, weights = (torch.cat([z, z]) for z in
                                                            (prompt, pad, resp, kind, region, cands, weights))

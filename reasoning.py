@@ -188,7 +188,7 @@ def kind_weights(kind, w_trace, w_answer, w_choice, w_judge=None):
     return torch.tensor([w_trace, w_answer, w_choice, w_judge], device=kind.device)[kind]
 
 
-def loss_weights(batch, w_trace, w_answer, w_choice, reject=False, w_judge=None, change_boost=1.0):
+def loss_weights(batch, w_trace, w_answer, w_choice, reject=False, w_judge=None, change_boost=1.0, choice_boost=1.0):
     """(B, R) loss weights by token kind. With `reject`, the decision (the first ranked slot) of a window whose
     trace concludes on another candidate than its target carries no loss: GR2 kept only the teacher traces that
     reach the target (rejection sampling). Here the programmatic trace is sound reasoning either way, so its
@@ -199,10 +199,13 @@ def loss_weights(batch, w_trace, w_answer, w_choice, reject=False, w_judge=None,
     that always repeats the last leader is right 98% of the time at the trace's weight, and a small one did
     exactly that (it concluded c1 on 99% of lists where the trace concludes elsewhere on 16%). `change_boost`
     multiplies the weight of the leaders that change (collate's `lead_change`), the judgements that masked
-    training unlearns first (FINDINGS.md, CFT)."""
+    training unlearns first (FINDINGS.md, CFT). `choice_boost` does the same for a decision other than the
+    pre-ranker's first slot (collate's `choice_change`), the decision's own rare case."""
     w = kind_weights(batch['kind'], w_trace, w_answer, w_choice, w_judge)
     if change_boost != 1.0:
         w = torch.where(batch['lead_change'], w * change_boost, w)
+    if choice_boost != 1.0:
+        w = torch.where(batch['choice_change'], w * choice_boost, w)
     if reject:
         w = w * ((batch['kind'] != 2) | batch['follows'][:, None])
     return w

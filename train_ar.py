@@ -249,7 +249,8 @@ def main():
         best.update(trace_report(best_model, data.splits['valid'], data.vocab, device))
         print("the trace, teacher-forced on validation: share of tokens predicted with p > 0.99 {trace_p99_share:.3f}; "
               "accuracy of the scores {score_accuracy:.3f}, running leaders {lead_accuracy:.3f} (where they change "
-              "{lead_change_accuracy:.3f} of {lead_changes}), conclusion {conclusion_accuracy:.3f}".format(**best))
+              "{lead_change_accuracy:.3f} of {lead_changes}), conclusion {conclusion_accuracy:.3f}, the decision where "
+              "the conclusion is not c1 {departure_accuracy:.3f} (of {departures})".format(**best))
     finish(cfg, name, f"AR teacher ({name})", log, best, timer, device,
            ['mid_loss', 'loss', 'val_R1', 'val_choice_R1', 'val_validity'],
            params=model.num_params())

@@ -45,6 +45,7 @@ class TrainCFTConfig(StageSettings):  # + min_validity, eval_n, eval_batch, time
     w_choice: float = 1.0        # the first ranked item
     w_judge: float = 0.5         # the trace's running leaders and conclusion (train_ar's 5: lower validity on a CPU)
     change_boost: float = 1.0    # x the weight of the running leaders that change (reasoning.loss_weights)
+    choice_boost: float = 1.0    # x the weight of a decision other than the pre-ranker's first (loss_weights)
     reject: bool = True          # no decision loss where the trace concludes elsewhere (reasoning.loss_weights)
     max_steps: int = 600
     batch_size: int = 64
@@ -83,7 +84,7 @@ def block_at(step, cfg):
 
 def loss_weighting(cfg):
     return dict(w_trace=cfg.w_trace, w_answer=cfg.w_answer, w_choice=cfg.w_choice, w_judge=cfg.w_judge,
-                change_boost=cfg.change_boost, reject=cfg.reject)
+                change_boost=cfg.change_boost, choice_boost=cfg.choice_boost, reject=cfg.reject)
 
 
 @torch.no_grad()
@@ -127,10 +128,11 @@ def main():
         """The judgements the decision hangs on, teacher-forced: what masked training unlearns first (FINDINGS)."""
         judged = trace_report(model, data.splits['valid'], vocab, device, n=cfg.judge_n, block=cfg.block)
         log.write(step=step, val_lead=judged['lead_accuracy'], val_lead_change=judged['lead_change_accuracy'],
-                  val_score=judged['score_accuracy'])
+                  val_score=judged['score_accuracy'], val_departure=judged['departure_accuracy'])
         tqdm.write(f"step {step}: teacher-forced at the left-to-right state: running leaders "
                    f"{judged['lead_accuracy']:.3f}, where they change {judged['lead_change_accuracy']:.3f} "
-                   f"(of {judged['lead_changes']}), scores {judged['score_accuracy']:.3f}")
+                   f"(of {judged['lead_changes']}), scores {judged['score_accuracy']:.3f}, the decision where the "
+                   f"conclusion is not c1 {judged['departure_accuracy']:.3f} (of {judged['departures']})")
         return judged
 
     def evaluate_and_keep(step, best):
@@ -188,7 +190,7 @@ def main():
         write_json(results_path(f"sweep_{cfg.name}.json"), {'split': 'valid', 'n': res['n'], 'block': cfg.block,
                                                       'rows': sweep, 'device': device_name(device)})
     finish(cfg, cfg.name, f"CFT ({cfg.name})", log, best, timer, device,
-           ['loss', 'validity_loss', 'val_loss', 'val_R1', 'val_validity', 'val_lead_change'])
+           ['loss', 'validity_loss', 'val_loss', 'val_R1', 'val_validity', 'val_lead_change', 'val_departure'])
 
 
 if __name__ == '__main__':

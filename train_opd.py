@@ -149,8 +149,8 @@ def opd_kl(student, teacher, batch, res, block, vocab, rows=slice(None), state='
 
 def cft_loss_settings(run_cfg):
     """The CFT loss as the student was trained with it (train_cft's defaults where its record lacks a field)."""
-    keys = ('w_trace', 'w_answer', 'w_choice', 'w_judge', 'change_boost', 'reject', 'validity_weight', 'complementary',
-            'suffix_share')
+    keys = ('w_trace', 'w_answer', 'w_choice', 'w_judge', 'change_boost', 'choice_boost', 'reject', 'validity_weight',
+            'complementary', 'suffix_share')
     return {k: run_cfg.get(k, getattr(TrainCFTConfig, k)) for k in keys}
 
 

@@ -296,3 +296,20 @@ def test_lead_change_marks_each_leader_unlike_the_one_before(tiny_data):
     boosted = loss_weights(b, 0.5, 1.0, 2.0, w_judge=1.0, change_boost=8.0)
     assert torch.equal(boosted[b['lead_change']], 8.0 * plain[b['lead_change']])
     assert torch.equal(boosted[~b['lead_change']], plain[~b['lead_change']])
+
+
+def test_choice_change_marks_a_decision_other_than_the_first_slot(tiny_data):
+    """collate's `choice_change` is the decision (the first ranked slot) wherever it is not c1, and `choice_boost`
+    multiplies the weight of exactly those tokens (and leaves every other weight, rejected decisions' zero too)."""
+    import torch
+    from data_beauty import collate
+    from reasoning import loss_weights
+    sp, v = tiny_data.splits['train'], tiny_data.vocab
+    b = collate(sp, range(len(sp)), v, block=4)
+    decision = b['kind'] == 2
+    expected = decision & (b['resp'] != v.slot(0))
+    assert torch.equal(b['choice_change'], expected) and expected.any() and (decision & ~expected).any()
+    plain = loss_weights(b, 0.5, 1.0, 2.0, reject=True, w_judge=1.0)
+    boosted = loss_weights(b, 0.5, 1.0, 2.0, reject=True, w_judge=1.0, choice_boost=4.0)
+    assert torch.equal(boosted[expected], 4.0 * plain[expected])
+    assert torch.equal(boosted[~expected], plain[~expected])

@@ -89,7 +89,7 @@ def test_cached_sampler_equals_uncached_replay(tiny_data):
 def test_teacher_forced_diffusion_logits_are_at_the_left_to_right_state(tiny_data):
     """decode.teacher_forced_logits (what trace_report scores) with block B predicts each token with its block's
     tokens left of it revealed and the rest masked: equal to a plain bd3 forward per position; and trace_report
-    counts the leader changes of collate."""
+    counts the leader changes of collate and the lists whose trace concludes elsewhere than c1."""
     from decode import teacher_forced_logits, trace_report
     d, model, _ = setup(tiny_data)
     sp, v, B = d.splits['valid'], d.vocab, 4
@@ -106,6 +106,8 @@ def test_teacher_forced_diffusion_logits_are_at_the_left_to_right_state(tiny_dat
             torch.testing.assert_close(logits[r, j], ref, atol=1e-5, rtol=1e-5)
     rep = trace_report(model, sp, v, torch.device('cpu'), n=len(sp), block=B)
     assert rep['lead_changes'] == int(collate(sp, range(len(sp)), v, block=B)['lead_change'].sum()) > 0
+    concluded = [int(r[list(r).index(v.best) + 1]) for r in sp.responses]
+    assert rep['departures'] == sum(c != v.slot(0) for c in concluded) > 0
 
 
 def test_left_to_right_state_equals_masking_the_rest_of_the_block(tiny_data):
