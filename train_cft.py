@@ -12,8 +12,9 @@ On a 2-layer CPU model, 600 steps at B = 32 keep 0.34 of the outputs valid; grow
 (`--block_warmup`) or masking half the blocks from a cut to their end (`--suffix_share`) keeps about 0.8, and
 `--block=8` 0.94, but a student that commits more than one token per forward there (or at 4 layers) unlearns
 the running leader's rare changes and writes the pre-ranker's order; each evaluation logs how many of those
-changes it still writes given the data's trace (`val_lead_change`), and `--change_boost` weighs them up
-(FINDINGS.md).
+changes it still writes given the data's trace (`val_lead_change`), and `--change_boost` weighs them up.
+At B = 32 the decision itself, where it is not c1, is unlearned the same way (`val_departure`, `--choice_boost`);
+with both boosts a 4-layer student ranked when decoded from the left (FINDINGS.md).
 """
 from dataclasses import dataclass, asdict
 
