@@ -297,9 +297,10 @@ def collate(split, idx, vocab, block=1, device='cpu'):
     cands = torch.as_tensor(vocab.slots).repeat(len(idx), 1)  # the answer's alphabet, per row
     # does the trace conclude (the slot after <best>) on the target (the first ranked slot)? loss_weights' `reject`
     at_best = resp == vocab.best
-    concluded = resp.gather(1, (at_best.long().argmax(1, keepdim=True) + 1).clamp(max=R - 1))
-    chosen = resp.gather(1, (kind == 2).long().argmax(1, keepdim=True))
-    follows = ~at_best.any(1) | (concluded == chosen).squeeze(1)  # a direct model has no trace to contradict
+    concluded = resp.gather(1, (at_best.long().argmax(1, keepdim=True) + 1).clamp(max=R - 1)).squeeze(1)
+    concluded = torch.where(at_best.any(1), concluded, -1)  # (B,) the conclusion's slot token; -1: no trace
+    chosen = resp.gather(1, (kind == 2).long().argmax(1, keepdim=True)).squeeze(1)
+    follows = (concluded < 0) | (concluded == chosen)  # a direct model has no trace to contradict
     # where the running leader changes (a leader slot unlike the leader before it): the trace's rare judgements,
     # about one a list, that its conclusion and so the decision hang on (decode.trace_report; loss_weights)
     cols = torch.arange(R)
@@ -309,7 +310,8 @@ def collate(split, idx, vocab, block=1, device='cpu'):
     lead_change = is_lead & (before >= 0) & (resp != resp.gather(1, before.clamp(min=0)))
     choice_change = (kind == 2) & (resp != vocab.slot(0))  # a decision other than the pre-ranker's first
     return dict(prompt=prompt.to(device), pad=pad.to(device), resp=resp.to(device), kind=kind.to(device),
-                resp_len=resp_len.to(device), cands=cands.to(device), follows=follows.to(device),
+                resp_len=resp_len.to(device), cands=cands.to(device), concluded=concluded.to(device),
+                follows=follows.to(device),
                 lead_change=lead_change.to(device), choice_change=choice_change.to(device),
                 target=torch.as_tensor(split.target[idx]).to(device))
 

@@ -184,15 +184,15 @@ def trace_report(model, split, vocab, device, n=512, batch=32, block=1):
         live = torch.arange(R, device=device)[None, :] < b['resp_len'][:, None]
         logits = teacher_forced_logits(model, b, vocab, block)
         p = logits.softmax(-1).gather(-1, resp[..., None]).squeeze(-1)  # (B, R)
-        right = logits.argmax(-1) == resp
+        pred = logits.argmax(-1)
+        right = pred == resp
         before = torch.cat([torch.full_like(resp[:, :1], -1), resp[:, :-1]], 1)
         trace = ((b['kind'] == 0) | (b['kind'] == 3)) & live
-        at_best = before == vocab.best
-        concluded = torch.where(at_best, resp, -1).max(1, keepdim=True).values  # (B, 1); -1 without a trace
+        concluded = b['concluded'][:, None]  # -1 without a trace
         depart = (b['kind'] == 2) & (concluded >= 0) & (concluded != vocab.slot(0))
         for key, where, hit in (('p99', trace, p > 0.99), ('score', trace & torch.isin(before, stats), right),
                                 ('lead', trace & (before == vocab.lead), right), ('change', b['lead_change'], right),
-                                ('best', at_best, right), ('depart', depart, logits.argmax(-1) == concluded)):
+                                ('best', before == vocab.best, right), ('depart', depart, pred == concluded)):
             counts[key][0] += int((hit & where).sum())
             counts[key][1] += int(where.sum())
     share = {k: hits / max(total, 1) for k, (hits, total) in counts.items()}

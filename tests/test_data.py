@@ -267,6 +267,7 @@ def test_reject_drops_only_the_answers_that_contradict_the_trace(tiny_data):
     sp, v = tiny_data.splits['train'], tiny_data.vocab
     b = collate(sp, range(len(sp)), v)
     concl = torch.tensor([int(r[list(r).index(v.best) + 1]) for r in sp.responses])
+    assert torch.equal(b['concluded'], concl)
     assert torch.equal(b['follows'], concl == torch.as_tensor(v.slots)[b['target']])
     assert b['follows'].any() and not b['follows'].all()
     keep, drop = loss_weights(b, 0.5, 1.0, 2.0), loss_weights(b, 0.5, 1.0, 2.0, reject=True)
@@ -274,6 +275,14 @@ def test_reject_drops_only_the_answers_that_contradict_the_trace(tiny_data):
     assert torch.equal(keep[~decision], drop[~decision])
     assert torch.equal(drop[b['follows']], keep[b['follows']])
     assert (drop[decision & ~b['follows'][:, None]] == 0).all() and (keep[decision] == 2.0).all()
+
+
+def test_a_direct_answer_has_no_conclusion_to_contradict(tiny_dir, tmp_path):
+    """Without a trace, collate's `concluded` is -1 and every decision `follows` (`reject` drops nothing)."""
+    from data_beauty import BeautyData, DataConfig, collate
+    d = BeautyData(DataConfig(data_dir=tiny_dir, trace=False, cache_dir=str(tmp_path)))
+    b = collate(d.splits['train'], range(len(d.splits['train'])), d.vocab)
+    assert (b['concluded'] == -1).all() and b['follows'].all()
 
 
 def test_lead_change_marks_each_leader_unlike_the_one_before(tiny_data):
