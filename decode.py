@@ -34,6 +34,7 @@ class DecodeConfig:
     tau: float = 0.9            # diffusion: commit every masked position with confidence >= tau (at least one)
     k: int = 0                  # diffusion: if > 0, commit exactly the k most confident per step instead
     from_left: bool = False     # diffusion: commit in position order from the leftmost masked (diffusion.commit_rule)
+    slots_in_order: bool = False  # diffusion: only candidate ids (leaders, conclusion, answer) in position order
     teacher_forced: bool = False  # also score the trace's judgements on the gold traces (trace_report; slow on a CPU)
     batch_size: int = 256
     limit: int = 0              # > 0: only the first `limit` instances (quick looks)
@@ -91,7 +92,8 @@ def decode_split(model, data, split, cfg, device, max_new=None):
             else:
                 max_r = -(-max_resp // cfg.block) * cfg.block
                 res = generate_block(model, batch['prompt'], batch['pad'], max_r, vocab, block=cfg.block,
-                                     tau=cfg.tau, k=cfg.k, generator=gen, from_left=cfg.from_left)
+                                     tau=cfg.tau, k=cfg.k, generator=gen, from_left=cfg.from_left,
+                                     slots_in_order=cfg.slots_in_order)
                 out, lengths = res['tokens'], res['lengths']
                 for key in stats:
                     stats[key] += int(res[key].sum())
@@ -135,7 +137,8 @@ def evaluate(model, data, split_name, cfg, device, max_new=None):
            'floor': metrics_from_ranks(floor_ranks(split)[:n]),
            'decode': {'mode': 'ar' if cfg.block <= 0 else 'diffusion', 'block': cfg.block or None,
                       'tau': cfg.tau if cfg.block > 0 and cfg.k <= 0 else None, 'k': cfg.k if cfg.block > 0 else None,
-                      'from_left': cfg.from_left if cfg.block > 0 else None, 'greedy': True},
+                      'from_left': cfg.from_left if cfg.block > 0 else None,
+                      'slots_in_order': cfg.slots_in_order if cfg.block > 0 else None, 'greedy': True},
            'seconds': round(timer(), 2),
            'per_user': {'user': [int(u) for u in split.users[:n]], 'rank': ranks, 'valid': valid, 'copy': copies}}
     if stats['n_forwards']:

@@ -173,37 +173,45 @@ def choose_tokens(logits, temperature, generator):
     return tok, probs.gather(-1, tok[..., None]).squeeze(-1)
 
 
-def commit_rule(conf, masked, tau, k, from_left=False):
+def commit_rule(conf, masked, tau, k, from_left=False, in_order=None):
     """Which masked positions to commit this step: every one with confidence >= tau and at least the most
     confident (Fast-dLLM threshold rule), or the k most confident (static k).
 
     from_left: commit in position order instead: the run of positions with confidence >= tau that starts at the
     leftmost masked position, or that position alone (static k: the k leftmost). The threshold rule commits any
     confident token, even right of an unsure one; here an unsure position stops the run, so a judgement after it
-    waits until the entries it judges are written (FINDINGS.md: why the CPU student copied)."""
+    waits until the entries it judges are written (FINDINGS.md: why the CPU student copied).
+
+    in_order: (B, L) bool, positions held to position order while the others commit by confidence: one of them
+    commits only inside that run from the leftmost masked position (generate_block holds the candidate ids, so
+    the running leaders, the conclusion and the answer wait for the scores left of them, and the rest of the
+    trace still decodes in parallel)."""
     c = torch.where(masked, conf, -1.0)
+    pos = torch.arange(masked.size(1), device=masked.device)
+    first = masked.float().argmax(1, keepdim=True)                     # the leftmost masked position
+    run = ((c >= tau) | (pos < first)).long().cumprod(1).bool() | (pos == first)  # confident from `first` on
     if from_left:
-        pos = torch.arange(masked.size(1), device=masked.device)
-        first = masked.float().argmax(1, keepdim=True)                 # the leftmost masked position
         if k > 0:
             return masked & (pos >= first) & (pos < first + k)
-        run = ((c >= tau) | (pos < first)).long().cumprod(1).bool()     # confident from `first` on, unbroken
-        return masked & (run | (pos == first))                          # at least the leftmost
+        return masked & run
+    allowed = masked if in_order is None else masked & (run | ~in_order)  # the leftmost masked is always allowed
+    c = torch.where(allowed, c, -1.0)
     if k > 0:
         top = c.topk(min(k, c.size(1)), dim=1).indices
         commit = torch.zeros_like(masked).scatter_(1, top, True)
     else:
         commit = c >= tau
         commit.scatter_(1, c.argmax(1, keepdim=True), True)
-    return commit & masked
+    return commit & allowed
 
 
 @torch.no_grad()
 def generate_block(model, prompt, pad, max_resp, vocab, block, tau=0.9, k=0, temperature=0.0, generator=None,
-                   runner=None, from_left=False):
+                   runner=None, from_left=False, slots_in_order=False):
     """Block-by-block decoding over a KV cache of the prompt and finished blocks.
 
-    Inside a block, each step predicts every masked position at once and commits some of them (commit_rule).
+    Inside a block, each step predicts every masked position at once and commits some of them (commit_rule;
+    slots_in_order: a position whose chosen token is a candidate id commits only in position order).
     A finished block's keys/values are written by one more pass, fused with the next block's first step
     ([finished block ; masked block] in one forward: the finished block's last position also predicts the new
     block's first token). A row stops as soon as every position left of a committed <eos> is committed (the
@@ -252,7 +260,7 @@ def generate_block(model, prompt, pad, max_resp, vocab, block, tau=0.9, k=0, tem
                 torch.cat([first_logits[:, None], model.head(h[:, :block - 1], fp32=True)], 1)  # (B, block, V)
             logits[..., vocab.mask] = -float('inf')
             tok, conf = choose_tokens(logits, temperature, generator)
-            commit = commit_rule(conf, masked, tau, k, from_left)
+            commit = commit_rule(conf, masked, tau, k, from_left, vocab.is_slot(tok) if slots_in_order else None)
             cur = torch.where(commit, tok, cur)
             steps[:, b * block:(b + 1) * block] += commit * step
             logp[:, b * block:(b + 1) * block] += commit * conf.clamp(min=1e-30).log()
