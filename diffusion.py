@@ -177,25 +177,24 @@ def commit_rule(conf, masked, tau, k, from_left=False, in_order=None):
     """Which masked positions to commit this step: every one with confidence >= tau and at least the most
     confident (Fast-dLLM threshold rule), or the k most confident (static k).
 
-    from_left: commit in position order instead: the run of positions with confidence >= tau that starts at the
-    leftmost masked position, or that position alone (static k: the k leftmost). The threshold rule commits any
-    confident token, even right of an unsure one; here an unsure position stops the run, so a judgement after it
-    waits until the entries it judges are written (FINDINGS.md: why the CPU student copied).
-
-    in_order: (B, L) bool, positions held to position order while the others commit by confidence: one of them
-    commits only inside that run from the leftmost masked position (generate_block holds the candidate ids, so
-    the running leaders, the conclusion and the answer wait for the scores left of them, and the rest of the
-    trace still decodes in parallel)."""
-    c = torch.where(masked, conf, -1.0)
+    in_order: (B, L) bool, positions held to position order: one commits only when every position left of it is
+    committed or confident now (the leftmost masked one always may); the others commit by confidence.
+    The threshold rule alone commits a confident token even right of an unsure one, so a judgement can be
+    committed before the entries it judges are written (FINDINGS.md: why the CPU student copied).
+    from_left holds every position: only that run, or the leftmost masked alone (static k: the k leftmost).
+    generate_block's slots_in_order holds the candidate ids (leaders, conclusion, answer) and no other token."""
     pos = torch.arange(masked.size(1), device=masked.device)
     first = masked.float().argmax(1, keepdim=True)                     # the leftmost masked position
-    run = ((c >= tau) | (pos < first)).long().cumprod(1).bool() | (pos == first)  # confident from `first` on
+    if from_left and k > 0:
+        return masked & (pos >= first) & (pos < first + k)
     if from_left:
-        if k > 0:
-            return masked & (pos >= first) & (pos < first + k)
-        return masked & run
-    allowed = masked if in_order is None else masked & (run | ~in_order)  # the leftmost masked is always allowed
-    c = torch.where(allowed, c, -1.0)
+        in_order = torch.ones_like(masked)
+    allowed = masked
+    if in_order is not None:
+        ready = (conf >= tau) | ~masked                                 # confident now, or already committed
+        run = (ready | (pos < first)).long().cumprod(1).bool() | (pos == first)  # unbroken from `first`
+        allowed = masked & (run | ~in_order)
+    c = torch.where(allowed, conf, -1.0)
     if k > 0:
         top = c.topk(min(k, c.size(1)), dim=1).indices
         commit = torch.zeros_like(masked).scatter_(1, top, True)

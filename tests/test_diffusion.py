@@ -175,6 +175,11 @@ def test_commit_rule_holds_positions_in_order_and_commits_the_rest_by_confidence
     assert commit_rule(low, masked[:1], 0.9, 0, in_order=torch.ones(1, 5, dtype=torch.bool)).tolist() == [
         [False, True, False, False, False]]
     assert commit_rule(conf, masked, 0.9, 2, in_order=held)[0].tolist() == [False, True, False, False, True]
+    # a position committed earlier, out of order, does not stop the run: the held one after it may commit
+    gap = torch.tensor([[False, True, False, True, True]])
+    assert commit_rule(torch.tensor([[0.99, 0.95, 0.99, 0.95, 0.20]]), gap, 0.9, 0,
+                       in_order=torch.tensor([[False, False, False, True, False]])).tolist() == [
+        [False, True, False, True, False]]
 
 
 def test_sampler_slots_in_order_commits_no_candidate_id_right_of_a_masked_position(tiny_data):
