@@ -4,6 +4,7 @@
     python decode.py --ckpt=out/cft.pt --name=cft --block=32 --tau=0.9    # block diffusion, threshold rule
     python decode.py --ckpt=out/ar.pt --name=naive --block=32 --tau=0.9   # naive conversion of the AR model
     python decode.py --ckpt=out/cft.pt --name=cft_left --block=32 --from_left=True  # commit in position order
+    python decode.py --ckpt=out/cft.pt --block=32 --slots_in_order=True  # only the candidate ids in that order
     python decode.py --ckpt=out/cft.pt --block=32 --split=valid --limit=512 --teacher_forced=True
                                          # + the trace's judgements scored on the gold traces (trace_report)
 
