@@ -18,7 +18,7 @@ TINY = {
                      '--suffix_share=0.5'],
     'train_opd.py': ['--n_prompts=2', '--group=2', '--max_steps=2', '--eval_every=2', '--cft_weight=0.5'],
     'train_rl.py': ['--n_prompts=2', '--group=4', '--max_steps=2', '--eval_every=2',
-                    '--kl_weight=0.5'],  # the KL penalty's code path runs end to end
+                    '--kl_weight=0.5', '--slots_in_order=True'],  # these code paths run end to end
 }
 
 
