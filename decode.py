@@ -4,7 +4,6 @@
     python decode.py --ckpt=out/cft.pt --name=cft --block=32 --tau=0.9    # block diffusion, threshold rule
     python decode.py --ckpt=out/ar.pt --name=naive --block=32 --tau=0.9   # naive conversion of the AR model
     python decode.py --ckpt=out/cft.pt --name=cft_left --block=32 --from_left=True  # commit in position order
-    python decode.py --ckpt=out/cft.pt --block=32 --slots_in_order=True  # only the candidate ids in that order
     python decode.py --ckpt=out/cft.pt --block=32 --split=valid --limit=512 --teacher_forced=True
                                          # + the trace's judgements scored on the gold traces (trace_report)
 
@@ -35,7 +34,6 @@ class DecodeConfig:
     tau: float = 0.9            # diffusion: commit every masked position with confidence >= tau (at least one)
     k: int = 0                  # diffusion: if > 0, commit exactly the k most confident per step instead
     from_left: bool = False     # diffusion: commit in position order from the leftmost masked (diffusion.commit_rule)
-    slots_in_order: bool = False  # diffusion: only candidate ids (leaders, conclusion, answer) in position order
     teacher_forced: bool = False  # also score the trace's judgements on the gold traces (trace_report; slow on a CPU)
     batch_size: int = 256
     limit: int = 0              # > 0: only the first `limit` instances (quick looks)
@@ -93,8 +91,7 @@ def decode_split(model, data, split, cfg, device, max_new=None):
             else:
                 max_r = -(-max_resp // cfg.block) * cfg.block
                 res = generate_block(model, batch['prompt'], batch['pad'], max_r, vocab, block=cfg.block,
-                                     tau=cfg.tau, k=cfg.k, generator=gen, from_left=cfg.from_left,
-                                     slots_in_order=cfg.slots_in_order)
+                                     tau=cfg.tau, k=cfg.k, generator=gen, from_left=cfg.from_left)
                 out, lengths = res['tokens'], res['lengths']
                 for key in stats:
                     stats[key] += int(res[key].sum())
@@ -138,8 +135,7 @@ def evaluate(model, data, split_name, cfg, device, max_new=None):
            'floor': metrics_from_ranks(floor_ranks(split)[:n]),
            'decode': {'mode': 'ar' if cfg.block <= 0 else 'diffusion', 'block': cfg.block or None,
                       'tau': cfg.tau if cfg.block > 0 and cfg.k <= 0 else None, 'k': cfg.k if cfg.block > 0 else None,
-                      'from_left': cfg.from_left if cfg.block > 0 else None,
-                      'slots_in_order': cfg.slots_in_order if cfg.block > 0 else None, 'greedy': True},
+                      'from_left': cfg.from_left if cfg.block > 0 else None, 'greedy': True},
            'seconds': round(timer(), 2),
            'per_user': {'user': [int(u) for u in split.users[:n]], 'rank': ranks, 'valid': valid, 'copy': copies}}
     if stats['n_forwards']:

@@ -173,44 +173,37 @@ def choose_tokens(logits, temperature, generator):
     return tok, probs.gather(-1, tok[..., None]).squeeze(-1)
 
 
-def commit_rule(conf, masked, tau, k, from_left=False, in_order=None):
+def commit_rule(conf, masked, tau, k, from_left=False):
     """Which masked positions to commit this step: every one with confidence >= tau and at least the most
     confident (Fast-dLLM threshold rule), or the k most confident (static k).
 
-    in_order: (B, L) bool, positions held to position order: one commits only when every position left of it is
-    committed or confident now (the leftmost masked one always may); the others commit by confidence.
-    The threshold rule alone commits a confident token even right of an unsure one, so a judgement can be
-    committed before the entries it judges are written (FINDINGS.md: why the CPU student copied).
-    from_left holds every position: only that run, or the leftmost masked alone (static k: the k leftmost).
-    generate_block's slots_in_order holds the candidate ids (leaders, conclusion, answer) and no other token."""
-    pos = torch.arange(masked.size(1), device=masked.device)
-    first = masked.float().argmax(1, keepdim=True)                     # the leftmost masked position
-    if from_left and k > 0:
-        return masked & (pos >= first) & (pos < first + k)
+    from_left: commit in position order instead: the run of positions with confidence >= tau that starts at the
+    leftmost masked position, or that position alone (static k: the k leftmost). The threshold rule commits any
+    confident token, even right of an unsure one; here an unsure position stops the run, so a judgement after it
+    waits until the entries it judges are written (FINDINGS.md: why the CPU student copied)."""
+    c = torch.where(masked, conf, -1.0)
     if from_left:
-        in_order = torch.ones_like(masked)
-    allowed = masked
-    if in_order is not None:
-        ready = (conf >= tau) | ~masked                                 # confident now, or already committed
-        run = (ready | (pos < first)).long().cumprod(1).bool() | (pos == first)  # unbroken from `first`
-        allowed = masked & (run | ~in_order)
-    c = torch.where(allowed, conf, -1.0)
+        pos = torch.arange(masked.size(1), device=masked.device)
+        first = masked.float().argmax(1, keepdim=True)                 # the leftmost masked position
+        if k > 0:
+            return masked & (pos >= first) & (pos < first + k)
+        run = ((c >= tau) | (pos < first)).long().cumprod(1).bool()     # confident from `first` on, unbroken
+        return masked & (run | (pos == first))                          # at least the leftmost
     if k > 0:
         top = c.topk(min(k, c.size(1)), dim=1).indices
         commit = torch.zeros_like(masked).scatter_(1, top, True)
     else:
         commit = c >= tau
         commit.scatter_(1, c.argmax(1, keepdim=True), True)
-    return commit & allowed
+    return commit & masked
 
 
 @torch.no_grad()
 def generate_block(model, prompt, pad, max_resp, vocab, block, tau=0.9, k=0, temperature=0.0, generator=None,
-                   runner=None, from_left=False, slots_in_order=False):
+                   runner=None, from_left=False):
     """Block-by-block decoding over a KV cache of the prompt and finished blocks.
 
-    Inside a block, each step predicts every masked position at once and commits some of them (commit_rule;
-    slots_in_order: a position whose chosen token is a candidate id commits only in position order).
+    Inside a block, each step predicts every masked position at once and commits some of them (commit_rule).
     A finished block's keys/values are written by one more pass, fused with the next block's first step
     ([finished block ; masked block] in one forward: the finished block's last position also predicts the new
     block's first token). A row stops as soon as every position left of a committed <eos> is committed (the
@@ -259,7 +252,7 @@ def generate_block(model, prompt, pad, max_resp, vocab, block, tau=0.9, k=0, tem
                 torch.cat([first_logits[:, None], model.head(h[:, :block - 1], fp32=True)], 1)  # (B, block, V)
             logits[..., vocab.mask] = -float('inf')
             tok, conf = choose_tokens(logits, temperature, generator)
-            commit = commit_rule(conf, masked, tau, k, from_left, vocab.is_slot(tok) if slots_in_order else None)
+            commit = commit_rule(conf, masked, tau, k, from_left)
             cur = torch.where(commit, tok, cur)
             steps[:, b * block:(b + 1) * block] += commit * step
             logp[:, b * block:(b + 1) * block] += commit * conf.clamp(min=1e-30).log()

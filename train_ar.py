@@ -152,9 +152,9 @@ def choice_accuracy(model, split, vocab, device, n=1024, batch=64):
     return hits / max(total, 1)
 
 
-def validate(model, data, cfg, device, block=0, tau=0.9, k=0, split='valid', from_left=False, slots_in_order=False):
-    dcfg = DecodeConfig(block=block, tau=tau, k=k, from_left=from_left, slots_in_order=slots_in_order,
-                        batch_size=cfg.eval_batch, limit=cfg.eval_n, seed=cfg.seed)
+def validate(model, data, cfg, device, block=0, tau=0.9, k=0, split='valid', from_left=False):
+    dcfg = DecodeConfig(block=block, tau=tau, k=k, from_left=from_left, batch_size=cfg.eval_batch, limit=cfg.eval_n,
+                        seed=cfg.seed)
     res, _ = evaluate(model, data, split, dcfg, device)
     return res
 
@@ -163,7 +163,7 @@ def validate_and_keep(model, data, cfg, device, log, step, best, run_cfg, stage,
     """Decode validation with the run's decoding settings, log it, and write the checkpoint if it is the best so
     far (common.is_better). Returns the best record."""
     res = validate(model, data, cfg, device, block=block, tau=getattr(cfg, 'tau', 0.9), k=getattr(cfg, 'k', 0),
-                   from_left=getattr(cfg, 'from_left', False), slots_in_order=getattr(cfg, 'slots_in_order', False))
+                   from_left=getattr(cfg, 'from_left', False))
     m = res['metrics']
     row = dict(m, validity=res['validity'], tokens_per_forward=res.get('tokens_per_forward'), step=step)
     log.write(step=step, val_R1=m['R@1'], val_N3=m['N@3'], val_validity=res['validity'],

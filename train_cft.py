@@ -57,10 +57,9 @@ class TrainCFTConfig(StageSettings):  # + min_validity, eval_n, eval_batch, time
     tau: float = 0.9             # evaluation decoding (greedy, threshold rule)
     k: int = 0
     from_left: bool = False      # evaluation commits in position order (diffusion.commit_rule)
-    slots_in_order: bool = False  # evaluation commits only the candidate ids in position order (commit_rule)
     judge: bool = True           # at each evaluation, score the trace's judgements teacher-forced (decode.trace_report;
     judge_n: int = 512           # on this many validation lists: `block` forwards each, slow on a CPU)
-    sweep: bool = True           # at the end: validation accuracy and speed at tau 0.9 / 0.6 / 0.4, k = 1, and the two orders
+    sweep: bool = True           # at the end: validation accuracy and speed at tau 0.9 / 0.6 / 0.4, k = 1, from_left
     eval_every: int = 200
 
     def problem(self):
@@ -179,16 +178,14 @@ def main():
     if cfg.sweep:  # decoding settings of the kept model on validation: accuracy against tokens per forward
         model, _ = load_checkpoint(cfg.out, device=device)
         sweep = []
-        for tau, k, left, slots in ((0.9, 0, False, False), (0.6, 0, False, False), (0.4, 0, False, False),
-                                    (0.0, 1, False, False), (0.9, 0, True, False), (0.9, 0, False, True)):
-            res = validate(model, data, cfg, device, block=cfg.block, tau=tau, k=k, from_left=left,
-                           slots_in_order=slots)
-            sweep.append({'tau': tau if k == 0 else None, 'k': k or None, 'from_left': left, 'slots_in_order': slots,
+        for tau, k, left in ((0.9, 0, False), (0.6, 0, False), (0.4, 0, False), (0.0, 1, False), (0.9, 0, True)):
+            res = validate(model, data, cfg, device, block=cfg.block, tau=tau, k=k, from_left=left)
+            sweep.append({'tau': tau if k == 0 else None, 'k': k or None, 'from_left': left,
                           'R@1': res['metrics']['R@1'],
                           'validity': res['validity'], 'tokens_per_forward': res.get('tokens_per_forward'),
                           'tokens_per_forward_trace': res.get('tokens_per_forward_trace'),
                           'tokens_per_forward_answer': res.get('tokens_per_forward_answer')})
-            print(f"valid tau={tau} k={k} from_left={left} slots_in_order={slots}: R@1 {sweep[-1]['R@1']:.4f} "
+            print(f"valid tau={tau} k={k} from_left={left}: R@1 {sweep[-1]['R@1']:.4f} "
                   f"validity {sweep[-1]['validity']:.4f} "
                   f"tokens/forward {sweep[-1]['tokens_per_forward']:.2f}")
         write_json(results_path(f"sweep_{cfg.name}.json"), {'split': 'valid', 'n': res['n'], 'block': cfg.block,

@@ -49,7 +49,6 @@ class TrainOPDConfig(StageSettings):  # + min_validity, eval_n, eval_batch, time
     tau: float = 0.9             # the evaluation's threshold rule, also used for rollouts
     k: int = 0
     from_left: bool = False      # the evaluation's commit order, also used for rollouts
-    slots_in_order: bool = False  # the same: only the candidate ids in position order (diffusion.commit_rule)
     state: str = 'l2r'           # the student's state for the KL: l2r or commit (see the docstring)
     max_steps: int = 100
     micro_batch: int = 16        # rollouts per replay forward (memory: l2r stacks B states per rollout)
@@ -113,8 +112,7 @@ def rollouts(model, data, idx, group, block, cfg, gen, device):
     model.eval()
     with torch.no_grad(), autocast(device):
         res = generate_block(model, batch['prompt'], batch['pad'], max_r, data.vocab, block=block, tau=cfg.tau,
-                             k=cfg.k, temperature=cfg.temperature, generator=gen, from_left=cfg.from_left,
-                             slots_in_order=cfg.slots_in_order)
+                             k=cfg.k, temperature=cfg.temperature, generator=gen, from_left=cfg.from_left)
     return batch, res, rows
 
 

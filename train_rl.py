@@ -39,7 +39,6 @@ class TrainRLConfig(StageSettings):  # + min_validity, eval_n, eval_batch, time_
     tau: float = 0.9
     k: int = 0
     from_left: bool = False      # the evaluation's commit order (diffusion.commit_rule)
-    slots_in_order: bool = False  # the same: only the candidate ids in position order
     clip: float = 0.2
     format_weight: float = 0.2
     kl_weight: float = 0.0       # > 0: a per-token KL penalty to the start policy (GRPO's beta; 0 = the SPEC recipe)

@@ -131,8 +131,7 @@ def test_sampler_properties(tiny_data):
     d, model, batch = setup(tiny_data, block=4)
     prompt = batch['prompt'].clone()
     for kw in (dict(tau=0.9), dict(tau=0.0), dict(k=2), dict(tau=0.5, temperature=1.0),
-               dict(tau=0.5, temperature=1.0, from_left=True), dict(k=2, from_left=True),
-               dict(tau=0.5, temperature=1.0, slots_in_order=True), dict(k=2, slots_in_order=True)):
+               dict(tau=0.5, temperature=1.0, from_left=True), dict(k=2, from_left=True)):
         g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
         a = generate_block(model, batch['prompt'], batch['pad'], 24, d.vocab, block=4, generator=g1, **kw)
         b = generate_block(model, batch['prompt'], batch['pad'], 24, d.vocab, block=4, generator=g2, **kw)
@@ -160,39 +159,6 @@ def test_commit_rule_from_left_commits_a_run_from_the_leftmost_masked():
     # the threshold rule commits out of order, ahead of a masked position to the left
     assert commit_rule(conf, masked, 0.9, 0)[0].tolist() == [False, False, True, False, True]
     assert commit_rule(conf, masked, 0.9, 2, from_left=True)[0].tolist() == [False, True, True, False, False]
-
-
-def test_commit_rule_holds_positions_in_order_and_commits_the_rest_by_confidence():
-    masked = torch.tensor([[False, True, True, True, True]] * 2)
-    conf = torch.tensor([[0.99, 0.50, 0.95, 0.20, 0.99],
-                         [0.99, 0.95, 0.95, 0.20, 0.99]])
-    held = torch.tensor([[False, False, True, False, False],    # held right of an unsure one: waits
-                         [False, False, True, False, True]])    # inside the run: commits; after 0.20: waits
-    assert commit_rule(conf, masked, 0.9, 0, in_order=held).tolist() == [
-        [False, False, False, False, True], [False, True, True, False, False]]
-    # nothing else confident: the leftmost masked position, held or not, is the one committed
-    low = torch.tensor([[0.99, 0.30, 0.95, 0.20, 0.50]])
-    assert commit_rule(low, masked[:1], 0.9, 0, in_order=torch.ones(1, 5, dtype=torch.bool)).tolist() == [
-        [False, True, False, False, False]]
-    assert commit_rule(conf, masked, 0.9, 2, in_order=held)[0].tolist() == [False, True, False, False, True]
-    # a position committed earlier, out of order, does not stop the run: the held one after it may commit
-    gap = torch.tensor([[False, True, False, True, True]])
-    assert commit_rule(torch.tensor([[0.99, 0.95, 0.99, 0.95, 0.20]]), gap, 0.9, 0,
-                       in_order=torch.tensor([[False, False, False, True, False]])).tolist() == [
-        [False, True, False, True, False]]
-
-
-def test_sampler_slots_in_order_commits_no_candidate_id_right_of_a_masked_position(tiny_data):
-    """With slots_in_order, a token that is a candidate id is committed only once every position left of it in
-    its block is committed (the same step counts: a confident run commits together)."""
-    d, model, batch = setup(tiny_data, block=4)
-    res = generate_block(model, batch['prompt'], batch['pad'], 24, d.vocab, block=4, tau=0.3, temperature=1.0,
-                         slots_in_order=True, generator=torch.Generator().manual_seed(0))
-    steps = res['steps'].view(len(res['steps']), -1, 4)
-    slot = d.vocab.is_slot(res['tokens']).view_as(steps) & (steps > 0)
-    assert slot.any()
-    left_max = torch.cat([torch.zeros_like(steps[..., :1]), steps.cummax(2).values[..., :-1]], 2)
-    assert (steps[slot] >= left_max[slot]).all()
 
 
 def test_sampler_from_left_commits_in_position_order(tiny_data):
