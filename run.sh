@@ -61,7 +61,7 @@ core() {  # the recipe's chain, each stage from the previous one's checkpoint
 
 ablations() {  # each answers one question about the chain; needs out/ar.pt and out/cft.pt from core
   if left; then ev --ckpt=out/cft.pt --name=cft_left --block=32 --tau=0.9 --from_left=True; fi
-  if left; then python train_cft.py $D $DEV $CFT --sweep=False --change_boost=10 --choice_boost=10 --out=out/cft_change.pt --name=cft_change && ev --ckpt=out/cft_change.pt --name=cft_change --block=32 --tau=0.9 --from_left=True; fi
+  if left; then python train_cft.py $D $DEV $CFT --sweep=False --change_boost=10 --choice_boost=10 --from_left=True --out=out/cft_change.pt --name=cft_change && ev --ckpt=out/cft_change.pt --name=cft_change --block=32 --tau=0.9 --from_left=True; fi
   if left; then python train_ar.py $D $DEV $DIR --trace=False --out=out/ar_direct.pt && ev_ar --ckpt=out/ar_direct.pt --name=ar_direct; fi
   if left; then python train_cft.py $D $DEV $CFT --sweep=False --validity_weight=0.0 --out=out/cft_novalid.pt --name=cft_novalid && ev --ckpt=out/cft_novalid.pt --name=cft_novalid --block=32 --tau=0.9; fi
   if left; then python train_cft.py $D $DEV $MORE --parent=out/cft.pt --out=out/cft_more.pt --name=cft_more && ev --ckpt=out/cft_more.pt --name=cft_more --block=32 --tau=0.9; fi

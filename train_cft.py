@@ -59,7 +59,7 @@ class TrainCFTConfig(StageSettings):  # + min_validity, eval_n, eval_batch, time
     from_left: bool = False      # evaluation commits in position order (diffusion.commit_rule)
     judge: bool = True           # at each evaluation, score the trace's judgements teacher-forced (decode.trace_report;
     judge_n: int = 512           # on this many validation lists: `block` forwards each, slow on a CPU)
-    sweep: bool = True           # at the end: validation accuracy and speed at tau 0.9 / 0.6 / 0.4, k = 1, from_left
+    sweep: bool = True           # at the end: validation accuracy and speed at tau 0.9 / 0.6 / 0.4, k = 1, and from the left
     eval_every: int = 200
 
     def problem(self):
@@ -178,7 +178,8 @@ def main():
     if cfg.sweep:  # decoding settings of the kept model on validation: accuracy against tokens per forward
         model, _ = load_checkpoint(cfg.out, device=device)
         sweep = []
-        for tau, k, left in ((0.9, 0, False), (0.6, 0, False), (0.4, 0, False), (0.0, 1, False), (0.9, 0, True)):
+        for tau, k, left in ((0.9, 0, False), (0.6, 0, False), (0.4, 0, False), (0.0, 1, False),
+                             (0.97, 0, True), (0.9, 0, True), (0.8, 0, True)):
             res = validate(model, data, cfg, device, block=cfg.block, tau=tau, k=k, from_left=left)
             sweep.append({'tau': tau if k == 0 else None, 'k': k or None, 'from_left': left,
                           'R@1': res['metrics']['R@1'],
