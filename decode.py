@@ -198,7 +198,8 @@ def trace_report(model, split, vocab, device, n=512, batch=32, block=1):
     share = {k: hits / max(total, 1) for k, (hits, total) in counts.items()}
     return {'trace_p99_share': share['p99'], 'score_accuracy': share['score'], 'lead_accuracy': share['lead'],
             'lead_change_accuracy': share['change'], 'lead_changes': counts['change'][1],
-            'conclusion_accuracy': share['best'], 'departure_accuracy': share['depart'], 'departures': counts['depart'][1]}
+            'conclusion_accuracy': share['best'], 'departure_accuracy': share['depart'],
+            'departures': counts['depart'][1]}
 
 
 def load_data_for(ckpt, data_dir):

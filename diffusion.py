@@ -95,10 +95,10 @@ def diffusion_loss(model, batch, block, mask_id, masked=None, w_trace=1.0, w_ans
                    complementary=True, validity_weight=0.0, vocab=None, generator=None, reject=False, w_judge=None,
                    suffix_share=0.0, change_boost=1.0, choice_boost=1.0):
     """Masked-token cross-entropy of the block-diffusion model (plain mean over masked tokens, Fast-dLLM v2),
-    with complementary masks (each example also with the opposite mask: every token supervised once), plus
-    optionally the permutation-validity loss on the answer positions (`reject`, `w_judge`, `change_boost`, `choice_boost`:
-    reasoning.loss_weights; the validity loss does not read the target, so it keeps every row). Returns (loss,
-    parts dict).
+    with complementary masks (each example also with the opposite mask: every token supervised once), tokens
+    weighted by reasoning.loss_weights (`w_*`, `reject`, `change_boost`, `choice_boost`), plus optionally the
+    permutation-validity loss on the answer positions (it does not read the target, so it keeps every row).
+    Returns (loss, parts dict).
 
     The output head runs only at the masked positions of the trained region: they are all the loss reads (a
     revealed answer position enters the validity loss as one-hot on its token)."""

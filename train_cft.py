@@ -59,7 +59,7 @@ class TrainCFTConfig(StageSettings):  # + min_validity, eval_n, eval_batch, time
     from_left: bool = False      # evaluation commits in position order (diffusion.commit_rule)
     judge: bool = True           # at each evaluation, score the trace's judgements teacher-forced (decode.trace_report;
     judge_n: int = 512           # on this many validation lists: `block` forwards each, slow on a CPU)
-    sweep: bool = True           # at the end: validation accuracy and speed at tau 0.9 / 0.6 / 0.4, k = 1, and from the left
+    sweep: bool = True           # at the end: validation R@1 and speed by confidence and from the left
     eval_every: int = 200
 
     def problem(self):
@@ -83,9 +83,15 @@ def block_at(step, cfg):
     return 2 ** (step * stages // cfg.block_warmup)
 
 
-def loss_weighting(cfg):
-    return dict(w_trace=cfg.w_trace, w_answer=cfg.w_answer, w_choice=cfg.w_choice, w_judge=cfg.w_judge,
-                change_boost=cfg.change_boost, choice_boost=cfg.choice_boost, reject=cfg.reject)
+WEIGHTING = ('w_trace', 'w_answer', 'w_choice', 'w_judge', 'change_boost', 'choice_boost', 'reject')
+MASKING = ('complementary', 'suffix_share', 'validity_weight')
+
+
+def cft_loss_settings(run_cfg, keys=WEIGHTING + MASKING):
+    """diffusion_loss's settings of a CFT run (its config or the dict a checkpoint records), train_cft's defaults
+    where an older record lacks a field: one list, read by training, validation and OPD's anchor."""
+    d = run_cfg if isinstance(run_cfg, dict) else asdict(run_cfg)
+    return {k: d.get(k, getattr(TrainCFTConfig, k)) for k in keys}
 
 
 @torch.no_grad()
@@ -98,7 +104,8 @@ def validation_loss(model, data, cfg, device, n=256, batch=64):
     for a in range(0, n, batch):
         b = collate(sp, range(a, min(n, a + batch)), data.vocab, block=cfg.block, device=device)
         with autocast(device):
-            _, parts = diffusion_loss(model, b, cfg.block, data.vocab.mask, generator=gen, **loss_weighting(cfg))
+            _, parts = diffusion_loss(model, b, cfg.block, data.vocab.mask, generator=gen,
+                                      **cft_loss_settings(cfg, WEIGHTING))
         total += parts['ce'].item() * len(b['pad'])
     return total / n
 
@@ -162,10 +169,8 @@ def main():
         rng = np.random.default_rng([cfg.seed, step])  # batches depend on the step only: a resumed run sees the same
         batch = collate(train, rng.integers(0, len(train), cfg.batch_size), vocab, block=cfg.block, device=device)
         with autocast(device):
-            loss, parts = diffusion_loss(model, batch, block_at(step, cfg), vocab.mask,
-                                         complementary=cfg.complementary, suffix_share=cfg.suffix_share,
-                                         validity_weight=cfg.validity_weight,
-                                         vocab=vocab, generator=gen, **loss_weighting(cfg))
+            loss, parts = diffusion_loss(model, batch, block_at(step, cfg), vocab.mask, vocab=vocab, generator=gen,
+                                         **cft_loss_settings(cfg))
         optimizer_step(model, opt, loss, cfg.grad_clip, step, cfg.lr)
         pbar.set_postfix(loss=f"{loss.item():.3f}")
         log.write(step=step + 1, loss=loss.item(), **{k: v.item() for k, v in parts.items()})

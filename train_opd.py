@@ -33,7 +33,7 @@ from decode import load_data_for
 from diffusion import generate_block, live_tokens, replay_logits, forward_kl, left_to_right_steps, diffusion_loss
 from model import response_hidden
 from train_ar import make_optimizer, lr_at, validate_and_keep, finish
-from train_cft import TrainCFTConfig
+from train_cft import cft_loss_settings
 
 
 @dataclass
@@ -145,13 +145,6 @@ def opd_kl(student, teacher, batch, res, block, vocab, rows=slice(None), state='
         t_logits[:, vocab.mask] = -float('inf')
     s_logits = replay_logits(student, prompt, pad, part, block, vocab, live)
     return forward_kl(t_logits, s_logits, torch.ones(len(t_logits), device=t_logits.device))
-
-
-def cft_loss_settings(run_cfg):
-    """The CFT loss as the student was trained with it (train_cft's defaults where its record lacks a field)."""
-    keys = ('w_trace', 'w_answer', 'w_choice', 'w_judge', 'change_boost', 'choice_boost', 'reject', 'validity_weight',
-            'complementary', 'suffix_share')
-    return {k: run_cfg.get(k, getattr(TrainCFTConfig, k)) for k in keys}
 
 
 def chunks(n, size):
