@@ -27,7 +27,7 @@ from model import CachedForward
 class BenchConfig:
     ar: str = 'out/ar.pt'
     diffusion: str = ''          # empty: the latest stage found (rl, opd, cft)
-    data_dir: str = '../shared/data/beauty'
+    data_dir: str = 'data/beauty'
     batches: tuple = (1, 16, 128)
     taus: tuple = (0.9, 0.6, 0.4)
     ks: tuple = (1, 2)

@@ -126,6 +126,7 @@ class CheckpointError(RuntimeError):
 
 def save_checkpoint(path, model, run_cfg, stage, parent=None, step=0, metrics=None, extra=None):
     """Write tensors and plain values only, atomically (temp file, then rename)."""
+    path = project_path(path)
     os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
     ckpt = {
         'model': {k: v.detach().cpu() for k, v in model.state_dict().items()},
@@ -145,6 +146,7 @@ def save_checkpoint(path, model, run_cfg, stage, parent=None, step=0, metrics=No
 def load_checkpoint(path, stages=None, device='cpu'):
     """Load a checkpoint written by save_checkpoint; `stages` lists the stages this caller accepts."""
     from model import GPT, GPTConfig
+    path = project_path(path)
     if not os.path.exists(path):
         raise CheckpointError(f"checkpoint {path} not found: run the stage that writes it first "
                               f"(see README: train_ar.py -> train_cft.py -> train_opd.py -> train_rl.py)")
@@ -164,6 +166,7 @@ def load_checkpoint(path, stages=None, device='cpu'):
 def save_resume(out, model, opt, run_cfg, step, state):
     """Training state at an evaluation point (weights, optimizer, step, selection state, RNG), written
     atomically beside the checkpoint, so that an interrupted run continues where it was when rerun."""
+    out = project_path(out)
     tmp = out + '.resume.tmp'
     torch.save({'model': model.state_dict(), 'opt': opt.state_dict(), 'run_cfg': resume_key(run_cfg), 'step': step,
                 'state': state, 'torch_rng': torch.get_rng_state()}, tmp)
@@ -172,7 +175,7 @@ def save_resume(out, model, opt, run_cfg, step, state):
 
 def load_resume(out, model, opt, run_cfg):
     """The saved state of an interrupted run of this same configuration, loaded into model and opt, or None."""
-    path = out + '.resume'
+    path = project_path(out) + '.resume'
     if not os.path.exists(path):
         return None
     saved = torch.load(path, map_location='cpu', weights_only=True)
@@ -187,6 +190,7 @@ def load_resume(out, model, opt, run_cfg):
 
 
 def finish_resume(out):
+    out = project_path(out)
     if os.path.exists(out + '.resume'):
         os.remove(out + '.resume')
 
@@ -221,6 +225,7 @@ class JsonlLog:
     """Append one JSON object per line; every scalar of a run ends up here."""
 
     def __init__(self, path, fresh=True):
+        path = project_path(path)
         os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
         self.path = path
         if fresh and os.path.exists(path):
@@ -265,18 +270,29 @@ def git_commit():
     if os.environ.get('GIT_COMMIT'):
         return os.environ['GIT_COMMIT']
     try:
-        out = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True, timeout=5)
+        out = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True, timeout=5,
+                             cwd=CODE)
         dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no', '--', '.', ':(exclude)results'],
-                               capture_output=True, text=True, timeout=5).stdout.strip()
+                               capture_output=True, text=True, timeout=5, cwd=CODE).stdout.strip()
         return out.stdout.strip() + ('-dirty' if dirty else '') if out.returncode == 0 else 'unknown'
     except (OSError, subprocess.SubprocessError):
         return 'unknown'
 
 
+CODE = os.path.dirname(os.path.abspath(__file__))
+PROJECT = os.environ.get('WORK_DIR') or CODE  # WORK_DIR moves every relative path elsewhere (the tests' scratch runs)
+
+
+def project_path(path):
+    """A relative path is the project's (data/beauty, out/ar.pt, results/...), wherever the script is run from."""
+    return path if os.path.isabs(path) else os.path.join(PROJECT, path)
+
+
 def results_path(name):
-    """Where a result file goes: results/ by default; RESULTS_DIR=results/cpu keeps a CPU run apart from the GPU
-    numbers (run.sh cpu sets it)."""
-    return os.path.join(os.environ.get('RESULTS_DIR', 'results'), name)
+    """Where a result file goes: RESULTS_DIR, else the setting's folder: results/cpu/ on a machine without CUDA
+    (the CPU setting), results/ with it, so a CPU run never mixes with the GPU numbers."""
+    folder = os.environ.get('RESULTS_DIR') or ('results' if torch.cuda.is_available() else 'results/cpu')
+    return project_path(os.path.join(folder, name))
 
 
 def write_json(path, obj):

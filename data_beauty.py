@@ -1,7 +1,7 @@
 """Amazon Beauty (5-core) as a re-ranking task: split, pre-ranker, candidate lists and their evidence, batches.
 How an instance is written as tokens is reasoning.py; how an answer is scored, metrics.py.
 
-    python data_beauty.py                                  # real data from ../shared/data/beauty (~1 min, cached after)
+    python data_beauty.py                                  # real data from data/beauty (~1 min, cached after)
     python data_beauty.py --data_dir=path/to/folder        # any folder with Beauty.txt + Beauty_item2attributes.json
     python data_beauty.py --raw_dir=path/to/raw            # build that format from the raw Amazon dump
                                                            # (reviews_Beauty_5.json.gz + meta_Beauty.json.gz)
@@ -14,6 +14,7 @@ transition cannot inflate its score (the same rule at test, where the validation
 import gzip
 import hashlib
 import json
+import math
 import os
 import ast
 import inspect
@@ -22,7 +23,9 @@ from dataclasses import dataclass, asdict
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
+from common import project_path
 from metrics import copies_incoming, floor_ranks, metrics_from_ranks, rule_rankings, rule_ranks, target_rank
 from reasoning import (BUCKETS, EVIDENCE, SPECIALS, Vocab, conclusion, encode, evidence_buckets, evidence_features,
                        fit_evidence_weights, running_scores, stat_tokens)
@@ -30,7 +33,7 @@ from reasoning import (BUCKETS, EVIDENCE, SPECIALS, Vocab, conclusion, encode, e
 
 @dataclass
 class DataConfig:
-    data_dir: str = '../shared/data/beauty'
+    data_dir: str = 'data/beauty'   # relative paths are the project's (common.project_path)
     name: str = 'Beauty'
     raw_dir: str = ''           # if set: build <name>.txt + <name>_item2attributes.json there from the raw Amazon files
     n_cand: int = 10            # N, the re-ranked list length
@@ -42,7 +45,6 @@ class DataConfig:
     evidence_hist: int = 5      # the trace's 'prev' evidence: co-occurrence with history items 2..this (decayed alike)
     link_window: int = 3        # attribute transitions (an item's attributes then a later one's) up to this gap ...
     link_prior: float = 10.0    # ... smoothed toward no link with this many pseudo-transitions
-    pop_weight: float = 1e-3    # log-popularity tie-break
     trace: bool = True          # False: the direct model (prompt -> answer)
     cache_dir: str = 'out/cache'
 
@@ -140,13 +142,43 @@ def build_from_raw(raw_dir, out_dir, name='Beauty'):
 
 # ----------------------------------------------------------------------------- statistics and pre-ranker
 
+UNIT = 10_000  # statistics are integers in units of 1e-4: exact sums, so no tie depends on float rounding
+
+
+def decay_units(decay, n):
+    """decay^0 .. decay^(n-1) as integers in units of 1e-4 (exact for the defaults 0.7 and 0.5)."""
+    return np.array([round(UNIT * decay ** k) for k in range(n)], dtype=np.int64)
+
+
 def cooc_matrix(seqs, n_items, window, decay):
-    """C[a, b] = sum over train pairs 'a then b' within `window` steps of decay^(gap-1)."""
-    C = np.zeros((n_items + 1, n_items + 1), dtype=np.float32)
+    """C[a, b] = sum over train pairs 'a then b' within `window` steps of decay^(gap-1), in units of 1e-4 (int32)."""
+    C = np.zeros((n_items + 1, n_items + 1), dtype=np.int32)
+    w = decay_units(decay, window).astype(np.int32)
     for s in seqs:
         for g in range(1, min(window, len(s) - 1) + 1):
-            np.add.at(C, (s[:-g], s[g:]), np.float32(decay ** (g - 1)))
+            np.add.at(C, (s[:-g], s[g:]), w[g - 1])
     return C
+
+
+def top_n(key, N):
+    """(n, N) columns of the N largest keys of each row, largest first, equal keys by the smaller column.
+
+    Exact on every machine: np.argpartition resolves ties at the N-th place by its own algorithm, and that
+    differs between CPUs (SIMD sorting networks on one, introselect on another). On Beauty about one test list in
+    18 has a tie across that place, and in 5 of them the target was inside the tie, which moved the test count
+    between machines (FINDINGS.md, "The protocol on every machine")."""
+    n, I = key.shape
+    kth = np.partition(key, I - N, axis=1)[:, I - N]                   # the N-th largest value: unambiguous
+    take = key > kth[:, None]
+    tied = key == kth[:, None]
+    need = N - take.sum(1)                                              # how many of the tied make the list
+    split = np.where(tied.sum(1) > need)[0]                             # rows where a tie crosses the N-th place
+    whole = np.setdiff1d(np.arange(n), split)
+    take[whole] |= tied[whole]
+    take[split] |= tied[split] & (np.cumsum(tied[split], 1) <= need[split, None])  # the smallest tied columns
+    cols = np.nonzero(take)[1].reshape(n, N)                            # (n, N) in column order
+    order = np.lexsort((cols, -np.take_along_axis(key, cols, 1)), axis=1)  # key desc, then column
+    return np.take_along_axis(cols, order, 1)
 
 
 def windows_of(seqs):
@@ -161,54 +193,69 @@ def windows_of(seqs):
     return np.array(users), np.array(ts), np.array(split)
 
 
-def prerank(seqs, C, pop, users, ts, cfg, batch=1024, leave_out=True):
+def prerank(seqs, C, pop, users, ts, cfg, batch=1024, leave_out=True, progress=False):
     """Top-N candidates for each window with leave-out statistics (SPEC item 7).
 
-    Returns cands (n, N) item ids in the pre-ranker's order, and leave-out evidence for them: co-occurrence with
-    the last history item, with the `evidence_hist` - 1 items before it (decayed as the pre-ranker's), popularity."""
+    The score is the co-occurrence with the last `hist_items` history items (decayed), popularity breaks its
+    ties and the item id breaks theirs; all in integers, so the lists are the same on every machine. Returns
+    cands (n, N) item ids in the pre-ranker's order, and leave-out evidence for them: co-occurrence with the
+    last history item, with the `evidence_hist` - 1 items before it (decayed as the pre-ranker's), popularity."""
     n, N, m = len(users), cfg.n_cand, cfg.hist_items
     E = max(m, cfg.evidence_hist)
-    w = np.array([cfg.hist_decay ** k for k in range(m)], dtype=np.float32)
-    w_prev = np.array([cfg.hist_decay ** (k - 1) for k in range(1, cfg.evidence_hist)], dtype=np.float32)
+    w = decay_units(cfg.hist_decay, E)                                  # history weights, units of 1e-4
+    gap_w = decay_units(cfg.cooc_decay, cfg.cooc_window).astype(np.int32)
+    pop = np.asarray(pop, np.int64)
+    scale = int(pop.max()) + 1                                          # key = co-occurrence * scale + popularity
     cands = np.zeros((n, N), np.int64)
     ev_last, ev_prev, ev_pop = (np.zeros((n, N), np.float32) for _ in range(3))
-    for b0 in range(0, n, batch):
+    for b0 in tqdm(range(0, n, batch), desc='pre-rank', disable=not progress, leave=False):
         b1 = min(n, b0 + batch)
+        windows = list(zip(users[b0:b1], ts[b0:b1]))
         R = []  # R[k]: (nb, I) leave-out co-occurrence rows of the k-th most recent history item
         for k in range(E):
-            h = np.array([seqs[u][t - 1 - k] if t - 1 - k >= 0 else 0 for u, t in zip(users[b0:b1], ts[b0:b1])])
-            Rk = C[h].copy()
+            h = np.array([seqs[u][t - 1 - k] if t - 1 - k >= 0 else 0 for u, t in windows])
+            Rk = C[h]
             Rk[h == 0] = 0
             R.append(Rk)
-        popb = np.broadcast_to(pop, (b1 - b0, len(pop))).copy()
-        for r, (u, t) in enumerate(zip(users[b0:b1], ts[b0:b1])):
-            if not leave_out:
-                break
-            s, L = seqs[u], len(seqs[u]) - 2           # the user's train part is s[:L]
-            q = np.arange(max(t - 1, 0), L)           # train positions >= t-1: left out of the statistics
-            popb[r, s[q]] -= 1
+        own = []  # per window: its train items at positions >= t-1, left out of every statistic
+        for r, (u, t) in enumerate(windows):
+            s = seqs[u]
+            L = len(s) - 2 if leave_out else 0                          # the user's train part is s[:L]
+            q = np.arange(max(t - 1, 0), L)
+            own.append(s[q])
             for k in range(E):
                 p = t - 1 - k
                 if p < 0 or p >= L:
                     continue  # no history item, or one outside the train part (nothing of it in C)
                 gap = q - p
                 ok = (gap >= 1) & (gap <= cfg.cooc_window)
-                R[k][r, s[q[ok]]] -= cfg.cooc_decay ** (gap[ok] - 1)
-        cooc = sum(w[k] * R[k] for k in range(m))
-        score = cooc + cfg.pop_weight * np.log1p(np.maximum(popb, 0))
-        score[:, 0] = -np.inf
-        for r, (u, t) in enumerate(zip(users[b0:b1], ts[b0:b1])):
-            score[r, seqs[u][:t]] = -np.inf             # never return a history item
-        top = np.argpartition(-score, N, axis=1)[:, :N]
-        top_score = np.take_along_axis(score, top, 1)
-        order = np.lexsort((top, -top_score), axis=1)    # score desc, then item id: deterministic
-        top = np.take_along_axis(top, order, 1)
+                np.subtract.at(R[k][r], s[q[ok]], gap_w[gap[ok] - 1])
+        cooc = sum(w[k] * R[k] for k in range(m))                       # (nb, I) int64, units of 1e-8
+        key = cooc * scale + pop
+        for r, (u, t) in enumerate(windows):
+            np.subtract.at(key[r], own[r], 1)                           # leave-out popularity
+            key[r, seqs[u][:t]] = -1                                    # never return a history item
+        key[:, 0] = -1
+        top = top_n(key, N)
         rows = np.arange(b1 - b0)[:, None]
         cands[b0:b1] = top
-        ev_last[b0:b1] = np.maximum(R[0][rows, top], 0)
-        ev_prev[b0:b1] = np.maximum(sum(w_prev[k - 1] * R[k][rows, top] for k in range(1, cfg.evidence_hist)), 0)
-        ev_pop[b0:b1] = np.maximum(popb[rows, top], 0)
+        ev_last[b0:b1] = R[0][rows, top] / UNIT
+        ev_prev[b0:b1] = sum(w[k - 1] * R[k][rows, top] for k in range(1, cfg.evidence_hist)) / UNIT ** 2
+        ev_pop[b0:b1] = key[rows, top] - cooc[rows, top] * scale
     return cands, ev_last, ev_prev, ev_pop
+
+
+def pre_rank_windows(seqs, n_items, users, ts, cfg, progress=False):
+    """Statistics from the users' train parts (all but their last two items), then each window's list (prerank)
+    and the target's place in it (-1: not in the list, so not an instance). Returns cands, target_idx and the
+    evidence (ev_last, ev_prev, ev_pop)."""
+    train_part = [s[:-2] for s in seqs]  # every statistic comes from here only
+    C = cooc_matrix(train_part, n_items, cfg.cooc_window, cfg.cooc_decay)
+    pop = np.bincount(np.concatenate(train_part), minlength=n_items + 1)
+    cands, *evidence = prerank(seqs, C, pop, users, ts, cfg, progress=progress)
+    targets = np.array([seqs[u][t] for u, t in zip(users, ts)])
+    hit = cands == targets[:, None]
+    return cands, np.where(hit.any(1), hit.argmax(1), -1), evidence
 
 
 def attr_transitions(seqs, attrs, n_attrs, window):
@@ -251,7 +298,7 @@ def link_evidence(seqs, attrs, A, users, ts, cands, cfg, leave_out=True):
                 base = (col[b] - own_col[b]) / (total - own_total)
                 for a in last:
                     p = (A[a, b] - own[a, b] + cfg.link_prior * base) / (row[a] - own_row[a] + cfg.link_prior)
-                    lifts.append(np.log(p / base) if base > 0 else 0.0)
+                    lifts.append(math.log(p / base) if base > 0 else 0.0)
             out[j, i] = max(lifts, default=0.0)
     return out
 
@@ -318,16 +365,67 @@ def collate(split, idx, vocab, block=1, device='cpu'):
 
 # ----------------------------------------------------------------------------- the data set
 
-def cached(path, build):
-    """torch.load(path) if it exists, else build() saved there atomically (plain containers only)."""
-    if os.path.exists(path):
-        return torch.load(path, weights_only=False)
-    blob = build()
+def save_arrays(path, tree):
+    """Nested dicts of arrays, numbers and ragged lists of 1-d arrays as one .npz, written atomically. Loading it
+    runs no code (allow_pickle=False), unlike a pickled cache: a planted file can only fail to load."""
+    flat = {}
+
+    def walk(prefix, x):
+        if isinstance(x, dict):
+            for k, v in x.items():
+                walk(f"{prefix}/{k}" if prefix else k, v)
+        elif isinstance(x, list):                                       # ragged rows: concatenated + offsets
+            flat[prefix + ':rows'] = np.concatenate(x) if x else np.zeros(0, np.int32)
+            flat[prefix + ':offsets'] = np.cumsum([0] + [len(r) for r in x])
+        else:
+            flat[prefix] = np.asarray(x)
+    walk('', tree)
     os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
     tmp = f"{path}.{os.getpid()}.tmp"  # two scripts building the same cache at once each write their own
-    torch.save(blob, tmp)
+    with open(tmp, 'wb') as f:
+        np.savez(f, **flat)
     os.replace(tmp, path)
+
+
+def load_arrays(path):
+    """The tree save_arrays wrote (0-d arrays come back as Python numbers)."""
+    tree = {}
+    with np.load(path, allow_pickle=False) as z:
+        for key in z.files:
+            name, _, part = key.partition(':')
+            *parents, leaf = name.split('/')
+            node = tree
+            for p in parents:
+                node = node.setdefault(p, {})
+            if part == 'rows':
+                rows, offsets = z[key], z[name + ':offsets']
+                node[leaf] = [rows[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
+            elif not part:
+                value = z[key]
+                node[leaf] = value.item() if value.ndim == 0 else value
+    return tree
+
+
+def cached(path, build):
+    """load_arrays(path) if it exists, else build() saved there."""
+    if os.path.exists(path):
+        try:
+            return load_arrays(path)
+        except Exception as e:  # truncated, or not written by save_arrays
+            raise DataError(f"the data cache {path} is unreadable ({type(e).__name__}: {e}); delete it and rerun "
+                            f"(it is rebuilt from the data files)") from e
+    blob = build()
+    save_arrays(path, blob)
     return blob
+
+
+def digest(arrays):
+    """A short SHA-1 of integer arrays (shape and values): the same arrays give the same string on any machine."""
+    h = hashlib.sha1()
+    for a in arrays:
+        a = np.ascontiguousarray(a, dtype=np.int64)
+        h.update(str(a.shape).encode() + a.tobytes())
+    return h.hexdigest()[:16]
 
 
 class BeautyData:
@@ -335,20 +433,21 @@ class BeautyData:
 
     def __init__(self, cfg: DataConfig, verbose=True):
         self.cfg = cfg
+        self.data_dir, cache_dir = project_path(cfg.data_dir), project_path(cfg.cache_dir)
         if cfg.raw_dir:
-            build_from_raw(cfg.raw_dir, cfg.data_dir, cfg.name)
-        seqs, attrs, n_items, n_attrs = load_5core(cfg.data_dir, cfg.name)
+            build_from_raw(project_path(cfg.raw_dir), self.data_dir, cfg.name)
+        seqs, attrs, n_items, n_attrs = load_5core(self.data_dir, cfg.name)
         self.seqs, self.attrs = seqs, attrs
         self.vocab = Vocab(n_items, n_attrs, cfg.n_cand)
         key = self._cache_key()
-        blob = cached(os.path.join(cfg.cache_dir, f"{cfg.name}-{key}.pt"), lambda: self._prerank_all(verbose))
+        blob = cached(os.path.join(cache_dir, f"{cfg.name}-{key}.npz"), lambda: self._prerank_all(verbose))
         self.stats = blob['stats']
         # the evidence weights and token sequences too (encoding 25k instances takes seconds, and every stage starts
         # by loading them); keyed by the source of the code that writes them, so an edit to the trace can never
         # read stale tokens
         code = repr((BUCKETS, SPECIALS, EVIDENCE, cfg.trace)) + ''.join(inspect.getsource(f) for f in ENCODING_CODE)
         enc = hashlib.sha1((key + code).encode()).hexdigest()[:12]
-        tokens_path = os.path.join(cfg.cache_dir, f"{cfg.name}-{key}-tokens-{enc}.pt")
+        tokens_path = os.path.join(cache_dir, f"{cfg.name}-{key}-tokens-{enc}.npz")
         fields = cached(tokens_path, lambda: self._encode_all(blob))
         self.score_w = fields.pop('score_w')
         self.splits = {name: Split(**f) for name, f in fields.items()}
@@ -357,24 +456,19 @@ class BeautyData:
         settings = {k: v for k, v in asdict(self.cfg).items() if k not in ('trace', 'cache_dir', 'raw_dir', 'data_dir')}
         h = hashlib.sha1(json.dumps(settings, sort_keys=True).encode())
         for name in (f'{self.cfg.name}.txt', f'{self.cfg.name}_item2attributes.json'):
-            with open(os.path.join(self.cfg.data_dir, name), 'rb') as f:
+            with open(os.path.join(self.data_dir, name), 'rb') as f:
                 h.update(f.read())
-        h.update(b'v3')  # bump when the construction changes
+        h.update(b'v4')  # bump when the construction changes
         return h.hexdigest()[:12]
 
     def _prerank_all(self, verbose):
         """The slow part, cached: statistics, pre-ranked candidate lists and their leave-out evidence."""
         cfg, seqs, vocab = self.cfg, self.seqs, self.vocab
-        train_part = [s[:-2] for s in seqs]  # every statistic comes from here only
-        C = cooc_matrix(train_part, vocab.n_items, cfg.cooc_window, cfg.cooc_decay)
-        pop = np.bincount(np.concatenate(train_part), minlength=vocab.n_items + 1).astype(np.float32)
         users, ts, split = windows_of(seqs)
-        cands, ev_last, ev_prev, ev_pop = prerank(seqs, C, pop, users, ts, cfg)
+        cands, target_idx, (ev_last, ev_prev, ev_pop) = pre_rank_windows(seqs, vocab.n_items, users, ts, cfg, verbose)
+        in_list = target_idx >= 0
+        train_part = [s[:-2] for s in seqs]
         A = attr_transitions(train_part, self.attrs, vocab.n_attrs, cfg.link_window)
-        targets = np.array([seqs[u][t] for u, t in zip(users, ts)])
-        hit = cands == targets[:, None]
-        in_list = hit.any(1)
-        target_idx = np.where(in_list, hit.argmax(1), -1)
         blob = {'stats': {'users': len(seqs), 'items': vocab.n_items, 'attributes': vocab.n_attrs,
                           'interactions': int(sum(len(s) for s in seqs)),
                           'prerank_recall_at_10': float(in_list[split == 2].mean()),
@@ -386,6 +480,16 @@ class BeautyData:
             blob[name] = dict(users=users[keep], ts=ts[keep], cands=cands[keep], target=target_idx[keep],
                               ev=np.stack([ev_last[keep], ev_prev[keep], link, ev_pop[keep]], 1))  # (n, 4, N)
         return blob
+
+    def digests(self):
+        """Fingerprints of the protocol, equal on every machine (tests/test_data.py pins them on the shipped data):
+        the split (each instance's user, window and target place), the candidate lists, and the encoded prompts
+        and responses (the traces), over the three splits and for each."""
+        parts = {name: {'split': digest([s.users, s.ts, s.target]), 'lists': digest([s.cands]),
+                        'tokens': digest(s.prompts + s.responses)} for name, s in self.splits.items()}
+        whole = {f'{kind}_digest': digest([np.frombuffer(parts[s][kind].encode(), np.uint8) for s in parts])
+                 for kind in ('split', 'lists', 'tokens')}
+        return dict(whole, digests_by_split=parts)
 
     def history(self, u, t):
         return self.seqs[u][max(0, t - self.cfg.max_hist):t]
@@ -433,7 +537,7 @@ def main():
                mean_prompt_tokens=mean_len(sp['test'].prompts), mean_trace_tokens=float(np.mean(trace_lens)),
                mean_answer_tokens=float(np.mean([int((k >= 1).sum()) for k in sp['test'].kinds])),
                floor={s: metrics_from_ranks(floor_ranks(sp[s])) for s in ('valid', 'test')},
-               evidence_weights=data.score_w.round(3).tolist(),
+               evidence_weights=data.score_w.round(3).tolist(), **data.digests(),
                config=asdict(cfg), command=command_line(), commit=git_commit(), seconds=round(timer(), 1))
     print(f"users {st['users']}  items {st['items']}  interactions {st['interactions']}  vocab {v.size}")
     print(f"pre-ranker recall@10 (all users, test) {st['prerank_recall_at_10']:.4f}   "

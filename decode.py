@@ -10,7 +10,7 @@
 Writes results/eval_<name>.json: metrics, validity, floor, decode settings, and per-user ranks in user order
 (invalid output scored as the pre-ranker's order), so any two systems can be compared by a paired bootstrap.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
@@ -29,7 +29,7 @@ class DecodeConfig:
     ckpt: str = 'out/ar.pt'
     name: str = ''              # results/eval_<name>.json; empty: only print
     split: str = 'test'
-    data_dir: str = '../shared/data/beauty'
+    data_dir: str = 'data/beauty'
     block: int = 0              # 0: autoregressive decoding; B >= 1: block diffusion with blocks of B tokens
     tau: float = 0.9            # diffusion: commit every masked position with confidence >= tau (at least one)
     k: int = 0                  # diffusion: if > 0, commit exactly the k most confident per step instead
@@ -205,11 +205,17 @@ def trace_report(model, split, vocab, device, n=512, batch=32, block=1):
 def load_data_for(ckpt, data_dir):
     """The data a checkpoint was trained on (same trace setting, same vocabulary). A checkpoint from before a
     change of the token vocabulary (a new evidence bucket, a new special token) cannot read today's data."""
-    dcfg = DataConfig(**{**ckpt['run_cfg']['data'], 'data_dir': data_dir})
-    data = BeautyData(dcfg)
-    if data.vocab.size != ckpt['model_cfg']['vocab_size']:
-        raise CheckpointError(f"the checkpoint has a vocabulary of {ckpt['model_cfg']['vocab_size']} tokens but the "
-                              f"data encodes {data.vocab.size} (it predates a change of the trace): retrain it from "
+    recorded = {**ckpt['run_cfg']['data'], 'data_dir': data_dir}
+    unknown = sorted(set(recorded) - {f.name for f in fields(DataConfig)})
+    if unknown:
+        raise CheckpointError(f"the checkpoint was trained under an older data protocol (settings {unknown} are gone): "
+                              f"retrain it from the AR stage (python train_ar.py, then the later stages)")
+    data = BeautyData(DataConfig(**recorded))
+    if (data.vocab.size, data.vocab.n_out) != (ckpt['model_cfg']['vocab_size'], ckpt['model_cfg'].get('n_out', 0)):
+        raise CheckpointError(f"the checkpoint has a vocabulary of {ckpt['model_cfg']['vocab_size']} tokens "
+                              f"({ckpt['model_cfg'].get('n_out', 0) or 'all'} output) but the data encodes "
+                              f"{data.vocab.size} ({data.vocab.n_out} output; it predates a change of the trace or of "
+                              f"the output head): retrain it from "
                               f"the AR stage (python train_ar.py, then the later stages)")
     return data
 

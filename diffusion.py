@@ -214,8 +214,7 @@ def generate_block(model, prompt, pad, max_resp, vocab, block, tau=0.9, k=0, tem
     R, dev = max_resp, prompt.device
     assert R % block == 0, "the response length must be a multiple of the block size"
     run = runner or CachedForward(model, pad, P, R, block)              # the KV cache (and CUDA graphs)
-    h = run(prompt, torch.arange(P, device=dev))
-    first_logits = model.head(h[:, -1], fp32=True)                      # predicts response token 0
+    first_h = run(prompt, torch.arange(P, device=dev))[:, -1]          # predicts response token 0
     x = torch.full((B, R), vocab.mask, dtype=torch.long, device=dev)
     steps = torch.zeros((B, R), dtype=torch.long, device=dev)
     logp = torch.zeros((B, R), device=dev)                              # log-prob of each token when committed
@@ -231,14 +230,15 @@ def generate_block(model, prompt, pad, max_resp, vocab, block, tau=0.9, k=0, tem
         while True:
             # positions after a committed <eos> are never read: a row is done once everything left of it is
             masked = (cur == vocab.mask) & (pos[None, :] < first_eos_lengths(cur, vocab)[:, None])
-            active = masked.any(1)
-            if not bool(active.any()):                                  # one host sync per step
+            rows, offs = masked.nonzero(as_tuple=True)                  # the one host sync per step
+            if len(rows) == 0:
                 break
+            active = masked.any(1)
             step += 1
             if pending:
                 qcols = torch.arange(s0 - block, s0 + block, device=dev)
                 h = run(torch.cat([x[:, (b - 1) * block:b * block], cur], 1), qcols)
-                first_logits = model.head(h[:, block - 1], fp32=True)
+                first_h = h[:, block - 1]
                 h = h[:, block:]
                 pending = False
             elif block > 1:
@@ -248,10 +248,13 @@ def generate_block(model, prompt, pad, max_resp, vocab, block, tau=0.9, k=0, tem
                 h = None                                                # B = 1, first block: the prefill predicted it
             if h is not None:
                 forwards += active
-            logits = first_logits[:, None] if block == 1 else \
-                torch.cat([first_logits[:, None], model.head(h[:, :block - 1], fp32=True)], 1)  # (B, block, V)
-            logits[..., vocab.mask] = -float('inf')
-            tok, conf = choose_tokens(logits, temperature, generator)
+            # the token shift: offset 0 is predicted by the previous block's last column, offset j by column j - 1
+            pred = first_h[:, None] if block == 1 else torch.cat([first_h[:, None], h[:, :block - 1]], 1)  # (B, block, C)
+            logits = model.head(pred[rows, offs], fp32=True)            # (M, V): only where a token is read
+            logits[:, vocab.mask] = -float('inf')
+            tok_m, conf_m = choose_tokens(logits, temperature, generator)
+            tok = cur.index_put((rows, offs), tok_m)
+            conf = torch.zeros(masked.shape, device=dev).index_put((rows, offs), conf_m)
             commit = commit_rule(conf, masked, tau, k, from_left)
             cur = torch.where(commit, tok, cur)
             steps[:, b * block:(b + 1) * block] += commit * step

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 
 @dataclass
 class GPTConfig:
-    vocab_size: int = 12768
+    vocab_size: int = 12768     # input tokens
+    n_out: int = 0              # output tokens: ids 0 .. n_out - 1 (0 = all); the response's alphabet (Vocab.n_out)
     n_layer: int = 6
     n_head: int = 8
     n_embd: int = 256
@@ -121,12 +122,17 @@ class GPT(nn.Module):
             x = block(x, mask, rope, cache, i, cols)
         return self.ln_f(x)
 
-    def head(self, h, fp32=False):
-        """Logits from hidden states; decoding asks for fp32 so that confidences are not bf16-rounded."""
+    def head(self, h, fp32=False, full=False):
+        """Logits over the output tokens (ids < n_out, tied to their input embeddings), or over every token with
+        full=True (mid-training's next-item prediction). A response holds only specials, slots and evidence
+        buckets, ~100 of the 12.8k input tokens: projecting onto items and attributes it never writes would cost
+        as much as the body at this size, and a block step would cost 3x an AR step on a CPU instead of 1.5x.
+        Decoding asks for fp32 so that confidences are not bf16-rounded."""
+        w = self.wte.weight if full or not self.config.n_out else self.wte.weight[:self.config.n_out]
         if fp32:
             with torch.autocast(h.device.type, enabled=False):
-                return F.linear(h.float(), self.wte.weight.float())
-        return F.linear(h, self.wte.weight)
+                return F.linear(h.float(), w.float())
+        return F.linear(h, w)
 
     def new_cache(self, batch, n_cols, device, dtype=torch.float32):
         return KVCache(self.config, batch, n_cols, device, dtype)

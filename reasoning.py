@@ -47,6 +47,12 @@ class Vocab:
         self.eos, self.bos, self.mask, self.cands, self.think, self.answer, self.best, self.lead = range(8)
 
     @property
+    def n_out(self):
+        """Tokens a response can hold (specials, slots, evidence buckets: every id below the attributes): the
+        model's output head covers these only (model.GPT.head); items and attributes are input-only."""
+        return len(self.names)
+
+    @property
     def slots(self):
         """The N slot tokens: the answer's alphabet (a ranking is a permutation of them)."""
         return list(range(self.slot0, self.slot0 + self.n_cand))
@@ -108,15 +114,15 @@ def fit_evidence_weights(features, target, steps=500, lr=0.03, weight_decay=1e-3
     its score tokens. It plays the part of GR2's larger teacher LLM, whose traces end in a judgement: the trace
     states each candidate's score and concludes with the best one, all computable from the prompt without the
     target. features (n, N, F), target (n,) -> (F,) weights."""
-    X, y = torch.as_tensor(features), torch.as_tensor(target)
-    w = torch.zeros(X.shape[-1], requires_grad=True)
+    X, y = torch.as_tensor(features, dtype=torch.float64), torch.as_tensor(target)
+    w = torch.zeros(X.shape[-1], dtype=torch.float64, requires_grad=True)
     opt = torch.optim.Adam([w], lr=lr, weight_decay=weight_decay)
-    for _ in range(steps):  # full batch from zeros: deterministic
+    for _ in range(steps):  # full batch from zeros, in fp64: the rounding to quarters sees the same value anywhere
         loss = F.cross_entropy(X @ w, y)
         opt.zero_grad()
         loss.backward()
         opt.step()
-    return np.round(w.detach().numpy().astype(np.float64) * 4) / 4
+    return np.round(w.detach().numpy() * 4) / 4
 
 
 def running_scores(ev, score_w):

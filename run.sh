@@ -8,14 +8,14 @@
 #   bash run.sh                  # one GPU, default config
 #   bash run.sh cpu              # this kind of 2-core CPU: a small model and short stages, labelled CPU in results/
 #   bash run.sh gpu core         # only the chain (data ... rl, bench); `ablations` runs the ten controls after it
-# Environment: DATA_DIR (default ../shared/data/beauty), SEED (default 0), BUDGET (seconds; optional stages
+# Environment: DATA_DIR (default data/beauty), SEED (default 0), BUDGET (seconds; optional stages
 # are skipped once it is spent, so a time-boxed run still ends with the tables).
 set -euo pipefail
 cd "$(dirname "$0")"
 MODE=${1:-gpu}
 PART=${2:-all}
 SEED=${SEED:-0}
-D="--data_dir=${DATA_DIR:-../shared/data/beauty} --seed=$SEED"
+D="--data_dir=${DATA_DIR:-data/beauty} --seed=$SEED"
 if [ "$MODE" = cpu ]; then
   export RESULTS_DIR=${RESULTS_DIR:-results/cpu}  # never mixed with the GPU numbers in results/
   BUDGET=${BUDGET:-1500}                           # the controls only while the half hour lasts

@@ -28,7 +28,7 @@ from model import GPT, GPTConfig, response_hidden
 
 @dataclass
 class TrainARConfig(StageSettings):  # + min_validity, eval_n, eval_batch, time_limit, seed, device
-    data_dir: str = '../shared/data/beauty'
+    data_dir: str = 'data/beauty'
     trace: bool = True           # False: prompt -> answer (the no-reasoning ablation)
     out: str = 'out/ar.pt'
     name: str = ''               # results/train_<name>.json and curves_<name>.png; default ar / ar_direct
@@ -83,9 +83,9 @@ def ar_response_loss(model, batch, w_trace=1.0, w_answer=1.0, w_choice=1.0, trac
                      reject=False, w_judge=None):
     """Teacher-forced AR cross-entropy over the response up to its first <eos>, weighted by token kind.
 
-    The output head (12.8k-way at d = 256, as costly as the whole body) runs only where a loss is taken: on
-    every answer token and judgement and on a random `trace_sample` share of the other trace tokens, whose
-    weight is divided by that share so the expected loss is unchanged. The answer (the decision and the copying
+    The output head runs only where a loss is taken: on every answer token and judgement and on a random
+    `trace_sample` share of the other trace tokens, whose weight is divided by that share so the expected loss
+    is unchanged. The answer (the decision and the copying
     of the list) is what is slow to learn; the trace is long and mostly easy. `reject`: see
     reasoning.loss_weights; `w_judge` defaults to the trace's weight before that division."""
     resp = batch['resp']
@@ -126,7 +126,7 @@ def lm_loss(model, x, live):
     B, T = x.shape
     pos = torch.arange(T, device=x.device).expand(B, -1)
     mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril().expand(B, -1, -1)
-    logits = model.head(model(x[:, :-1], pos[:, :-1], mask[:, :-1, :-1]))
+    logits = model.head(model(x[:, :-1], pos[:, :-1], mask[:, :-1, :-1]), full=True)  # items and attributes too
     ce = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), x[:, 1:].reshape(-1), reduction='none')
     w = live[:, 1:].reshape(-1).float()
     return (ce * w).sum() / w.sum()
@@ -193,8 +193,8 @@ def main():
     except DataError as e:
         raise SystemExit(f"error: {e}")
     train = data.splits['train']
-    mcfg = GPTConfig(vocab_size=data.vocab.size, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
-                     dropout=cfg.dropout)
+    mcfg = GPTConfig(vocab_size=data.vocab.size, n_out=data.vocab.n_out, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                     n_embd=cfg.n_embd, dropout=cfg.dropout)
     model = GPT(mcfg).to(device)
     print(f"model {model.num_params() / 1e6:.2f}M parameters on {device_name(device)}; "
           f"{len(train)} train instances, trace={cfg.trace}")

@@ -35,7 +35,7 @@ class TrainCFTConfig(StageSettings):  # + min_validity, eval_n, eval_batch, time
     parent: str = 'out/ar.pt'    # an AR teacher (converted here) or a CFT model (training continues)
     out: str = 'out/cft.pt'
     name: str = 'cft'
-    data_dir: str = '../shared/data/beauty'
+    data_dir: str = 'data/beauty'
     block: int = 32              # B: tokens per block
     block_warmup: int = 0        # > 0: train with B = 1, 2, 4, ... up to `block` over these first steps
     validity_weight: float = 1.0  # permutation-validity loss weight (0 = ablation)

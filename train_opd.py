@@ -42,7 +42,7 @@ class TrainOPDConfig(StageSettings):  # + min_validity, eval_n, eval_batch, time
     teacher: str = 'out/ar.pt'
     out: str = 'out/opd.pt'
     name: str = 'opd'
-    data_dir: str = '../shared/data/beauty'
+    data_dir: str = 'data/beauty'
     n_prompts: int = 16          # prompts per step
     group: int = 4               # G': student rollouts per prompt
     temperature: float = 1.0     # rollouts sample; evaluation is greedy

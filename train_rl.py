@@ -32,7 +32,7 @@ class TrainRLConfig(StageSettings):  # + min_validity, eval_n, eval_batch, time_
     block: int = 0               # 0: the policy's own block size
     out: str = 'out/rl.pt'
     name: str = 'rl'
-    data_dir: str = '../shared/data/beauty'
+    data_dir: str = 'data/beauty'
     n_prompts: int = 16
     group: int = 8               # G
     temperature: float = 1.0

@@ -46,7 +46,9 @@ def tiny_data(tiny_dir, tmp_path_factory):
     return BeautyData(DataConfig(data_dir=tiny_dir, cache_dir=str(tmp_path_factory.mktemp('cache'))))
 
 
-def tiny_model(vocab_size, seed=0, n_layer=2, n_embd=32):
+def tiny_model(vocab, seed=0, n_layer=2, n_embd=32, full_head=False):
+    """A tiny GPT over the vocabulary, with the response-sized output head the stages use (or the full one)."""
     torch.manual_seed(seed)
-    cfg = GPTConfig(vocab_size=vocab_size, n_layer=n_layer, n_head=2, n_embd=n_embd, dropout=0.0)
+    cfg = GPTConfig(vocab_size=vocab.size, n_out=0 if full_head else vocab.n_out, n_layer=n_layer, n_head=2,
+                    n_embd=n_embd, dropout=0.0)
     return GPT(cfg).eval()

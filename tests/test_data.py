@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from data_beauty import (DataConfig, BeautyData, DataError, cooc_matrix, prerank, windows_of, load_5core,
-                         attr_transitions, link_evidence)
+                         attr_transitions, link_evidence, top_n, digest, pre_rank_windows, UNIT)
 from metrics import parse_answer, target_rank, metrics_from_ranks, paired_bootstrap
 from reasoning import (Vocab, encode, fit_evidence_weights, BUCKETS, EVIDENCE, evidence_features, evidence_buckets,
                        running_scores)
@@ -36,15 +36,16 @@ def test_split_and_instances(tiny_data):
             assert sp.cands[i][sp.target[i]] == d.seqs[sp.users[i]][sp.ts[i]]
 
 
-def test_prerank_never_returns_history_and_is_deterministic(tiny_data):
+def test_prerank_never_returns_history_and_is_deterministic(tiny_data, tmp_path):
     d = tiny_data
     for sp in d.splits.values():
         for i in range(len(sp)):
             hist = set(d.seqs[sp.users[i]][:sp.ts[i]].tolist())
             assert not hist & set(sp.cands[i].tolist())
             assert len(set(sp.cands[i].tolist())) == d.cfg.n_cand
-    again = BeautyData(d.cfg)
+    again = BeautyData(DataConfig(data_dir=d.cfg.data_dir, cache_dir=str(tmp_path)))  # rebuilt, not re-read
     assert np.array_equal(again.splits['test'].cands, d.splits['test'].cands)
+    assert again.digests() == d.digests()
 
 
 def leave_out_reference(seqs, u, t, n_items, cfg):
@@ -106,7 +107,7 @@ def test_target_own_transition_left_out():
     C = cooc_matrix(train, 12, 1, 1.0)
     pop = np.bincount(np.concatenate(train), minlength=13).astype(np.float32)
     cands, ev_last, _, ev_pop = prerank(seqs, C, pop, np.array([0]), np.array([3]), cfg)  # predict item 4 after 3
-    assert C[3, 4] == 1
+    assert C[3, 4] == UNIT  # one pair, weight 1 in units of 1e-4
     i = list(cands[0]).index(4) if 4 in cands[0] else None
     if i is not None:
         assert ev_last[0, i] == 0 and ev_pop[0, i] == 0
@@ -322,3 +323,65 @@ def test_choice_change_marks_a_decision_other_than_the_first_slot(tiny_data):
     boosted = loss_weights(b, 0.5, 1.0, 2.0, reject=True, w_judge=1.0, choice_boost=4.0)
     assert torch.equal(boosted[expected], 4.0 * plain[expected])
     assert torch.equal(boosted[~expected], plain[~expected])
+
+
+def test_top_n_breaks_ties_by_the_smaller_column():
+    """The N largest keys, largest first, equal keys by column: by hand, and against a full stable sort on keys
+    with many ties (np.argpartition alone resolves ties at the N-th place differently on different CPUs)."""
+    key = np.array([[5, 3, 3, 3, 9, 3], [1, 1, 1, 1, 1, 1], [0, 2, 2, 7, 2, 2]])
+    assert top_n(key, 3).tolist() == [[4, 0, 1], [0, 1, 2], [3, 1, 2]]
+    rng = np.random.default_rng(0)
+    key = rng.integers(0, 4, (200, 40))
+    want = np.argsort(-key, axis=1, kind='stable')[:, :5]
+    assert np.array_equal(top_n(key, 5), want)
+
+
+def test_protocol_is_the_same_for_any_thread_count(tiny_dir, tmp_path):
+    """Built afresh with one thread and with the default, the split, lists and traces are identical."""
+    import torch
+    threads = torch.get_num_threads()
+    a = BeautyData(DataConfig(data_dir=tiny_dir, cache_dir=str(tmp_path / 'a'))).digests()
+    torch.set_num_threads(1)
+    try:
+        b = BeautyData(DataConfig(data_dir=tiny_dir, cache_dir=str(tmp_path / 'b'))).digests()
+    finally:
+        torch.set_num_threads(threads)
+    assert a == b
+
+
+# the shipped Beauty's validation and test instances and lists, as results/cpu/data.json records them
+PINNED = {'valid': {'split': '8fe0f725ab26012c', 'lists': 'e4ce654e952fa4c1'},
+          'test': {'split': '321f4c92a0c005ff', 'lists': '2522f094cc692ec3'}}
+
+
+def test_shipped_data_gives_the_pinned_protocol():
+    """The protocol every number stands on: the shipped data's validation and test instances and candidate lists
+    hash to the pinned digests (exact integer statistics and explicit tie-breaks make them machine-independent),
+    and results/cpu/data.json records the same."""
+    import json
+    import os
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    seqs, _, n_items, _ = load_5core(os.path.join(root, 'data', 'beauty'))
+    users, ts, split = windows_of(seqs)
+    sel = split >= 1                                       # validation and test windows (train ones take minutes)
+    cands, target, _ = pre_rank_windows(seqs, n_items, users[sel], ts[sel], DataConfig())
+    recorded = json.load(open(os.path.join(root, 'results', 'cpu', 'data.json')))['digests_by_split']
+    for name, code in (('valid', 1), ('test', 2)):
+        keep = (split[sel] == code) & (target >= 0)
+        got = {'split': digest([users[sel][keep], ts[sel][keep], target[keep]]), 'lists': digest([cands[keep]])}
+        assert got == PINNED[name]
+        assert {k: recorded[name][k] for k in got} == PINNED[name]
+
+
+def test_a_bad_cache_is_refused_with_the_fix(tiny_dir, tmp_path):
+    """The cache loads without running code: a planted pickle and a truncated file are refused, naming the file
+    and saying to delete it."""
+    BeautyData(DataConfig(data_dir=tiny_dir, cache_dir=str(tmp_path)))
+    path = sorted(tmp_path.glob('*.npz'))[0]
+    with open(path, 'wb') as f:
+        np.savez(f, stats=np.array([{'planted': 1}], dtype=object))  # needs pickle to load
+    with pytest.raises(DataError, match='delete it'):
+        BeautyData(DataConfig(data_dir=tiny_dir, cache_dir=str(tmp_path)))
+    path.write_bytes(b'PK\x03\x04 truncated')
+    with pytest.raises(DataError, match=f'{path.name}.*delete it'):
+        BeautyData(DataConfig(data_dir=tiny_dir, cache_dir=str(tmp_path)))

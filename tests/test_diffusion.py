@@ -13,7 +13,7 @@ from train_ar import ar_response_loss
 
 def setup(tiny_data, n=5, block=4, seed=0):
     d = tiny_data
-    model = convert(tiny_model(d.vocab.size, seed=seed), d.vocab)
+    model = convert(tiny_model(d.vocab, seed=seed), d.vocab)
     batch = collate(d.splits['test'], range(n), d.vocab, block=block)
     return d, model, batch
 
@@ -271,3 +271,29 @@ def test_suffix_masks_hide_a_block_from_a_cut_to_its_end():
     is_suffix = (mixed == (offset >= mixed.float().argmax(2, keepdim=True))).all(2)
     assert 0.3 < is_suffix.float().mean() < 0.9                          # random masks are rarely suffixes
     assert torch.equal(noise_blocks(resp, 8, 1, g()), noise_blocks(resp, 8, 1, g(), suffix_share=0.0))
+
+
+def test_response_head_decodes_as_the_full_head_restricted_to_response_tokens(tiny_data):
+    """The response-sized head (ids < n_out) gives the same tokens as the full head with every item and attribute
+    logit removed, at B = 1 and B = 32: the small head changes the cost, not the decoder."""
+    d = tiny_data
+    v = d.vocab
+    full = convert(tiny_model(v, seed=3, full_head=True), v)
+    small = convert(tiny_model(v, seed=3), v)
+    small.load_state_dict(full.state_dict())
+    h = torch.randn(4, 7, full.config.n_embd)
+    torch.testing.assert_close(small.head(h), full.head(h)[..., :v.n_out])
+    assert small.head(h).shape[-1] == v.n_out < v.size
+
+    full_head = full.head
+    def restricted(h, fp32=False, full=False):  # the full head, items and attributes never chosen
+        logits = full_head(h, fp32=fp32)
+        logits[..., v.n_out:] = -float('inf')
+        return logits
+    full.head = restricted
+    batch = collate(d.splits['test'], range(6), v, block=32)
+    for block in (1, 32):
+        a = generate_block(full, batch['prompt'], batch['pad'], 64, v, block=block, tau=0.7)
+        b = generate_block(small, batch['prompt'], batch['pad'], 64, v, block=block, tau=0.7)
+        assert torch.equal(a['tokens'], b['tokens']) and torch.equal(a['steps'], b['steps'])
+        torch.testing.assert_close(a['logp'], b['logp'])

@@ -44,7 +44,7 @@ def full_logits(model, prompt, pad, resp):
 
 def test_cached_ar_decoding_matches_recomputation(tiny_data):
     d = tiny_data
-    model = tiny_model(d.vocab.size)
+    model = tiny_model(d.vocab)
     batch = collate(d.splits['test'], range(6), d.vocab)
     out, lengths = generate_ar(model, batch['prompt'], batch['pad'], 20, d.vocab)
     logits = full_logits(model, batch['prompt'], batch['pad'], out)
@@ -58,7 +58,7 @@ def test_cached_ar_decoding_matches_recomputation(tiny_data):
 
 def test_results_do_not_depend_on_batch_or_padding(tiny_data):
     d = tiny_data
-    model = tiny_model(d.vocab.size)
+    model = tiny_model(d.vocab)
     sp = d.splits['test']
     order = sorted(range(len(sp)), key=lambda i: len(sp.prompts[i]))
     idx = [order[0], order[-1]]  # the shortest prompt gets the most left padding
@@ -76,7 +76,7 @@ def test_results_do_not_depend_on_batch_or_padding(tiny_data):
 
 def test_padding_gives_no_nan(tiny_data):
     d = tiny_data
-    model = tiny_model(d.vocab.size)
+    model = tiny_model(d.vocab)
     batch = collate(d.splits['test'], range(8), d.vocab)
     assert (batch['pad'] > 0).any()
     logits = full_logits(model, batch['prompt'], batch['pad'], batch['resp'])
@@ -85,7 +85,7 @@ def test_padding_gives_no_nan(tiny_data):
 
 def test_tiny_model_overfits_a_batch(tiny_data):
     d = tiny_data
-    model = tiny_model(d.vocab.size, n_embd=64)
+    model = tiny_model(d.vocab, n_embd=64)
     model.train()
     batch = collate(d.splits['train'], range(4), d.vocab)
     opt = make_optimizer(model, 3e-3, 0.0)
@@ -101,7 +101,7 @@ def test_tiny_model_overfits_a_batch(tiny_data):
 
 def test_checkpoint_round_trip_and_errors(tiny_data, tmp_path):
     d = tiny_data
-    model = tiny_model(d.vocab.size)
+    model = tiny_model(d.vocab)
     path = str(tmp_path / 'ar.pt')
     save_checkpoint(path, model, {'data': dataclasses.asdict(d.cfg)}, stage='ar', step=3)
     loaded, ckpt = load_checkpoint(path, stages=['ar'])
@@ -122,7 +122,7 @@ def test_choice_accuracy_by_hand(tiny_data):
     """A model whose head always prefers the first candidate scores the floor's R@1."""
     from train_ar import choice_accuracy
     d = tiny_data
-    model = tiny_model(d.vocab.size)
+    model = tiny_model(d.vocab)
     sp = d.splits['valid']
     acc = choice_accuracy(model, sp, d.vocab, torch.device('cpu'))
     assert 0.0 <= acc <= 1.0
@@ -134,7 +134,7 @@ def test_choice_accuracy_by_hand(tiny_data):
 def test_sampled_trace_loss_is_unbiased(tiny_data):
     """Taking the trace loss on a random share of positions (reweighted) averages to the full loss."""
     d = tiny_data
-    model = tiny_model(d.vocab.size)
+    model = tiny_model(d.vocab)
     batch = collate(d.splits['train'], range(8), d.vocab)
     with torch.no_grad():
         full = ar_response_loss(model, batch, w_trace=0.5)

@@ -24,7 +24,8 @@ TINY = {
 
 def run(script, cwd, *args):
     cmd = [sys.executable, os.path.join(ROOT, script), '--device=cpu', *args]
-    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600)
+    env = dict(os.environ, WORK_DIR=cwd, RESULTS_DIR='results')  # the scratch run's out/ and results/
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600, env=env)
 
 
 @pytest.fixture(scope='module')
@@ -181,7 +182,7 @@ def test_opd_gradient_matches_finite_differences(tiny_data, state):
     from diffusion import convert, generate_block
     from train_opd import opd_kl
     v = tiny_data.vocab
-    teacher, student = tiny_model(v.size, seed=1).double(), convert(tiny_model(v.size, seed=0), v).double()
+    teacher, student = tiny_model(v, seed=1).double(), convert(tiny_model(v, seed=0), v).double()
     batch = collate(tiny_data.splits['train'], range(4), v, block=4)
     with torch.no_grad():
         res = generate_block(student, batch['prompt'], batch['pad'], 24, v, block=4, tau=0.5, temperature=1.0,
@@ -208,12 +209,12 @@ def test_opd_loss_is_zero_for_block_one_student_equal_to_teacher(tiny_data, stat
     from diffusion import convert, generate_block
     from train_opd import opd_kl
     v = tiny_data.vocab
-    teacher, student = tiny_model(v.size, seed=1), convert(tiny_model(v.size, seed=1), v)
+    teacher, student = tiny_model(v, seed=1), convert(tiny_model(v, seed=1), v)
     batch = collate(tiny_data.splits['train'], range(4), v, block=1)
     res = generate_block(student, batch['prompt'], batch['pad'], 24, v, block=1, tau=0.5, temperature=1.0,
                          generator=torch.Generator().manual_seed(0))
     assert opd_kl(student, teacher, batch, res, 1, v, state=state).abs() < 1e-6
-    assert opd_kl(convert(tiny_model(v.size, seed=2), v), teacher, batch, res, 1, v, state=state) > 1e-4
+    assert opd_kl(convert(tiny_model(v, seed=2), v), teacher, batch, res, 1, v, state=state) > 1e-4
 
 
 def test_one_rl_step_changes_parameters(tiny_data):
@@ -222,7 +223,7 @@ def test_one_rl_step_changes_parameters(tiny_data):
     from data_beauty import collate
     from diffusion import convert, generate_block, live_tokens, replay_logits, token_logprobs
     d = tiny_data
-    model = convert(tiny_model(d.vocab.size), d.vocab)
+    model = convert(tiny_model(d.vocab), d.vocab)
     batch = collate(d.splits['train'], [0, 0, 1, 1], d.vocab, block=4)
     res = generate_block(model, batch['prompt'], batch['pad'], 24, d.vocab, block=4, tau=0.5, temperature=1.0,
                          generator=torch.Generator().manual_seed(0))
@@ -250,7 +251,7 @@ def test_bench_outputs_equal_decode(tiny_data):
     from decode import generate_ar
     from diffusion import convert, generate_block
     d = tiny_data
-    model = convert(tiny_model(d.vocab.size), d.vocab)
+    model = convert(tiny_model(d.vocab), d.vocab)
     full = collate(d.splits['test'], range(4), d.vocab)
     batches = [{k: v[a:a + 2] for k, v in full.items()} for a in (0, 2)]
     for block, rule in ((0, {}), (4, dict(tau=0.6)), (4, dict(k=2)), (4, dict(tau=0.6, from_left=True))):
@@ -274,7 +275,7 @@ def test_cuda_graphs_match_eager(tiny_data):
     from data_beauty import collate
     from diffusion import convert
     d = tiny_data
-    model = convert(tiny_model(d.vocab.size), d.vocab).cuda()
+    model = convert(tiny_model(d.vocab), d.vocab).cuda()
     full = collate(d.splits['test'], range(4), d.vocab, device='cuda')
     batches = [full]
     for block in (0, 4):
