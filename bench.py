@@ -1,13 +1,22 @@
-"""Decode throughput: the AR teacher with its KV cache against the block-diffusion model with its block KV cache.
+"""Decode throughput: the AR teacher with its KV cache against every block-diffusion stage with its block KV cache.
 
-    python bench.py                                     # CUDA: batches 1/16/128, CUDA graphs on and off
-    python bench.py --device=cpu --batches="(1, 4)" --n_time=8 --graphs="(False,)"    # CPU, labelled as such
+    python bench.py                      # whatever the machine is: CPU-sized work on a CPU, CUDA graphs on a GPU
+    python bench.py --batches="(1,)" --n_b1=16 --repeats=3 --accuracy=False   # a quick look
 
 Both sides run decode.py's and diffusion.py's own decoding functions over the same CachedForward (same model
-shape, kernels and dtype), time a fixed subset of test prompts (warm-up excluded, device synchronised, median
-of repeats) and count tokens up to <eos>. Accuracy and validity of each setting come from the full test set
-decoded with the same settings. Writes results/bench.json and results/bench.png (speedup against R@1).
+code, kernels and dtype) on the same test prompts, in one process: every setting is timed `repeats` times,
+the repeats interleaved between the settings (so a slow minute of a shared machine hits all of them), and the
+median is kept. Tokens are counted up to <eos>. Each diffusion checkpoint found (CFT, OPD, RL) is timed at its
+own decoding setting and at `taus`; R@1 and validity of a row come from the full test set decoded with the
+same settings (an eval_*.json of decode.py when one matches, else decoded here).
+
+forward_cost_ratio: one forward over a block of B new tokens (and the head over them) divided by one forward
+over one new token, batch 1, same cache length: the price of a block step against an AR step. Block decoding
+beats AR once it commits more tokens per forward than that (plus the sampler's own work).
+Writes bench.json and bench.png (speedup against R@1) under the results folder.
 """
+import glob
+import json
 import os
 import statistics
 import time
@@ -15,8 +24,8 @@ from dataclasses import dataclass, asdict
 
 import torch
 
-from common import (parse_config, print_config, pick_device, autocast, device_name, load_checkpoint, write_json,
-                    git_commit, command_line, CheckpointError, results_path)
+from common import (parse_config, device_problem, print_config, pick_device, autocast, device_name, load_checkpoint,
+                    write_json, git_commit, command_line, CheckpointError, results_path, project_path, Timer)
 from data_beauty import DataError, collate
 from decode import DecodeConfig, evaluate, generate_ar, load_data_for
 from diffusion import generate_block
@@ -26,57 +35,86 @@ from model import CachedForward
 @dataclass
 class BenchConfig:
     ar: str = 'out/ar.pt'
-    diffusion: str = ''          # empty: the latest stage found (rl, opd, cft)
+    diffusion: tuple = ('out/cft.pt', 'out/opd.pt', 'out/rl.pt')  # those that exist are timed
     data_dir: str = 'data/beauty'
-    batches: tuple = (1, 16, 128)
-    taus: tuple = (0.9, 0.6, 0.4)
-    ks: tuple = (1, 2)
-    left_taus: tuple = (0.97, 0.9, 0.8)  # the threshold rule committing in position order (diffusion.commit_rule)
-    graphs: tuple = (True, False)
-    n_time: int = 128            # test prompts timed per setting (batch 1 times the first n_time_b1)
-    n_time_b1: int = 16
+    batches: tuple = ()          # () = (1, 16) on a CPU, (1, 16, 128) with CUDA
+    taus: tuple = (0.9, 0.6)     # besides each checkpoint's own setting
+    n_b1: int = 64               # requests timed at batch 1
+    n_batched: int = 128         # requests timed at every larger batch
     repeats: int = 3
-    max_resp: int = 192          # response columns (a multiple of the block size)
-    accuracy: bool = True        # decode the full test set at each setting for R@1 and validity
-    out: str = ''               # default: bench.json under results/ (common.results_path)
+    graphs: bool = True          # CUDA graphs on CUDA (ignored elsewhere)
+    cost_reps: int = 50          # forwards timed per width for forward_cost_ratio
+    accuracy: bool = True        # R@1 and validity of each row on the full test set
     device: str = 'auto'
 
-
-def decode_batches(model, batches, vocab, max_resp, block, rule, runner):
-    """Decode a list of same-shape batches with one reused runner; returns outputs and wall time per batch.
-    rule: generate_block's commit settings (tau, k, from_left); block 0 decodes autoregressively."""
-    outs, times = [], []
-    for batch in batches:
-        runner.set_pad(batch['pad'])
-        if batch['prompt'].is_cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        with torch.no_grad(), autocast(batch['prompt'].device):
-            if block == 0:
-                tokens, lengths = generate_ar(model, batch['prompt'], batch['pad'], max_resp, vocab, runner=runner)
-                forwards = lengths.clone()
-            else:
-                res = generate_block(model, batch['prompt'], batch['pad'], max_resp, vocab, block=block, runner=runner,
-                                     **rule)
-                tokens, lengths, forwards = res['tokens'], res['lengths'], res['n_forwards']
-        if batch['prompt'].is_cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-        outs.append((tokens, lengths, forwards))
-    return outs, times
+    def problem(self):
+        if self.repeats < 1 or self.n_b1 < 1 or self.n_batched < 1 or self.cost_reps < 1:
+            return "--repeats, --n_b1, --n_batched and --cost_reps must be >= 1"
+        if any(b < 1 for b in self.batches):
+            return f"--batches={self.batches}: batch sizes are >= 1"
+        if any(not 0 < t <= 1 for t in self.taus):
+            return f"--taus={self.taus}: thresholds lie in (0, 1]"
+        return device_problem(self.device)
 
 
-def time_setting(model, batches, vocab, max_resp, block, rule, graphs, repeats):
-    runner = CachedForward(model, batches[0]['pad'], batches[0]['prompt'].shape[1], max_resp, block or 1, graphs)
-    decode_batches(model, batches[:1], vocab, max_resp, block, rule, runner)  # warm-up (and graph capture)
-    runs = [decode_batches(model, batches, vocab, max_resp, block, rule, runner) for _ in range(repeats)]
-    outs = runs[0][0]
-    total = statistics.median(sum(t) for _, t in runs)
-    tokens = sum(int(l.sum()) for _, l, _ in outs)
-    forwards = sum(int(f.sum()) for _, _, f in outs)
-    n_req = sum(int(o[0].shape[0]) for o in outs)
-    return outs, {'tok_per_s': tokens / total, 'forwards_per_token': forwards / tokens,
-                  'ms_per_request': 1000 * total / len(batches), 'tokens': tokens, 'requests': n_req}
+def decode_once(model, batch, vocab, max_resp, block, rule, runner):
+    """One timed decode call of a batch, AR (block 0) or block diffusion with generate_block's commit `rule`
+    (tau, k, from_left). Returns tokens, lengths (up to <eos>), forwards per row and seconds."""
+    runner.set_pad(batch['pad'])
+    sync = torch.cuda.synchronize if batch['prompt'].is_cuda else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    with torch.no_grad(), autocast(batch['prompt'].device):
+        if block == 0:
+            tokens, lengths = generate_ar(model, batch['prompt'], batch['pad'], max_resp, vocab, runner=runner)
+            forwards = lengths                                          # one forward per token, prefill included
+        else:
+            res = generate_block(model, batch['prompt'], batch['pad'], max_resp, vocab, block=block, runner=runner,
+                                 **rule)
+            tokens, lengths, forwards = res['tokens'], res['lengths'], res['n_forwards']
+    sync()
+    return tokens, lengths, forwards, time.perf_counter() - t0
+
+
+@torch.no_grad()
+def forward_cost_ratio(model, batch, block, max_resp, reps):
+    """Median time of one forward over `block` new tokens (body and head) over that over one new token, batch 1,
+    after the same prompt in the cache; and the same for the fused step's 2 * block tokens."""
+    prompt, pad = batch['prompt'][:1], batch['pad'][:1]
+    P, dev = prompt.shape[1], prompt.device
+    run = CachedForward(model, pad, P, max_resp, block)
+    run(prompt, torch.arange(P, device=dev))
+    widths = (1, block, 2 * block)
+    times = {w: [] for w in widths}
+    for _ in range(reps):  # interleaved, so that a slow moment hits every width
+        for w in widths:
+            cols = torch.arange(P, P + w, device=dev)
+            t0 = time.perf_counter()
+            model.head(run(torch.full((1, w), 3, device=dev), cols), fp32=True)  # any token: same cost
+            if dev.type == 'cuda':
+                torch.cuda.synchronize()
+            times[w].append(time.perf_counter() - t0)
+    ms = {w: 1000 * statistics.median(t) for w, t in times.items()}
+    return {'forward_cost_ratio': ms[block] / ms[1], 'fused_forward_cost_ratio': ms[2 * block] / ms[1],
+            'forward_ms': {str(w): m for w, m in ms.items()}}
+
+
+def rule(setting):
+    """generate_block's commit rule of a bench setting: the threshold rule, committed by confidence."""
+    return {'tau': setting['tau']} if setting['block'] else {}
+
+
+def matching_eval(ckpt, setting, n_test):
+    """The R@1 and validity of an eval_*.json that decoded this checkpoint on the whole test set with this
+    setting (decode.py), or None."""
+    for path in glob.glob(results_path('eval_*.json')):
+        r = json.load(open(path))
+        d = r.get('decode') or {}
+        if (r.get('ckpt') == ckpt and r.get('split') == 'test' and r.get('n') == n_test
+                and (d.get('block') or 0) == setting['block'] and not d.get('from_left') and not d.get('k')
+                and (setting['block'] == 0 or d.get('tau') == setting['tau'])):
+            return r['metrics']['R@1'], r['validity'], os.path.basename(path)
+    return None
 
 
 def plot(rows, path):
@@ -84,20 +122,20 @@ def plot(rows, path):
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(5.5, 4))
-    for b in sorted({r['batch'] for r in rows}):
-        pts = sorted((r['speedup'], r['R@1'], r['label']) for r in rows
-                     if r['batch'] == b and r['mode'] == 'diffusion' and r['graphs'] == rows[0]['graphs']
-                     and r['R@1'] is not None)
+    for bs in sorted({r['batch'] for r in rows}):
+        pts = sorted((r['speedup'], r['R@1'], f"{r['stage']} {r['tau']}") for r in rows
+                     if r['batch'] == bs and r['mode'] == 'diffusion' and r['R@1'] is not None)
         if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker='o', label=f"batch {b}")
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], 'o', label=f"batch {bs}")
             for s, r1, lab in pts:
                 ax.annotate(lab, (s, r1), fontsize=7)
     ar = [r for r in rows if r['mode'] == 'ar' and r['R@1'] is not None]
     if ar:
         ax.axhline(ar[0]['R@1'], color='gray', ls='--', label='AR R@1')
-    ax.set_xlabel('decode speedup over AR (tokens/s)')
+    ax.axvline(1.0, color='gray', lw=0.5)
+    ax.set_xlabel('decode speedup over AR (tokens/s, same batch)')
     ax.set_ylabel('test R@1')
-    if ax.get_legend_handles_labels()[0]:                  # nothing to label without --accuracy
+    if ax.get_legend_handles_labels()[0]:
         ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -108,57 +146,96 @@ def plot(rows, path):
 def main():
     cfg = parse_config(BenchConfig)
     print_config(cfg)
-    device = pick_device(cfg.device)
-    path = cfg.diffusion or next((p for p in ('out/rl.pt', 'out/opd.pt', 'out/cft.pt') if os.path.exists(p)), '')
+    device, timer = pick_device(cfg.device), Timer()
+    models = {}  # ckpt path -> (model, checkpoint)
     try:
-        ar, ack = load_checkpoint(cfg.ar, stages=['ar'], device=device)
-        dm, dck = load_checkpoint(path or 'out/cft.pt', stages=['cft', 'opd', 'rl'], device=device)
-        data = load_data_for(dck, cfg.data_dir)
+        models[cfg.ar] = load_checkpoint(cfg.ar, stages=['ar'], device=device)
+        for path in cfg.diffusion:
+            if os.path.exists(project_path(path)):
+                models[path] = load_checkpoint(path, stages=['cft', 'opd', 'rl'], device=device)
+        if len(models) == 1:
+            raise CheckpointError(f"none of {list(cfg.diffusion)} exists: train a diffusion stage first "
+                                  f"(python train_cft.py)")
+        data = load_data_for(models[cfg.ar][1], cfg.data_dir)
     except (CheckpointError, DataError) as e:
         raise SystemExit(f"error: {e}")
-    ar.eval()
-    dm.eval()
-    block = dck['run_cfg']['block']
+    for m, _ in models.values():
+        m.eval()
+    cuda = device.type == 'cuda'
+    batches = cfg.batches or ((1, 16, 128) if cuda else (1, 16))
+    if not cuda:
+        print(f"on {device_name(device)}: batches {batches}, {cfg.n_b1} requests at batch 1 and {cfg.n_batched} at "
+              f"the others, {cfg.repeats} repeats (CPU-sized; no CUDA graphs)")
     vocab, test = data.vocab, data.splits['test']
-    graphs = [g for g in cfg.graphs if not g or device.type == 'cuda']
-    print(f"AR {cfg.ar} vs diffusion {path} (B = {block}) on {device_name(device)}")
-    idx = list(range(min(cfg.n_time, len(test))))
-    full = collate(test, idx, vocab, device=device)  # one common prompt width: every batch has the same shape
-    settings = [('AR', 0, {})] + [(f"tau {t}", block, dict(tau=t)) for t in cfg.taus] + \
-               [(f"k {k}", block, dict(k=k)) for k in cfg.ks] + \
-               [(f"tau {t} left", block, dict(tau=t, from_left=True)) for t in cfg.left_taus]
+    settings = [{'ckpt': cfg.ar, 'stage': 'ar', 'block': 0, 'tau': None}]
+    for path, (_, ck) in list(models.items())[1:]:
+        own = ck['run_cfg'].get('tau', 0.9)
+        for tau in dict.fromkeys((own,) + tuple(cfg.taus)):
+            settings.append({'ckpt': path, 'stage': ck['stage'], 'block': ck['run_cfg']['block'], 'tau': tau})
+    block = max(s['block'] for s in settings)
+    max_resp = -(-(max(len(r) for r in test.responses) + block) // block) * block
+    n = min(len(test), max(cfg.n_b1, cfg.n_batched))
+    full = collate(test, range(n), vocab, device=device)  # one prompt width: every batch has the same shape
+
     accuracy = {}
-    for label, b, rule in settings:
-        if cfg.accuracy:
-            res, _ = evaluate(dm if b else ar, data, 'test', DecodeConfig(block=b, batch_size=512, **rule), device)
-            accuracy[label] = (res['metrics']['R@1'], res['validity'])
-            print(f"accuracy {label}: R@1 {res['metrics']['R@1']:.4f} validity {res['validity']:.4f}")
+    for i, s in enumerate(settings):
+        found = matching_eval(s['ckpt'], s, len(test)) if cfg.accuracy else None
+        if cfg.accuracy and found is None:
+            res, _ = evaluate(models[s['ckpt']][0], data, 'test', DecodeConfig(block=s['block'], tau=s['tau'] or 0.9,
+                                                                           batch_size=64), device)
+            found = (res['metrics']['R@1'], res['validity'], 'decoded here')
+        accuracy[i] = found or (None, None, None)
+        if found:
+            print(f"accuracy {s['stage']} tau {s['tau']}: R@1 {found[0]:.4f} validity {found[1]:.4f} ({found[2]})")
+
+    costs = {path: forward_cost_ratio(m, full, block, max_resp, cfg.cost_reps) for path, (m, _) in models.items()}
+    for path, c in costs.items():
+        print(f"{path}: forward_cost_ratio {c['forward_cost_ratio']:.2f} at B = {block} "
+              f"(fused step, 2B tokens: {c['fused_forward_cost_ratio']:.2f}); ms {c['forward_ms']}")
+
     rows = []
-    for g in graphs:
-        for bs in cfg.batches:
-            n = cfg.n_time_b1 if bs == 1 else len(idx)
-            batches = [{key: v[a:a + bs] for key, v in full.items()} for a in range(0, n - bs + 1, bs)]
-            if not batches:
-                continue
-            base = None
-            for label, b, rule in settings:
-                _, t = time_setting(dm if b else ar, batches, vocab, cfg.max_resp, b, rule, g, cfg.repeats)
-                base = base or t['tok_per_s']
-                acc = accuracy.get(label, (None, None))
-                rows.append({'mode': 'diffusion' if b else 'ar', 'label': label, 'batch': bs, 'block': b or None,
-                             'tau': rule.get('tau'), 'k': rule.get('k'), 'from_left': rule.get('from_left', False),
-                             'graphs': g, 'tok_per_s': t['tok_per_s'], 'forwards_per_token': t['forwards_per_token'],
-                             'ms_per_request': t['ms_per_request'], 'speedup': t['tok_per_s'] / base,
-                             'R@1': acc[0], 'validity': acc[1], 'requests': t['requests']})
-                print(f"graphs={g!s:5} batch {bs:3d} {label:12s} {t['tok_per_s']:9.0f} tok/s  "
-                      f"{t['forwards_per_token']:.3f} fwd/tok  {t['ms_per_request']:8.2f} ms/call  "
-                      f"speedup {t['tok_per_s'] / base:5.2f}x")
-    out = {'device': device_name(device), 'torch': torch.__version__, 'commit': git_commit(),
-           'command': command_line(), 'ar': cfg.ar, 'diffusion': path, 'config': asdict(cfg), 'rows': rows,
-           'note': 'ms_per_request is the wall time of the decode call that served the request (its latency)'}
-    path = cfg.out or results_path('bench.json')
+    for bs in batches:
+        count = cfg.n_b1 if bs == 1 else cfg.n_batched
+        chunks = [{k: v[a:a + bs] for k, v in full.items()} for a in range(0, min(count, n) - bs + 1, bs)]
+        if not chunks:
+            print(f"batch {bs}: fewer than {bs} test prompts, skipped")
+            continue
+        runners = [CachedForward(models[s['ckpt']][0], chunks[0]['pad'], full['prompt'].shape[1], max_resp,
+                                 s['block'] or 1, graphs=cfg.graphs and cuda) for s in settings]
+        for s, run in zip(settings, runners):  # warm-up (and graph capture)
+            decode_once(models[s['ckpt']][0], chunks[0], vocab, max_resp, s['block'], rule(s), run)
+        seconds = [[] for _ in settings]
+        counts = [None] * len(settings)
+        for _ in range(cfg.repeats):
+            for i, (s, run) in enumerate(zip(settings, runners)):
+                out = [decode_once(models[s['ckpt']][0], c, vocab, max_resp, s['block'], rule(s), run)
+                       for c in chunks]
+                seconds[i].append(sum(o[3] for o in out))
+                counts[i] = (sum(int(o[1].sum()) for o in out), sum(int(o[2].sum()) for o in out))
+        base = None
+        for i, s in enumerate(settings):
+            t = statistics.median(seconds[i])
+            tokens, forwards = counts[i]
+            base = base or tokens / t
+            rows.append(dict(s, mode='diffusion' if s['block'] else 'ar', batch=bs, requests=len(chunks) * bs,
+                             repeats=cfg.repeats, tok_per_s=tokens / t, tokens_per_forward=tokens / forwards,
+                             ms_per_request=1000 * t / (len(chunks) * bs), speedup=tokens / t / base,
+                             **dict(zip(('R@1', 'validity', 'accuracy_from'), accuracy[i]))))
+            r = rows[-1]
+            print(f"batch {bs:3d} {r['stage']:4s} tau {str(r['tau']):4s} {r['tok_per_s']:8.0f} tok/s "
+                  f"{r['tokens_per_forward']:5.2f} tok/fwd {r['ms_per_request']:8.1f} ms/request "
+                  f"speedup {r['speedup']:5.2f}x")
+    out = {'device': device_name(device), 'torch': torch.__version__, 'threads': torch.get_num_threads(),
+           'commit': git_commit(), 'command': command_line(), 'config': asdict(cfg), 'block': block,
+           'forward_cost': costs,
+           'forward_cost_ratio': costs[settings[-1]['ckpt']]['forward_cost_ratio'],  # the students' shape
+           'rows': rows, 'seconds': round(timer(), 1),
+           'note': 'speedup: tokens/s over AR at the same batch; ms_per_request: wall time of the decode calls '
+                   'over requests (at batch > 1 a request waits for its whole batch)'}
+    path = results_path('bench.json')
     write_json(path, out)
     plot(rows, os.path.splitext(path)[0] + '.png')
+    print(f"wrote {path} ({timer():.0f}s)")
 
 
 if __name__ == '__main__':

@@ -24,6 +24,9 @@ class StageSettings:
     time_limit: float = 0.0      # seconds; > 0: stop training early (then evaluate and save as usual)
     seed: int = 0
     device: str = 'auto'
+    out: str = 'out/model.pt'    # each stage names its own
+    max_steps: int = 100
+    eval_every: int = 20
 
     def evaluation_due(self, step, timer):
         """After 0-based training step `step`: (evaluate now, stop after it). Every `eval_every` steps, at the
@@ -33,8 +36,59 @@ class StageSettings:
             tqdm.write(f"time limit {self.time_limit:.0f}s reached at step {step + 1}: a last evaluation, then stop")
         return (step + 1) % self.eval_every == 0 or step == self.max_steps - 1 or out_of_time, out_of_time
 
-    def problem(self):  # stages with a decoding setting (block, tau, k) are checked like decode.py's
-        return decoding_problem(getattr(self, 'block', 0), getattr(self, 'tau', 0.9), getattr(self, 'k', 0))
+    def problem(self):
+        """What is wrong with the flags, or None: counts >= 1, amounts >= 0, the device, a writable --out, and a
+        decoding setting (block, tau, k) checked as decode.py's. Checked before any data is loaded."""
+        values = dataclasses.asdict(self)
+        for key in COUNTS:
+            if key in values and values[key] < 1:
+                return f"--{key}={values[key]}: must be >= 1"
+        for key in AMOUNTS:
+            if key in values and values[key] < 0:
+                return f"--{key}={values[key]}: must be >= 0"
+        if 'lr' in values and not values['lr'] > 0:
+            return f"--lr={values['lr']}: the learning rate must be > 0"
+        if not 0 <= self.min_validity <= 1:
+            return f"--min_validity={self.min_validity}: a share, in [0, 1]"
+        return (device_problem(self.device) or writable_problem('out', values['out'])
+                or decoding_problem(values.get('block', 0), values.get('tau', 0.9), values.get('k', 0)))
+
+
+COUNTS = ('max_steps', 'eval_every', 'batch_size', 'eval_batch', 'n_prompts', 'group', 'micro_batch', 'updates',
+          'n_layer', 'n_head', 'n_embd', 'judge_n')
+AMOUNTS = ('mid_steps', 'warmup', 'block_warmup', 'eval_n', 'time_limit', 'weight_decay', 'grad_clip', 'dropout')
+
+
+def device_problem(name):
+    """What is wrong with a --device value here, or None."""
+    if name in ('auto', 'cpu'):
+        return None
+    if name == 'cuda' or name.startswith('cuda:'):
+        return None if torch.cuda.is_available() else f"--device={name}: CUDA is not available here; use --device=cpu"
+    if name == 'mps':
+        mps = getattr(torch.backends, 'mps', None)
+        return None if mps is not None and mps.is_available() else "--device=mps: MPS is not available here"
+    return f"--device={name!r}: use auto, cpu, cuda (cuda:N) or mps"
+
+
+def writable_problem(flag, path):
+    """Whether the folder of an output file can be written, found before any training rather than after it."""
+    folder = os.path.dirname(project_path(path)) or '.'
+    try:
+        os.makedirs(folder, exist_ok=True)
+        probe = os.path.join(folder, f".write-test-{os.getpid()}")
+        open(probe, 'w').close()
+        os.remove(probe)
+    except OSError as e:
+        return f"--{flag}={path}: cannot write to {folder} ({e.strerror}); choose another --{flag}"
+    return None
+
+
+def same_file_problem(flag, path, out):
+    """A stage must never overwrite the checkpoint it starts from."""
+    if os.path.realpath(project_path(path)) == os.path.realpath(project_path(out)):
+        return f"--{flag}={path} is also --out: the run would overwrite its own parent; pass another --out"
+    return None
 
 
 def parse_config(cls, argv=None):

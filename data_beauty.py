@@ -67,17 +67,24 @@ def load_5core(data_dir, name='Beauty'):
             raise DataError(f"missing data file {p}. {how}")
     seqs = []
     with open(seq_path) as f:
-        for lineno, line in enumerate(f, 1):
-            parts = line.split()
-            if not parts:
-                continue
-            try:
-                items = [int(x) for x in parts[1:]]
-            except ValueError:
-                raise DataError(f"{seq_path}:{lineno} is malformed (expected integers 'user item item ...'). {how}")
-            if len(items) < 3:
-                raise DataError(f"{seq_path}:{lineno}: a user needs >= 3 items for a leave-one-out split")
-            seqs.append(np.array(items, dtype=np.int64))
+        text = f.read()
+    if not text.strip():
+        raise DataError(f"{seq_path} is empty. {how}")
+    if not text.endswith('\n'):  # a cut file would silently shorten its last user (item 5274 read as 5)
+        raise DataError(f"{seq_path} ends mid-line: the file looks truncated; copy it again. {how}")
+    for lineno, line in enumerate(text.splitlines(), 1):
+        parts = line.split()
+        if not parts:
+            raise DataError(f"{seq_path}:{lineno} is blank: one user per line, no empty lines")
+        try:
+            items = [int(x) for x in parts[1:]]
+        except ValueError:
+            raise DataError(f"{seq_path}:{lineno} is malformed (expected integers 'user item item ...'). {how}")
+        if len(items) < 3:
+            raise DataError(f"{seq_path}:{lineno}: a user needs >= 3 items for a leave-one-out split")
+        if min(items) < 1:
+            raise DataError(f"{seq_path}:{lineno}: item id {min(items)}; ids start at 1 (0 is padding)")
+        seqs.append(np.array(items, dtype=np.int64))
     try:
         with open(attr_path) as f:
             raw = json.load(f)
@@ -163,10 +170,9 @@ def cooc_matrix(seqs, n_items, window, decay):
 def top_n(key, N):
     """(n, N) columns of the N largest keys of each row, largest first, equal keys by the smaller column.
 
-    Exact on every machine: np.argpartition resolves ties at the N-th place by its own algorithm, and that
-    differs between CPUs (SIMD sorting networks on one, introselect on another). On Beauty about one test list in
-    18 has a tie across that place, and in 5 of them the target was inside the tie, which moved the test count
-    between machines (FINDINGS.md, "The protocol on every machine")."""
+    Exact on every machine: which of equal keys np.argpartition keeps at the N-th place is up to its kernel,
+    which may differ between CPUs. On Beauty about one test list in 18 has a tie across that place, five with
+    the target inside it: the test count moved between machines (FINDINGS.md, "The protocol on every machine")."""
     n, I = key.shape
     kth = np.partition(key, I - N, axis=1)[:, I - N]                   # the N-th largest value: unambiguous
     take = key > kth[:, None]

@@ -15,7 +15,7 @@ from dataclasses import dataclass, fields
 import numpy as np
 import torch
 
-from common import (parse_config, decoding_problem, print_config, pick_device, autocast, device_name,
+from common import (parse_config, decoding_problem, device_problem, print_config, pick_device, autocast, device_name,
                     load_checkpoint, write_json, git_commit, command_line, Timer, CheckpointError, results_path)
 from data_beauty import DataConfig, BeautyData, DataError, collate
 from reasoning import BUCKETS, EVIDENCE
@@ -45,7 +45,7 @@ class DecodeConfig:
             return f"--split={self.split!r}: use valid (selection) or test (the reported tables)"
         if self.limit < 0 or self.batch_size < 1:
             return f"--limit={self.limit} --batch_size={self.batch_size}: limit >= 0 (0 = all), batch_size >= 1"
-        return decoding_problem(self.block, self.tau, self.k)
+        return device_problem(self.device) or decoding_problem(self.block, self.tau, self.k)
 
 
 @torch.no_grad()
@@ -229,6 +229,10 @@ def main():
         data = load_data_for(ckpt, cfg.data_dir)
     except (CheckpointError, DataError) as e:
         raise SystemExit(f"error: {e}")
+    trained = ckpt['run_cfg'].get('block')
+    if ckpt['stage'] != 'ar' and cfg.block != trained:  # an AR checkpoint decodes at any block: the naive conversion
+        raise SystemExit(f"error: {cfg.ckpt} is a {ckpt['stage']} model trained at block {trained}: decode it with "
+                         f"--block={trained}")
     if ckpt['stage'] == 'ar' and cfg.block > 0:  # the naive conversion: the teacher's weights, CFT's starting point
         convert(model, data.vocab)
     res, texts = evaluate(model, data, cfg.split, cfg, device)

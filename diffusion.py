@@ -249,7 +249,8 @@ def generate_block(model, prompt, pad, max_resp, vocab, block, tau=0.9, k=0, tem
             if h is not None:
                 forwards += active
             # the token shift: offset 0 is predicted by the previous block's last column, offset j by column j - 1
-            pred = first_h[:, None] if block == 1 else torch.cat([first_h[:, None], h[:, :block - 1]], 1)  # (B, block, C)
+            pred = first_h[:, None] if block == 1 else torch.cat([first_h[:, None], h[:, :block - 1]], 1)
+            # pred: (B, block, C), the hidden state that predicts each position of the block
             logits = model.head(pred[rows, offs], fp32=True)            # (M, V): only where a token is read
             logits[:, vocab.mask] = -float('inf')
             tok_m, conf_m = choose_tokens(logits, temperature, generator)

@@ -1,6 +1,6 @@
 """Read results/ and print the paper's two tables (accuracy, speed) with bootstrap intervals and paired stage gains.
 
-    python report.py                # writes results/summary.json and results/tables.md
+    python report.py                # the setting's results (results/cpu/ on a CPU, or RESULTS_DIR): tables.md
     python report.py results/cpu    # the same for another results folder
 
 Intervals: 95% bootstrap over test users (10,000 resamples). Stage gains: paired bootstrap of the R@1 and
@@ -14,7 +14,7 @@ import sys
 
 import numpy as np
 
-from common import write_json
+from common import results_path, write_json
 from metrics import per_rank_metric, paired_bootstrap, metrics_from_ranks
 
 ROWS = [  # (file name, label, predecessor for the paired gain)
@@ -99,10 +99,12 @@ def over_seeds(folder):
     return rows
 
 
-def main(folder='results'):
+def main(folder=None):
+    folder = folder or os.path.dirname(results_path('summary.json'))  # RESULTS_DIR, else the setting's folder
     evals = test_evals(folder)
     summary = {'accuracy': [], 'gains': [], 'speed': []}
-    lines = ['| system | R@1 | R@3 | R@5 | N@3 | N@5 | validity | copies | conclusion | n |', '|---' * 10 + '|']
+    lines = ['| system | R@1 | R@3 | R@5 | N@3 | N@5 | validity | tokens/forward | copies | conclusion | n |',
+             '|---' * 11 + '|']
     for key, label, prev in ROWS:
         if key not in evals:
             continue
@@ -117,8 +119,9 @@ def main(folder='results'):
         summary['accuracy'].append(row)
         copies = '' if row['copy_share'] is None else f"{row['copy_share']:.3f}"
         agree = '' if not row['trace_agreement'] else f"{row['trace_agreement']['conclusion']:.3f}"
+        tpf = '' if e.get('tokens_per_forward_trace') is None else f"{e['tokens_per_forward']:.2f}"
         lines.append(f"| {label} | " + ' | '.join(f"{m[k]:.4f}" for k in METRICS) +
-                     f" | {row['validity']:.3f} | {copies} | {agree} | {len(ranks)} |")
+                     f" | {row['validity']:.3f} | {tpf} | {copies} | {agree} | {len(ranks)} |")
         n = paired_users(e, evals[prev]) if prev in evals else 0
         if n:
             g = {'name': key, 'vs': prev, 'n': n}
@@ -135,14 +138,17 @@ def main(folder='results'):
         with open(bench_path) as f:
             bench = json.load(f)
         summary['speed'] = bench['rows']
-        speed_lines = [f"device: {bench['device']}, torch {bench['torch']}, commit {bench['commit']}", '',
-                       '| decoding | batch | graphs | R@1 | validity | tok/s | fwd/token | speedup |',
+        speed_lines = [f"device: {bench['device']}, torch {bench['torch']}, {bench.get('threads', '?')} threads, "
+                       f"commit {bench['commit']}; forward_cost_ratio {bench['forward_cost_ratio']:.2f} at B = "
+                       f"{bench['block']} (one forward over B new tokens / over one)", '',
+                       '| decoding | checkpoint | batch | R@1 | validity | tok/s | tokens/forward | speedup |',
                        '|---|---|---|---|---|---|---|---|']
         for r in bench['rows']:
             r1 = '' if r['R@1'] is None else f"{r['R@1']:.4f}"
             val = '' if r['validity'] is None else f"{r['validity']:.3f}"
-            speed_lines.append(f"| {r['label']} | {r['batch']} | {r['graphs']} | {r1} | {val} | {r['tok_per_s']:.0f} | "
-                               f"{r['forwards_per_token']:.3f} | {r['speedup']:.2f}x |")
+            how = 'AR' if r['mode'] == 'ar' else f"B = {r['block']}, tau {r['tau']}"
+            speed_lines.append(f"| {how} | {r['ckpt']} | {r['batch']} | {r1} | {val} | {r['tok_per_s']:.0f} | "
+                               f"{r['tokens_per_forward']:.2f} | {r['speedup']:.2f}x |")
     summary['seeds'] = over_seeds(folder)
     seed_lines = ['| system | seeds | R@1 mean (sd) | N@3 mean (sd) | vs | R@1 diff, mean | N@3 diff, mean |',
                   '|---' * 7 + '|']

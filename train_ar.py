@@ -54,6 +54,13 @@ class TrainARConfig(StageSettings):  # + min_validity, eval_n, eval_batch, time_
     # evaluation
     eval_every: int = 250
 
+    def problem(self):
+        if self.n_embd % self.n_head:
+            return f"--n_embd={self.n_embd} is not divisible by --n_head={self.n_head}"
+        if not 0 < self.trace_sample <= 1:
+            return f"--trace_sample={self.trace_sample}: a share of the trace tokens, in (0, 1]"
+        return super().problem()
+
 
 def lr_at(step, total, cfg):
     if step < cfg.warmup:

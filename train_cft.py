@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common import (StageSettings, start_stage, autocast, device_name, load_checkpoint,
+from common import (StageSettings, start_stage, same_file_problem, autocast, device_name, load_checkpoint,
                     JsonlLog, write_json, CheckpointError, save_resume, load_resume, finish_resume, results_path)
 from data_beauty import DataError, collate
 from decode import load_data_for, trace_report
@@ -69,7 +69,7 @@ class TrainCFTConfig(StageSettings):  # + min_validity, eval_n, eval_batch, time
             return f"--suffix_share={self.suffix_share}: a share of the blocks, in [0, 1]"
         if self.block_warmup > 0 and self.block & (self.block - 1):
             return f"--block_warmup doubles the block size up to --block={self.block}: use a power of two"
-        return super().problem()
+        return same_file_problem('parent', self.parent, self.out) or super().problem()
 
 
 def block_at(step, cfg):

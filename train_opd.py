@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common import (StageSettings, start_stage, autocast, load_checkpoint, JsonlLog,
+from common import (StageSettings, start_stage, same_file_problem, autocast, load_checkpoint, JsonlLog,
                     CheckpointError, check_data_matches)
 from data_beauty import DataError, collate
 from metrics import parse_answer, target_rank, copies_incoming
@@ -62,7 +62,8 @@ class TrainOPDConfig(StageSettings):  # + min_validity, eval_n, eval_batch, time
     def problem(self):
         if self.state not in ('commit', 'l2r'):
             return f"--state={self.state}: use commit or l2r"
-        return super().problem()
+        return (same_file_problem('student', self.student, self.out)
+                or same_file_problem('teacher', self.teacher, self.out) or super().problem())
 
 
 def load_student_and_teacher(cfg, device, student_stages):

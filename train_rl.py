@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common import StageSettings, start_stage, autocast, load_checkpoint, CheckpointError
+from common import StageSettings, start_stage, same_file_problem, autocast, load_checkpoint, CheckpointError
 from data_beauty import DataError
 from decode import load_data_for
 from diffusion import convert, live_tokens, replay_logits, token_logprobs
@@ -49,6 +49,9 @@ class TrainRLConfig(StageSettings):  # + min_validity, eval_n, eval_batch, time_
     warmup: int = 5
     grad_clip: float = 1.0
     eval_every: int = 10
+
+    def problem(self):
+        return same_file_problem('policy', self.policy, self.out) or super().problem()
 
 
 def rank_reward(rank_before, rank_after, valid, n_cand, format_weight=0.2):

@@ -21,6 +21,21 @@ def test_malformed_file_is_named(tmp_path):
         load_5core(str(tmp_path))
 
 
+@pytest.mark.parametrize('text,says', [
+    ('', 'is empty'),
+    ('1 2 3 4\n2 5 6 52', 'ends mid-line'),
+    ('1 2 3 4\n\n2 5 6 7\n', ':2 is blank'),
+    ('1 2 0 4\n', 'item id 0'),
+    ('1 2 -7 4\n', 'item id -7'),
+    ('1 2 3\n', 'needs >= 3 items'),
+])
+def test_bad_sequence_files_are_refused_with_the_line(tmp_path, text, says):
+    (tmp_path / 'Beauty.txt').write_text(text)
+    (tmp_path / 'Beauty_item2attributes.json').write_text('{}')
+    with pytest.raises(DataError, match=says):
+        load_5core(str(tmp_path))
+
+
 def test_split_and_instances(tiny_data):
     d = tiny_data
     for name, offset in (('valid', 2), ('test', 1)):

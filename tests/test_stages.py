@@ -1,5 +1,6 @@
 """Each stage runs end to end on the tiny setting, refuses wrong inputs clearly, and the RL pieces behave."""
 import os
+import re
 import subprocess
 import sys
 
@@ -131,6 +132,54 @@ def test_out_of_range_settings_are_refused_before_any_work(tmp_path, script, arg
     assert p.returncode != 0 and says in p.stderr + p.stdout
 
 
+@pytest.mark.parametrize('cls,args,says', [
+    ('TrainARConfig', ['--batch_size=0'], '--batch_size=0: must be >= 1'),
+    ('TrainARConfig', ['--max_steps=0'], '--max_steps=0: must be >= 1'),
+    ('TrainARConfig', ['--max_steps=-1'], '--max_steps=-1: must be >= 1'),
+    ('TrainARConfig', ['--eval_every=0'], '--eval_every=0: must be >= 1'),
+    ('TrainARConfig', ['--trace_sample=0'], '--trace_sample=0.0: a share'),
+    ('TrainARConfig', ['--n_embd=100', '--n_head=3'], 'not divisible by --n_head=3'),
+    ('TrainARConfig', ['--device=gpu'], "use auto, cpu, cuda"),
+    ('TrainARConfig', ['--out=/proc/none/ar.pt'], 'cannot write to /proc/none'),
+    ('TrainCFTConfig', ['--parent=out/cft.pt'], 'overwrite its own parent'),
+    ('TrainOPDConfig', ['--student=out/x.pt', '--out=out/x.pt'], 'overwrite its own parent'),
+    ('TrainRLConfig', ['--lr=0'], '--lr=0.0: the learning rate must be > 0'),
+    ('DecodeConfig', ['--device=tpu'], "use auto, cpu, cuda"),
+    ('BenchConfig', ['--repeats=0'], '>= 1'),
+])
+def test_bad_flags_name_the_flag_and_the_fix(cls, args, says):
+    """Every flag is checked when it is read, before data or a checkpoint is touched."""
+    import bench
+    import decode
+    import train_ar
+    import train_cft
+    import train_opd
+    import train_rl
+    from common import parse_config
+    owner = next(m for m in (train_ar, train_cft, train_opd, train_rl, decode, bench) if hasattr(m, cls))
+    with pytest.raises(SystemExit, match=re.escape(says)):
+        parse_config(getattr(owner, cls), args)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason='a machine without CUDA')
+def test_cuda_without_cuda_is_refused():
+    from common import parse_config
+    from train_ar import TrainARConfig
+    with pytest.raises(SystemExit, match='CUDA is not available here; use --device=cpu'):
+        parse_config(TrainARConfig, ['--device=cuda'])
+
+
+def test_a_diffusion_checkpoint_decodes_at_its_own_block(pipeline):
+    """CFT trained at B = 8 is refused at 32 and 0, with the block it needs; the AR teacher decodes at any B."""
+    cwd, data = pipeline
+    for block in (32, 0):
+        p = run('decode.py', cwd, data, '--ckpt=out/cft.pt', f'--block={block}', '--limit=4')
+        assert p.returncode != 0 and 'decode it with --block=8' in p.stderr + p.stdout
+        assert 'Traceback' not in p.stderr
+    p = run('decode.py', cwd, data, '--ckpt=out/ar.pt', '--block=4', '--limit=4')
+    assert p.returncode == 0, p.stderr[-2000:]
+
+
 def test_block_warmup_doubles_from_ar_to_the_block_size():
     cfg = TrainCFTConfig(block=32, block_warmup=60)
     sizes = [block_at(step, cfg) for step in range(80)]                      # six stretches of 10 steps
@@ -244,44 +293,53 @@ def test_one_rl_step_changes_parameters(tiny_data):
 
 
 def test_bench_outputs_equal_decode(tiny_data):
-    """The benchmark times the very decoding that evaluation uses: same tokens at the same settings."""
-    from bench import time_setting
+    """The benchmark times the very decoding that evaluation uses: same tokens at the same settings, and it counts
+    one forward per token for AR and for B = 1, fewer with blocks that commit several tokens at once."""
+    from bench import decode_once
     from conftest import tiny_model
     from data_beauty import collate
     from decode import generate_ar
     from diffusion import convert, generate_block
+    from model import CachedForward
     d = tiny_data
     model = convert(tiny_model(d.vocab), d.vocab)
     full = collate(d.splits['test'], range(4), d.vocab)
     batches = [{k: v[a:a + 2] for k, v in full.items()} for a in (0, 2)]
-    for block, rule in ((0, {}), (4, dict(tau=0.6)), (4, dict(k=2)), (4, dict(tau=0.6, from_left=True))):
-        outs, t = time_setting(model, batches, d.vocab, 24, block, rule, False, repeats=1)
-        for batch, (tokens, lengths, _) in zip(batches, outs):
+    P = full['prompt'].shape[1]
+    for block, rule in ((0, {}), (1, {}), (4, dict(tau=0.6)), (4, dict(k=2)), (4, dict(tau=0.6, from_left=True))):
+        runner = CachedForward(model, batches[0]['pad'], P, 24, block or 1)
+        for batch in batches:
+            tokens, lengths, forwards, seconds = decode_once(model, batch, d.vocab, 24, block, rule, runner)
             if block == 0:
                 ref, ref_len = generate_ar(model, batch['prompt'], batch['pad'], 24, d.vocab)
             else:
                 r = generate_block(model, batch['prompt'], batch['pad'], 24, d.vocab, block=block, **rule)
                 ref, ref_len = r['tokens'], r['lengths']
-            assert torch.equal(lengths, ref_len)
+            assert torch.equal(lengths, ref_len) and seconds > 0
             for row in range(2):
                 assert torch.equal(tokens[row, :int(ref_len[row])], ref[row, :int(ref_len[row])])
-        assert t['tok_per_s'] > 0
+            if block <= 1:
+                assert torch.equal(forwards, lengths)
+            if rule.get('k') == 2:  # two tokens a step inside a block: about half the forwards
+                assert (forwards < lengths).all()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
 def test_cuda_graphs_match_eager(tiny_data):
-    from bench import time_setting
+    from bench import decode_once
     from conftest import tiny_model
     from data_beauty import collate
     from diffusion import convert
+    from model import CachedForward
     d = tiny_data
     model = convert(tiny_model(d.vocab), d.vocab).cuda()
     full = collate(d.splits['test'], range(4), d.vocab, device='cuda')
-    batches = [full]
     for block in (0, 4):
-        eager, _ = time_setting(model, batches, d.vocab, 24, block, dict(tau=0.6), False, repeats=1)
-        graphed, _ = time_setting(model, batches, d.vocab, 24, block, dict(tau=0.6), True, repeats=1)
-        assert torch.equal(eager[0][0], graphed[0][0])
+        rule = dict(tau=0.6) if block else {}
+        outs = [decode_once(model, full, d.vocab, 24, block, rule,
+                            CachedForward(model, full['pad'], full['prompt'].shape[1], 24, block or 1, graphs=g))
+                for g in (False, True)]
+        assert torch.equal(outs[0][0], outs[1][0])
 
 
 def test_interrupted_training_resumes(tiny_dir, tmp_path):
