@@ -211,9 +211,10 @@ def load_data_for(ckpt, data_dir):
         raise CheckpointError(f"the checkpoint was trained under an older data protocol (settings {unknown} are gone): "
                               f"retrain it from the AR stage (python train_ar.py, then the later stages)")
     data = BeautyData(DataConfig(**recorded))
-    if (data.vocab.size, data.vocab.n_out) != (ckpt['model_cfg']['vocab_size'], ckpt['model_cfg'].get('n_out', 0)):
+    n_out = ckpt['model_cfg'].get('n_out', 0)
+    if data.vocab.size != ckpt['model_cfg']['vocab_size'] or n_out not in (0, data.vocab.n_out):  # 0: a full head
         raise CheckpointError(f"the checkpoint has a vocabulary of {ckpt['model_cfg']['vocab_size']} tokens "
-                              f"({ckpt['model_cfg'].get('n_out', 0) or 'all'} output) but the data encodes "
+                              f"({n_out or 'all'} output) but the data encodes "
                               f"{data.vocab.size} ({data.vocab.n_out} output; it predates a change of the trace or of "
                               f"the output head): retrain it from "
                               f"the AR stage (python train_ar.py, then the later stages)")

@@ -37,6 +37,7 @@ class TrainARConfig(StageSettings):  # + min_validity, eval_n, eval_batch, time_
     n_head: int = 8
     n_embd: int = 256
     dropout: float = 0.0
+    full_softmax: bool = True    # SFT's cross-entropy over every token, items and attributes too (FINDINGS)
     # optimisation
     mid_steps: int = 300         # mid-training steps (0 = skip)
     max_steps: int = 2000        # SFT steps (about 12 epochs at batch 128: later steps overfit the choice)
@@ -87,14 +88,16 @@ def optimizer_step(model, opt, loss, grad_clip, step, lr):
 
 
 def ar_response_loss(model, batch, w_trace=1.0, w_answer=1.0, w_choice=1.0, trace_sample=1.0, generator=None,
-                     reject=False, w_judge=None):
+                     reject=False, w_judge=None, full_softmax=False):
     """Teacher-forced AR cross-entropy over the response up to its first <eos>, weighted by token kind.
 
     The output head runs only where a loss is taken: on every answer token and judgement and on a random
     `trace_sample` share of the other trace tokens, whose weight is divided by that share so the expected loss
     is unchanged. The answer (the decision and the copying
     of the list) is what is slow to learn; the trace is long and mostly easy. `reject`: see
-    reasoning.loss_weights; `w_judge` defaults to the trace's weight before that division."""
+    reasoning.loss_weights; `w_judge` defaults to the trace's weight before that division. `full_softmax`: the
+    cross-entropy over every token (model.head's full=True); decoding reads the response head either way, and
+    its argmax is the same wherever the full head's is a response token."""
     resp = batch['resp']
     B, R = resp.shape
     live = torch.arange(R, device=resp.device)[None, :] < batch['resp_len'][:, None]
@@ -105,7 +108,7 @@ def ar_response_loss(model, batch, w_trace=1.0, w_answer=1.0, w_choice=1.0, trac
         w = w * (keep | (batch['kind'] > 0))
     h = response_hidden(model, batch['prompt'], batch['pad'], resp)
     at = w > 0
-    ce = F.cross_entropy(model.head(h[at]).float(), resp[at], reduction='none')
+    ce = F.cross_entropy(model.head(h[at], full=full_softmax).float(), resp[at], reduction='none')
     return (ce * w[at]).sum() / w[at].sum()
 
 
@@ -237,7 +240,7 @@ def main():
         batch = collate(train, idx, data.vocab, device=device)
         with autocast(device):
             loss = ar_response_loss(model, batch, cfg.w_trace, cfg.w_answer, cfg.w_choice, cfg.trace_sample,
-                                    reject=cfg.reject, w_judge=cfg.w_judge)
+                                    reject=cfg.reject, w_judge=cfg.w_judge, full_softmax=cfg.full_softmax)
         optimizer_step(model, opt, loss, cfg.grad_clip, step, cfg.lr)
         pbar.set_postfix(loss=f"{loss.item():.3f}")
         log.write(step=step, loss=loss.item(), lr=opt.param_groups[0]['lr'])
