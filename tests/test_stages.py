@@ -92,7 +92,7 @@ def test_wrong_or_missing_parent_is_refused(pipeline, tmp_path):
     assert p.returncode != 0 and 'not found' in p.stderr + p.stdout and 'train_ar' in p.stderr + p.stdout
     p = run('train_opd.py', cwd, data, '--student=out/ar.pt')
     assert p.returncode != 0 and "'ar' checkpoint, expected" in p.stderr + p.stdout
-    p = run('train_cft.py', cwd, data, '--parent=out/cft.pt', '--block=4', '--max_steps=1')
+    p = run('train_cft.py', cwd, data, '--parent=out/cft.pt', '--out=out/cft4.pt', '--block=4', '--max_steps=1')
     assert p.returncode != 0 and 'block' in p.stderr + p.stdout
 
 
