@@ -319,15 +319,15 @@ def plot_curves(jsonl_path, png_path, keys, title):
 
 
 def git_commit():
-    """The checkout's commit (-dirty with uncommitted changes outside results/, which the run itself rewrites);
+    """The checkout's commit (-dirty with uncommitted code: results/, which the run rewrites, and docs aside);
     GIT_COMMIT names it where there is no .git (a copy of the tree on another machine)."""
     if os.environ.get('GIT_COMMIT'):
         return os.environ['GIT_COMMIT']
     try:
         out = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True, timeout=5,
                              cwd=CODE)
-        dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no', '--', '.', ':(exclude)results'],
-                               capture_output=True, text=True, timeout=5, cwd=CODE).stdout.strip()
+        dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no', '--', '.', ':(exclude)results',
+                                ':(exclude)*.md'], capture_output=True, text=True, timeout=5, cwd=CODE).stdout.strip()
         return out.stdout.strip() + ('-dirty' if dirty else '') if out.returncode == 0 else 'unknown'
     except (OSError, subprocess.SubprocessError):
         return 'unknown'
