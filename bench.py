@@ -99,7 +99,7 @@ def forward_cost_ratio(model, batch, block, max_resp, reps):
             'forward_ms': {str(w): m for w, m in ms.items()}}
 
 
-def rule(setting):
+def commit_settings(setting):
     """generate_block's commit rule of a bench setting: the threshold rule, committed by confidence."""
     return {'tau': setting['tau']} if setting['block'] else {}
 
@@ -143,11 +143,10 @@ def plot(rows, path):
     plt.close(fig)
 
 
-def main():
-    cfg = parse_config(BenchConfig)
-    print_config(cfg)
-    device, timer = pick_device(cfg.device), Timer()
-    models = {}  # ckpt path -> (model, checkpoint)
+def load_models(cfg, device):
+    """The AR teacher and every diffusion checkpoint of cfg.diffusion that exists ({path: (model, checkpoint)}),
+    and the data they were trained on."""
+    models = {}
     try:
         models[cfg.ar] = load_checkpoint(cfg.ar, stages=['ar'], device=device)
         for path in cfg.diffusion:
@@ -161,6 +160,43 @@ def main():
         raise SystemExit(f"error: {e}")
     for m, _ in models.values():
         m.eval()
+    return models, data
+
+
+def accuracy_of(setting, models, data, device):
+    """(R@1, validity, where from) of a setting on the full test set: a matching eval file, else decoded here."""
+    found = matching_eval(setting['ckpt'], setting, len(data.splits['test']))
+    if found is None:
+        dcfg = DecodeConfig(block=setting['block'], tau=setting['tau'] or 0.9, batch_size=64)
+        res, _ = evaluate(models[setting['ckpt']][0], data, 'test', dcfg, device)
+        found = (res['metrics']['R@1'], res['validity'], 'decoded here')
+    print(f"accuracy {setting['stage']} tau {setting['tau']}: R@1 {found[0]:.4f} validity {found[1]:.4f} ({found[2]})")
+    return found
+
+
+def time_batch_size(models, settings, chunks, vocab, max_resp, cfg, cuda):
+    """Median seconds, tokens and forwards of each setting over the same chunks, the repeats interleaved."""
+    P = chunks[0]['prompt'].shape[1]
+    runners = [CachedForward(models[s['ckpt']][0], chunks[0]['pad'], P, max_resp, s['block'] or 1,
+                             graphs=cfg.graphs and cuda) for s in settings]
+    decode = lambda s, run, c: decode_once(models[s['ckpt']][0], c, vocab, max_resp, s['block'],
+                                           commit_settings(s), run)
+    for s, run in zip(settings, runners):  # warm-up (and graph capture)
+        decode(s, run, chunks[0])
+    seconds, counts = [[] for _ in settings], [None] * len(settings)
+    for _ in range(cfg.repeats):
+        for i, (s, run) in enumerate(zip(settings, runners)):
+            out = [decode(s, run, c) for c in chunks]
+            seconds[i].append(sum(o[3] for o in out))
+            counts[i] = (sum(int(o[1].sum()) for o in out), sum(int(o[2].sum()) for o in out))
+    return [(statistics.median(t), tokens, forwards) for t, (tokens, forwards) in zip(seconds, counts)]
+
+
+def main():
+    cfg = parse_config(BenchConfig)
+    print_config(cfg)
+    device, timer = pick_device(cfg.device), Timer()
+    models, data = load_models(cfg, device)
     cuda = device.type == 'cuda'
     batches = cfg.batches or ((1, 16, 128) if cuda else (1, 16))
     taus = cfg.taus or ((0.6, 0.4) if cuda else ())
@@ -171,58 +207,31 @@ def main():
     vocab, test = data.vocab, data.splits['test']
     settings = [{'ckpt': cfg.ar, 'stage': 'ar', 'block': 0, 'tau': None}]
     for path, (_, ck) in list(models.items())[1:]:
-        own = ck['run_cfg'].get('tau', 0.9)
-        for tau in dict.fromkeys((own,) + tuple(taus)):
+        for tau in dict.fromkeys((ck['run_cfg'].get('tau', 0.9),) + tuple(taus)):
             settings.append({'ckpt': path, 'stage': ck['stage'], 'block': ck['run_cfg']['block'], 'tau': tau})
     block = max(s['block'] for s in settings)
     max_resp = -(-(max(len(r) for r in test.responses) + block) // block) * block
     n = min(len(test), max(cfg.n_b1, cfg.n_batched))
     full = collate(test, range(n), vocab, device=device)  # one prompt width: every batch has the same shape
-
-    accuracy = {}
-    for i, s in enumerate(settings):
-        found = matching_eval(s['ckpt'], s, len(test)) if cfg.accuracy else None
-        if cfg.accuracy and found is None:
-            res, _ = evaluate(models[s['ckpt']][0], data, 'test', DecodeConfig(block=s['block'], tau=s['tau'] or 0.9,
-                                                                           batch_size=64), device)
-            found = (res['metrics']['R@1'], res['validity'], 'decoded here')
-        accuracy[i] = found or (None, None, None)
-        if found:
-            print(f"accuracy {s['stage']} tau {s['tau']}: R@1 {found[0]:.4f} validity {found[1]:.4f} ({found[2]})")
-
+    accuracy = [accuracy_of(s, models, data, device) if cfg.accuracy else (None, None, None) for s in settings]
     costs = {path: forward_cost_ratio(m, full, block, max_resp, cfg.cost_reps) for path, (m, _) in models.items()}
     for path, c in costs.items():
         print(f"{path}: forward_cost_ratio {c['forward_cost_ratio']:.2f} at B = {block} "
               f"(fused step, 2B tokens: {c['fused_forward_cost_ratio']:.2f}); ms {c['forward_ms']}")
-
     rows = []
     for bs in batches:
-        count = cfg.n_b1 if bs == 1 else cfg.n_batched
-        chunks = [{k: v[a:a + bs] for k, v in full.items()} for a in range(0, min(count, n) - bs + 1, bs)]
+        count = min(cfg.n_b1 if bs == 1 else cfg.n_batched, n)
+        chunks = [{k: v[a:a + bs] for k, v in full.items()} for a in range(0, count - bs + 1, bs)]
         if not chunks:
             print(f"batch {bs}: fewer than {bs} test prompts, skipped")
             continue
-        runners = [CachedForward(models[s['ckpt']][0], chunks[0]['pad'], full['prompt'].shape[1], max_resp,
-                                 s['block'] or 1, graphs=cfg.graphs and cuda) for s in settings]
-        for s, run in zip(settings, runners):  # warm-up (and graph capture)
-            decode_once(models[s['ckpt']][0], chunks[0], vocab, max_resp, s['block'], rule(s), run)
-        seconds = [[] for _ in settings]
-        counts = [None] * len(settings)
-        for _ in range(cfg.repeats):
-            for i, (s, run) in enumerate(zip(settings, runners)):
-                out = [decode_once(models[s['ckpt']][0], c, vocab, max_resp, s['block'], rule(s), run)
-                       for c in chunks]
-                seconds[i].append(sum(o[3] for o in out))
-                counts[i] = (sum(int(o[1].sum()) for o in out), sum(int(o[2].sum()) for o in out))
-        base = None
-        for i, s in enumerate(settings):
-            t = statistics.median(seconds[i])
-            tokens, forwards = counts[i]
-            base = base or tokens / t
+        timed = time_batch_size(models, settings, chunks, vocab, max_resp, cfg, cuda)
+        base = timed[0][1] / timed[0][0]                                 # AR's tokens/s at this batch
+        for s, (t, tokens, forwards), acc in zip(settings, timed, accuracy):
             rows.append(dict(s, mode='diffusion' if s['block'] else 'ar', batch=bs, requests=len(chunks) * bs,
                              repeats=cfg.repeats, tok_per_s=tokens / t, tokens_per_forward=tokens / forwards,
                              ms_per_request=1000 * t / (len(chunks) * bs), speedup=tokens / t / base,
-                             **dict(zip(('R@1', 'validity', 'accuracy_from'), accuracy[i]))))
+                             **dict(zip(('R@1', 'validity', 'accuracy_from'), acc))))
             r = rows[-1]
             print(f"batch {bs:3d} {r['stage']:4s} tau {str(r['tau']):4s} {r['tok_per_s']:8.0f} tok/s "
                   f"{r['tokens_per_forward']:5.2f} tok/fwd {r['ms_per_request']:8.1f} ms/request "
