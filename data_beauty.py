@@ -26,9 +26,11 @@ import torch
 from tqdm import tqdm
 
 from common import project_path
-from metrics import copies_incoming, floor_ranks, metrics_from_ranks, rule_rankings, rule_ranks, target_rank
+from metrics import (copies_incoming, copy_share, first_is_floor_first, floor_ranks, metrics_from_ranks, rule_rankings,
+                     rule_ranks, target_rank)
 from reasoning import (BUCKETS, EVIDENCE, SPECIALS, Vocab, conclusion, encode, evidence_buckets, evidence_features,
-                       fit_evidence_weights, running_scores, stat_tokens)
+                       fit_evidence_weights, knockout, running_scores, stat_tokens,
+                       statistic_weights)
 
 
 @dataclass
@@ -354,18 +356,9 @@ def collate(split, idx, vocab, block=1, device='cpu'):
     concluded = torch.where(at_best.any(1), concluded, -1)  # (B,) the conclusion's slot token; -1: no trace
     chosen = resp.gather(1, (kind == 2).long().argmax(1, keepdim=True)).squeeze(1)
     follows = (concluded < 0) | (concluded == chosen)  # a direct model has no trace to contradict
-    # where the running leader changes (a leader slot unlike the leader before it): the trace's rare judgements,
-    # about one a list, that its conclusion and so the decision hang on (decode.trace_report; loss_weights)
-    cols = torch.arange(R)
-    is_lead = torch.cat([torch.zeros_like(resp[:, :1], dtype=torch.bool), resp[:, :-1] == vocab.lead], 1)
-    last_lead = torch.where(is_lead, cols, -1).cummax(1).values                     # (B, R) latest leader column
-    before = torch.cat([torch.full_like(last_lead[:, :1], -1), last_lead[:, :-1]], 1)  # the one before column j
-    lead_change = is_lead & (before >= 0) & (resp != resp.gather(1, before.clamp(min=0)))
-    choice_change = (kind == 2) & (resp != vocab.slot(0))  # a decision other than the pre-ranker's first
     return dict(prompt=prompt.to(device), pad=pad.to(device), resp=resp.to(device), kind=kind.to(device),
                 resp_len=resp_len.to(device), cands=cands.to(device), concluded=concluded.to(device),
                 follows=follows.to(device),
-                lead_change=lead_change.to(device), choice_change=choice_change.to(device),
                 target=torch.as_tensor(split.target[idx]).to(device))
 
 
@@ -520,7 +513,8 @@ class BeautyData:
 
 
 # everything that writes the cached token sequences: their source is part of the cache key
-ENCODING_CODE = (Vocab, evidence_buckets, stat_tokens, evidence_features, fit_evidence_weights, running_scores,
+ENCODING_CODE = (Vocab, evidence_buckets, stat_tokens, evidence_features, fit_evidence_weights, statistic_weights,
+                 running_scores, knockout,
                  conclusion, encode, BeautyData.history, BeautyData._encode_all, BeautyData._encode_split)
 
 
@@ -539,9 +533,11 @@ def main():
     sp = data.splits
     mean_len = lambda xs: float(np.mean([len(x) for x in xs]))
     trace_lens = [int((k == 0).sum()) for k in sp['test'].kinds]
+    restated = lambda r, k: float(np.mean([kind == 0 and v.restates(int(t)) for t, kind in zip(r, k)]))
     out = dict(st, n_train=len(sp['train']), n_valid=len(sp['valid']), n_test=len(sp['test']), vocab_size=v.size,
                mean_prompt_tokens=mean_len(sp['test'].prompts), mean_trace_tokens=float(np.mean(trace_lens)),
                mean_answer_tokens=float(np.mean([int((k >= 1).sum()) for k in sp['test'].kinds])),
+               restated_share=float(np.mean([restated(r, k) for r, k in zip(sp['test'].responses, sp['test'].kinds)])),
                floor={s: metrics_from_ranks(floor_ranks(sp[s])) for s in ('valid', 'test')},
                evidence_weights=data.score_w.round(3).tolist(), **data.digests(),
                config=asdict(cfg), command=command_line(), commit=git_commit(), seconds=round(timer(), 1))
@@ -549,7 +545,8 @@ def main():
     print(f"pre-ranker recall@10 (all users, test) {st['prerank_recall_at_10']:.4f}   "
           f"instances train {out['n_train']} valid {out['n_valid']} test {out['n_test']}")
     print(f"mean tokens: prompt {out['mean_prompt_tokens']:.1f} trace {out['mean_trace_tokens']:.1f} "
-          f"answer {out['mean_answer_tokens']:.1f}")
+          f"answer {out['mean_answer_tokens']:.1f}; share of the response restating the prompt "
+          f"{out['restated_share']:.3f}")
     if cfg.trace:
         out['rule'] = {s: metrics_from_ranks(rule_ranks(sp[s], v)) for s in ('valid', 'test')}
     for s in ('valid', 'test'):
@@ -564,13 +561,15 @@ def main():
         test = sp['test']  # the floor and the rule as systems of their own, in the evaluation schema
         rule = rule_rankings(test, v)
         rule_r = [target_rank(r, t) for r, t in zip(rule, test.target)]
-        for name, ranks, copies in (('floor', floor_ranks(test), [True] * len(test)),
-                                    ('rule', rule_r, [copies_incoming(r) for r in rule])):
+        for name, ranks, rankings in (('floor', floor_ranks(test), [list(range(cfg.n_cand))] * len(test)),
+                                      ('rule', rule_r, rule)):
+            firsts = [first_is_floor_first(r) for r in rankings]
             write_json(results_path(f'eval_{name}.json'), {
                 'name': name, 'split': 'test', 'n': len(test), 'metrics': metrics_from_ranks(ranks), 'validity': 1.0,
-                'decode': None, 'command': command_line(), 'commit': git_commit(),
+                'decode': None, 'copy_share': copy_share(firsts, test.target), 'command': command_line(),
+                'commit': git_commit(),
                 'per_user': {'user': [int(u) for u in test.users], 'rank': ranks, 'valid': [True] * len(test),
-                             'copy': copies}})
+                             'copy': [copies_incoming(r) for r in rankings], 'first_is_floor_first': firsts}})
     print(f"done in {timer():.1f}s")
 
 

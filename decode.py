@@ -6,6 +6,8 @@
     python decode.py --ckpt=out/cft.pt --name=cft_left --block=32 --from_left=True  # commit in position order
     python decode.py --ckpt=out/cft.pt --block=32 --split=valid --limit=512 --teacher_forced=True
                                          # + the trace's judgements scored on the gold traces (trace_report)
+    python decode.py --ckpt=out/cft.pt --block=32 --split=valid --limit=512 --first_step=True
+                                         # + what one step commits with the whole block masked, by role
 
 Writes results/eval_<name>.json: metrics, validity, floor, decode settings, and per-user ranks in user order
 (invalid output scored as the pre-ranker's order), so any two systems can be compared by a paired bootstrap.
@@ -18,9 +20,10 @@ import torch
 from common import (parse_config, decoding_problem, device_problem, print_config, pick_device, autocast, device_name,
                     load_checkpoint, write_json, git_commit, command_line, Timer, CheckpointError, results_path)
 from data_beauty import DataConfig, BeautyData, DataError, collate
-from reasoning import BUCKETS, EVIDENCE
-from metrics import parse_answer, target_rank, metrics_from_ranks, floor_ranks, copies_incoming
-from diffusion import convert, first_eos_lengths, generate_block, replay_hidden, left_to_right_steps
+from reasoning import BUCKETS, ROLES, token_roles
+from metrics import (parse_answer, target_rank, metrics_from_ranks, floor_ranks, copies_incoming, first_is_floor_first,
+                     copy_share)
+from diffusion import bd3_hidden, convert, first_eos_lengths, generate_block, replay_hidden, left_to_right_steps
 from model import CachedForward, response_hidden
 
 
@@ -35,6 +38,7 @@ class DecodeConfig:
     k: int = 0                  # diffusion: if > 0, commit exactly the k most confident per step instead
     from_left: bool = False     # diffusion: commit in position order from the leftmost masked (diffusion.commit_rule)
     teacher_forced: bool = False  # also score the trace's judgements on the gold traces (trace_report; slow on a CPU)
+    first_step: bool = False    # diffusion: also what one step commits with its block masked (first_step_report)
     batch_size: int = 256
     limit: int = 0              # > 0: only the first `limit` instances (quick looks)
     seed: int = 0
@@ -75,7 +79,7 @@ def decode_split(model, data, split, cfg, device, max_new=None):
     n = len(split) if not cfg.limit else min(cfg.limit, len(split))
     order = sorted(range(n), key=lambda i: len(split.prompts[i]))  # less padding; results do not depend on it
     max_resp = max_new or (max(len(split.responses[i]) for i in range(n)) + 32)
-    ranks, valid, copies, texts = [0] * n, [False] * n, [False] * n, [None] * n
+    ranks, valid, copies, texts, firsts = [0] * n, [False] * n, [False] * n, [None] * n, [True] * n
     stats = {'n_tokens': 0, 'n_forwards': 0, 'trace_tokens': 0, 'trace_forwards': 0, 'answer_tokens': 0,
              'answer_forwards': 0}
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
@@ -102,8 +106,9 @@ def decode_split(model, data, split, cfg, device, max_new=None):
             ranks[i] = target_rank(ranking, split.target[i])
             valid[i] = ranking is not None
             copies[i] = copies_incoming(ranking)
+            firsts[i] = first_is_floor_first(ranking)
             texts[i] = toks
-    return ranks, valid, copies, texts, stats
+    return ranks, valid, copies, firsts, texts, stats
 
 
 def trace_agreement(texts, split, vocab):
@@ -129,15 +134,16 @@ def evaluate(model, data, split_name, cfg, device, max_new=None):
     """Metrics and the per-user record for one split (the schema of results/eval_<name>.json)."""
     split = data.splits[split_name]
     timer = Timer()
-    ranks, valid, copies, texts, stats = decode_split(model, data, split, cfg, device, max_new)
+    ranks, valid, copies, firsts, texts, stats = decode_split(model, data, split, cfg, device, max_new)
     n = len(ranks)
     out = {'split': split_name, 'n': n, 'metrics': metrics_from_ranks(ranks), 'validity': float(np.mean(valid)),
            'floor': metrics_from_ranks(floor_ranks(split)[:n]),
            'decode': {'mode': 'ar' if cfg.block <= 0 else 'diffusion', 'block': cfg.block or None,
                       'tau': cfg.tau if cfg.block > 0 and cfg.k <= 0 else None, 'k': cfg.k if cfg.block > 0 else None,
                       'from_left': cfg.from_left if cfg.block > 0 else None, 'greedy': True},
-           'seconds': round(timer(), 2),
-           'per_user': {'user': [int(u) for u in split.users[:n]], 'rank': ranks, 'valid': valid, 'copy': copies}}
+           'copy_share': copy_share(firsts, split.target[:n]), 'seconds': round(timer(), 2),
+           'per_user': {'user': [int(u) for u in split.users[:n]], 'rank': ranks, 'valid': valid, 'copy': copies,
+                        'first_is_floor_first': firsts}}
     if stats['n_forwards']:
         out['tokens_per_forward'] = stats['n_tokens'] / stats['n_forwards']
     if stats['trace_forwards']:
@@ -168,15 +174,13 @@ def teacher_forced_logits(model, b, vocab, block=1):
 @torch.no_grad()
 def trace_report(model, split, vocab, device, n=512, batch=32, block=1):
     """Teacher-forced on the gold traces of a split: the share of trace tokens predicted with probability > 0.99
-    (how much of the trace is near-certain restatement rather than inference; reported beside every result), and
-    the accuracy of the trace's three inference steps: the running scores, the running leader (and, apart, its
-    rare changes, which the decision hangs on), the conclusion; and whether the decision (the first ranked slot)
-    is the conclusion where that departs from the pre-ranker's first, c1 (the decision's rare case); for a
-    diffusion model at the left-to-right state (teacher_forced_logits)."""
+    (how much of the trace is near-certain restatement rather than inference; reported beside every result), the
+    accuracy of each role of the trace (reasoning.ROLES: the weights it looks up, the running scores it adds,
+    the matches' winners), of the conclusion, and whether the decision (the first ranked slot) is the conclusion
+    where that departs from the pre-ranker's first, c1 (the decision's rare case); for a diffusion model at the
+    left-to-right state (teacher_forced_logits)."""
     model.eval()
-    counts = {k: [0, 0] for k in ('p99', 'score', 'lead', 'change', 'best', 'depart')}
-    stats = torch.tensor([vocab.bucket0[fam] + j for fam in EVIDENCE for j in range(len(BUCKETS[fam]) + 1)],
-                         device=device)  # a running score follows each of these
+    counts = {k: [0, 0] for k in ('p99', 'weight', 'score', 'match', 'best', 'depart')}
     batch = max(1, batch // block)  # a diffusion batch stacks one state per offset in the block
     for a in range(0, min(n, len(split)), batch):
         b = collate(split, range(a, min(n, len(split), a + batch)), vocab, block=block, device=device)
@@ -187,19 +191,46 @@ def trace_report(model, split, vocab, device, n=512, batch=32, block=1):
         pred = logits.argmax(-1)
         right = pred == resp
         before = torch.cat([torch.full_like(resp[:, :1], -1), resp[:, :-1]], 1)
+        role = token_roles(resp, b['kind'], vocab)
         trace = ((b['kind'] == 0) | (b['kind'] == 3)) & live
         concluded = b['concluded'][:, None]  # -1 without a trace
         depart = (b['kind'] == 2) & (concluded >= 0) & (concluded != vocab.slot(0))
-        for key, where, hit in (('p99', trace, p > 0.99), ('score', trace & torch.isin(before, stats), right),
-                                ('lead', trace & (before == vocab.lead), right), ('change', b['lead_change'], right),
+        for key, where, hit in (('p99', trace, p > 0.99), ('weight', role == ROLES.index('weight'), right),
+                                ('score', trace & (role == ROLES.index('score')), right),
+                                ('match', trace & (before == vocab.lead), right),
                                 ('best', before == vocab.best, right), ('depart', depart, pred == concluded)):
-            counts[key][0] += int((hit & where).sum())
-            counts[key][1] += int(where.sum())
+            counts[key][0] += int((hit & where & live).sum())
+            counts[key][1] += int((where & live).sum())
     share = {k: hits / max(total, 1) for k, (hits, total) in counts.items()}
-    return {'trace_p99_share': share['p99'], 'score_accuracy': share['score'], 'lead_accuracy': share['lead'],
-            'lead_change_accuracy': share['change'], 'lead_changes': counts['change'][1],
-            'conclusion_accuracy': share['best'], 'departure_accuracy': share['depart'],
-            'departures': counts['depart'][1]}
+    return {'trace_p99_share': share['p99'], 'weight_accuracy': share['weight'], 'score_accuracy': share['score'],
+            'match_accuracy': share['match'], 'conclusion_accuracy': share['best'],
+            'departure_accuracy': share['depart'], 'departures': counts['depart'][1]}
+
+
+@torch.no_grad()
+def first_step_report(model, split, vocab, device, block, tau, n=512, batch=32):
+    """What one denoising step can commit: every response token predicted with its whole block masked and the
+    blocks before it clean (the state at the first step of each block), by role (reasoning.ROLES): the share
+    right, the share predicted with confidence >= tau (what the threshold rule commits at once), and the share
+    of those that are wrong."""
+    model.eval()
+    count = torch.zeros(len(ROLES), 4, dtype=torch.long)  # tokens, right, sure, sure and wrong
+    for a in range(0, min(n, len(split)), batch):
+        b = collate(split, range(a, min(n, len(split), a + batch)), vocab, block=block, device=device)
+        resp, R = b['resp'], b['resp'].shape[1]
+        live = torch.arange(R, device=device)[None, :] < b['resp_len'][:, None]
+        with autocast(device):
+            h = bd3_hidden(model, b['prompt'], b['pad'], torch.full_like(resp, vocab.mask), resp, block)
+        logits = model.head(h[live], fp32=True)
+        logits[:, vocab.mask] = -float('inf')
+        conf, pred = logits.softmax(-1).max(-1)
+        role, right, sure = token_roles(resp, b['kind'], vocab)[live], pred == resp[live], conf >= tau
+        for column, hit in enumerate((torch.ones_like(right), right, sure, sure & ~right)):
+            count[:, column] += torch.bincount(role[hit].cpu(), minlength=len(ROLES))
+    total = count[:, 0].clamp(min=1)
+    return {name: {'tokens': int(count[r, 0]), 'right': float(count[r, 1] / total[r]),
+                   'sure': float(count[r, 2] / total[r]), 'sure_wrong': float(count[r, 3] / total[r])}
+            for r, name in enumerate(ROLES)}
 
 
 def load_data_for(ckpt, data_dir):
@@ -242,6 +273,11 @@ def main():
                                              n=cfg.limit or len(data.splits[cfg.split]), block=max(cfg.block, 1))
         print("teacher-forced: " + ', '.join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
                                              for k, v in res['teacher_forced'].items()))
+    if cfg.first_step and cfg.block > 0:
+        res['first_step'] = first_step_report(model, data.splits[cfg.split], data.vocab, device, cfg.block, cfg.tau,
+                                              n=cfg.limit or len(data.splits[cfg.split]))
+        print("first step of a block, by role (right / sure / sure and wrong): " + ', '.join(
+            f"{k} {v['right']:.2f}/{v['sure']:.2f}/{v['sure_wrong']:.2f}" for k, v in res['first_step'].items()))
     res.update(name=cfg.name, ckpt=cfg.ckpt, stage=ckpt['stage'], seed=cfg.seed, device=device_name(device),
                command=command_line(), commit=git_commit())
     m = res['metrics']

@@ -93,12 +93,14 @@ def noise_blocks(resp, block, mask_id, generator=None, t_min=0.05, suffix_share=
 
 def diffusion_loss(model, batch, block, mask_id, masked=None, w_trace=1.0, w_answer=1.0, w_choice=1.0,
                    complementary=True, validity_weight=0.0, vocab=None, generator=None, reject=False, w_judge=None,
-                   suffix_share=0.0, change_boost=1.0, choice_boost=1.0):
+                   suffix_share=0.0, certainty_weight=0.0):
     """Masked-token cross-entropy of the block-diffusion model (plain mean over masked tokens, Fast-dLLM v2),
     with complementary masks (each example also with the opposite mask: every token supervised once), tokens
-    weighted by reasoning.loss_weights (`w_*`, `reject`, `change_boost`, `choice_boost`), plus optionally the
-    permutation-validity loss on the answer positions (it does not read the target, so it keeps every row).
-    Returns (loss, parts dict).
+    weighted by reasoning.loss_weights (`w_*`, `reject`), plus optionally the
+    permutation-validity loss on the answer positions (it does not read the target, so it keeps every row), plus
+    optionally the certainty term: the entropy of the prediction at the masked positions the model already gets
+    right (argmax = target), so that it grows sure where it is right and the threshold rule commits those
+    tokens together (dParallel's certainty forcing; LLaDA 2.0's CAP). Returns (loss, parts dict).
 
     The output head runs only at the masked positions of the trained region: they are all the loss reads (a
     revealed answer position enters the validity loss as one-hot on its token)."""
@@ -107,7 +109,7 @@ def diffusion_loss(model, batch, block, mask_id, masked=None, w_trace=1.0, w_ans
     if masked is None:
         masked = noise_blocks(resp, block, mask_id, generator, suffix_share=suffix_share)
     kind, cands = batch['kind'], batch['cands']
-    weights = loss_weights(batch, w_trace, w_answer, w_choice, reject, w_judge, change_boost, choice_boost)
+    weights = loss_weights(batch, w_trace, w_answer, w_choice, reject, w_judge)
     if complementary:
         prompt, pad, resp, kind, region, cands, weights = (torch.cat([z, z]) for z in
                                                            (prompt, pad, resp, kind, region, cands, weights))
@@ -120,6 +122,13 @@ def diffusion_loss(model, batch, block, mask_id, masked=None, w_trace=1.0, w_ans
     ce_loss = (F.cross_entropy(logits, resp[at], reduction='none') * w).sum() / w.sum().clamp(min=1)
     parts = {'ce': ce_loss.detach()}
     loss = ce_loss
+    if certainty_weight > 0:
+        right = (logits.argmax(-1) == resp[at]).float() * (w > 0)
+        logp = logits.log_softmax(-1)
+        entropy = -(logp.exp() * logp).sum(-1)
+        certainty = (entropy * right).sum() / right.sum().clamp(min=1)
+        parts['entropy_right'] = certainty.detach()
+        loss = loss + certainty_weight * certainty
     if validity_weight > 0:
         mass = candidate_mass(logits, at, resp, cands)
         v = validity_from_mass(mass, answer_positions(resp, kind, vocab))

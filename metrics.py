@@ -29,6 +29,19 @@ def copies_incoming(ranking):
     return ranking is not None and ranking == sorted(ranking)
 
 
+def first_is_floor_first(ranking):
+    """The output puts the pre-ranker's first candidate first; an invalid output (None) counts, since it is
+    scored as the pre-ranker's order."""
+    return ranking is None or ranking[0] == 0
+
+
+def copy_share(first_floor, target):
+    """The share of outputs whose first item is the pre-ranker's first, on the users where that item is wrong
+    (the target is elsewhere): how often a ranker keeps the floor's mistake."""
+    wrong = np.asarray(target) != 0
+    return float(np.asarray(first_floor, dtype=bool)[wrong].mean()) if wrong.any() else 0.0
+
+
 def target_rank(ranking, target_idx):
     """1-based rank of the target; invalid output (None) is scored as the pre-ranker's order."""
     if ranking is None:

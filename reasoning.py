@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 
 SCORE_MAX = 4  # the running evidence score is clipped to [-4, 4] (the sums on Beauty stay within [-3.75, 3.5])
+WEIGHT_MAX = 2  # a statistic's weight, clipped to [-2, 2] (the fitted weights on Beauty lie within [-1.5, 1.5])
 
 BUCKETS = {  # evidence token families: name -> upper edges of the buckets (the last bucket is open)
     'last': [0, 1, 2, 4, 8, 16],         # co-occurrence with the last history item
@@ -19,7 +20,9 @@ BUCKETS = {  # evidence token families: name -> upper edges of the buckets (the 
     'link': [0, 0.5, 1, 1.5, 2, 2.5, 3, 4],  # attribute link to the last history item (log lift, link_evidence)
     'pop': [1, 3, 7, 15, 31, 63, 127],   # train interactions (log buckets)
     'score': [x / 4 for x in range(-4 * SCORE_MAX, 4 * SCORE_MAX)],  # running evidence score: -4 .. 4 in quarters
+    'weight': [x / 4 for x in range(-4 * WEIGHT_MAX, 4 * WEIGHT_MAX)],  # one statistic's weight: -2 .. 2 in quarters
 }
+VALUES = {'score': ('s', SCORE_MAX), 'weight': ('w', WEIGHT_MAX)}  # value families: prefix, range
 SPECIALS = ['<eos>', '<bos>', '<mask>', '<cands>', '<think>', '<answer>', '<best>', '<lead>']
 
 
@@ -39,7 +42,7 @@ class Vocab:
         self.bucket0 = {}
         for fam, edges in BUCKETS.items():
             self.bucket0[fam] = len(self.names)
-            self.names += [f"{fam}{i}" if fam != 'score' else f"s{(i - 4 * SCORE_MAX) / 4:+.2f}"  # its value
+            self.names += [f"{fam}{i}" if fam not in VALUES else f"{VALUES[fam][0]}{i / 4 - VALUES[fam][1]:+.2f}"
                            for i in range(len(edges) + 1)]
         self.attr0 = len(self.names) - 1   # attribute ids start at 1
         self.item0 = self.attr0 + n_attrs  # item ids start at 1
@@ -62,6 +65,12 @@ class Vocab:
 
     def is_slot(self, tok):
         return (tok >= self.slot0) & (tok < self.slot0 + self.n_cand)
+
+    def restates(self, tok):
+        """A token the prompt's candidate entries hold too (a slot, a statistic's bucket): in a trace, a restatement
+        of the prompt rather than something computed."""
+        stat = any(self.bucket0[f] <= tok <= self.bucket0[f] + len(BUCKETS[f]) for f in EVIDENCE)
+        return stat or self.slot0 <= tok < self.slot0 + self.n_cand
 
     def item(self, i):
         return self.item0 + int(i)
@@ -125,42 +134,71 @@ def fit_evidence_weights(features, target, steps=500, lr=0.03, weight_decay=1e-3
     return np.round(w.detach().numpy() * 4) / 4
 
 
+def statistic_weights(ev, score_w):
+    """(N, 5) what each candidate's evidence score adds up: the weight of its list position, then the weight of
+    each of its statistics' buckets (EVIDENCE). Weights are quarters (fit_evidence_weights)."""
+    b = evidence_buckets(ev)
+    start = np.cumsum([0] + [len(BUCKETS[fam]) + 1 for fam in EVIDENCE])  # each family's block in evidence_features
+    N = b.shape[1]
+    position = score_w[start[-1]:start[-1] + N]  # the position weights come last
+    return np.stack([position] + [score_w[start[f] + b[f]] for f in range(len(EVIDENCE))], 1)
+
+
 def running_scores(ev, score_w):
     """(N, 4) each candidate's running evidence score after each of its statistics: it starts at the weight of the
     candidate's list position and adds one statistic's weight per step (clipped to the score tokens' range), so
-    every score token the trace writes is the last one plus the weight of the bucket token just before it, a
-    one-step lookup; a single token for the whole sum (ten terms) was right about half the time for a 2-layer
-    model. Weights are quarters and the sums exact."""
-    b = evidence_buckets(ev)
-    start = np.cumsum([0] + [len(BUCKETS[fam]) + 1 for fam in EVIDENCE])  # each family's block in evidence_features
-    score = score_w[start[-1]:start[-1] + b.shape[1]]  # the position weights come last
-    steps = []
-    for f in range(len(EVIDENCE)):
-        score = np.clip(score + score_w[start[f] + b[f]], -SCORE_MAX, SCORE_MAX)
+    every score token the trace writes is the score before it plus the weight token just before it: an addition
+    of two tokens. A single token for the whole sum was right about half the time for a 2-layer model."""
+    w = statistic_weights(ev, score_w)
+    score, steps = w[:, 0], []
+    for f in range(1, w.shape[1]):
+        score = np.clip(score + w[:, f], -SCORE_MAX, SCORE_MAX)
         steps.append(score)
     return np.stack(steps, 1)
 
 
-def conclusion(score_buckets):
-    """The trace's conclusion: the first candidate (pre-ranker order) among those with the highest score bucket,
-    so that it follows from the score tokens the trace has just written."""
-    return int(np.argmax(score_buckets))
+def knockout(scores):
+    """The matches of a knockout over the candidates in list order, as a binary counter plays them: after each
+    candidate, while the two latest winners cover as many candidates each, they meet; at the end the remaining
+    winners meet from the right. Each match is (left, right, winner), the winner the left one unless the right
+    one scores higher, so the last winner is the first candidate with the highest score (np.argmax), found in
+    ceil(log2 N) rounds of pairwise comparisons instead of a running leader across the whole list.
+    Returns [(after_candidate, winner)] in the order the trace writes them."""
+    stack, matches = [], []  # stack: (winner, candidates covered)
+    def play():
+        (left, n_left), (right, n_right) = stack[-2], stack[-1]
+        stack[-2:] = [(left if scores[left] >= scores[right] else right, n_left + n_right)]
+        matches.append((i, stack[-1][0]))
+    for i in range(len(scores)):
+        stack.append((i, 1))
+        while len(stack) > 1 and stack[-1][1] == stack[-2][1]:
+            play()
+    while len(stack) > 1:
+        play()
+    return matches
+
+
+def conclusion(scores):
+    """The trace's conclusion: the first candidate (pre-ranker order) among those with the highest score, the
+    knockout's last winner."""
+    return int(np.argmax(scores))
 
 
 def encode(hist, cands, target_idx, ev, attrs, vocab, score_w, trace=True):
     """Prompt, response and per-token kind (0 trace, 1 answer, 2 the choice: the first ranked item, the one token
-    that moves the ranking, 3 the trace's judgements: the slot of each running leader and of the conclusion) for
-    one instance.
+    that moves the ranking, 3 the trace's judgements: the winner of each match and the conclusion) for one
+    instance.
 
     prompt   = <bos> (item attrs..)*history <cands> (slot last prev link pop item attrs..)*N <think>|<answer>
-    trace    = per candidate: its slot, then each of its statistics (EVIDENCE) followed by the running evidence
-               score (running_scores), then the running leader `<lead> slot score` (the best so far: a comparison
-               of two score tokens per step, where an argmax over ten far-apart tokens was the step small models
-               failed); then the conclusion <best> slot (the last leader). The statistics come with the prompt,
-               as retrieved item facts do in an LLM re-ranker's prompt (a small model cannot recall pair counts
-               it never sees), right after the slot, so the trace reads them at a fixed offset from it; the
-               item id is not restated (copying a 12k-way id is what a small model got wrong most, and a wrong
-               copy derailed the rest of the entry)
+    trace    = per candidate an entry: its slot, then for each statistic (EVIDENCE) its weight and the running
+               evidence score (running_scores); and, as soon as two winners cover as many candidates each, their
+               match `<lead> winner score` (knockout); then the conclusion <best> slot (the last winner).
+               Every entry reads only its own candidate's prompt fields (no running leader crosses the list), and
+               each match compares two score tokens already written, so a block decoder can write many entries at
+               once: the longest chain of tokens that each need the one before is an entry's four running scores
+               and the four rounds of the knockout, not the whole list. The statistics come with the prompt, as
+               retrieved item facts do in an LLM re-ranker's prompt (a small model cannot recall pair counts it
+               never sees), right after the slot; the trace writes their weights, not the statistics again
     answer   = <answer> the target's slot, then the other slots in the pre-ranker's order, <eos>
     The trace reads only the prompt, leave-out statistics and the train-fitted `score_w`; `target_idx` only
     shapes the answer."""
@@ -173,19 +211,39 @@ def encode(hist, cands, target_idx, ev, attrs, vocab, score_w, trace=True):
     prompt.append(vocab.think if trace else vocab.answer)
     response, kind = [], []
     if trace:
-        steps = [[vocab.bucket('score', x) for x in row] for row in running_scores(ev, score_w)]
-        score_tok = [row[-1] for row in steps]
+        weights, sums = statistic_weights(ev, score_w)[:, 1:], running_scores(ev, score_w)
+        final = sums[:, -1]
+        matches = dict()
+        for after, winner in knockout(final):
+            matches.setdefault(after, []).append(winner)
         for i in range(len(cands)):
             response.append(vocab.slot(i))
-            for stat, score in zip(stat_tokens(ev, i, vocab), steps[i]):
-                response += [stat, score]
-            lead = conclusion(score_tok[:i + 1])
-            response += [vocab.lead, vocab.slot(lead), score_tok[lead]]
-        response += [vocab.best, vocab.slot(conclusion(score_tok)), vocab.answer]
+            for w, s in zip(weights[i], sums[i]):
+                response += [vocab.bucket('weight', w), vocab.bucket('score', s)]
+            for winner in matches.get(i, []):
+                response += [vocab.lead, vocab.slot(winner), vocab.bucket('score', final[winner])]
+        response += [vocab.best, vocab.slot(conclusion(final)), vocab.answer]
         kind = [3 if prev in (vocab.lead, vocab.best) else 0 for prev in [None] + response[:-1]]
     order = [target_idx] + [i for i in range(len(cands)) if i != target_idx]
     answer = [vocab.slot(i) for i in order] + [vocab.eos]
     return prompt, response + answer, kind + [2] + [1] * (len(answer) - 1)
+
+
+ROLES = ('entry slot', 'weight', 'score', 'marker', 'judgement', 'choice', 'answer')
+
+
+def token_roles(resp, kind, vocab):
+    """(B, R) each response token's role, an index into ROLES: an entry's slot, a statistic's weight, a running
+    score (the entries' and the matches'), a marker (<lead> <best> <answer>), a judgement (kind 3: a match's
+    winner, the conclusion), the choice (kind 2), the rest of the answer up to <eos> (kind 1)."""
+    in_family = lambda f: (resp >= vocab.bucket0[f]) & (resp <= vocab.bucket0[f] + len(BUCKETS[f]))
+    trace = kind == 0
+    role = torch.full_like(resp, ROLES.index('marker'))
+    for name, where in (('entry slot', trace & vocab.is_slot(resp)), ('weight', trace & in_family('weight')),
+                        ('score', trace & in_family('score')), ('judgement', kind == 3), ('choice', kind == 2),
+                        ('answer', kind == 1)):
+        role = torch.where(where, ROLES.index(name), role)
+    return role
 
 
 def kind_weights(kind, w_trace, w_answer, w_choice, w_judge=None):
@@ -194,24 +252,17 @@ def kind_weights(kind, w_trace, w_answer, w_choice, w_judge=None):
     return torch.tensor([w_trace, w_answer, w_choice, w_judge], device=kind.device)[kind]
 
 
-def loss_weights(batch, w_trace, w_answer, w_choice, reject=False, w_judge=None, change_boost=1.0, choice_boost=1.0):
+def loss_weights(batch, w_trace, w_answer, w_choice, reject=False, w_judge=None):
     """(B, R) loss weights by token kind. With `reject`, the decision (the first ranked slot) of a window whose
     trace concludes on another candidate than its target carries no loss: GR2 kept only the teacher traces that
     reach the target (rejection sampling). Here the programmatic trace is sound reasoning either way, so its
     tokens still teach, and so does the rest of the answer (writing out the permutation); only the decision that
     contradicts the trace is dropped. Without it the decision is learnt from a weak signal: the conclusion differs
     from the first candidate on 11% of train windows and is then the target 30% of the time.
-    `w_judge` weighs the trace's judgements (kind 3): a running leader changes about once a list, so a model
-    that always repeats the last leader is right 98% of the time at the trace's weight, and a small one did
-    exactly that (it concluded c1 on 99% of lists where the trace concludes elsewhere on 16%). `change_boost`
-    multiplies the weight of the leaders that change (collate's `lead_change`), the judgements that masked
-    training unlearns first (FINDINGS.md, CFT). `choice_boost` does the same for a decision other than the
-    pre-ranker's first slot (collate's `choice_change`), the decision's own rare case."""
+    `w_judge` weighs the trace's judgements (kind 3: the matches' winners and the conclusion), the few tokens
+    that the decision hangs on: at the trace's weight a small model learnt to name the first candidate of a
+    comparison whatever the scores said (FINDINGS.md)."""
     w = kind_weights(batch['kind'], w_trace, w_answer, w_choice, w_judge)
-    if change_boost != 1.0:
-        w = torch.where(batch['lead_change'], w * change_boost, w)
-    if choice_boost != 1.0:
-        w = torch.where(batch['choice_change'], w * choice_boost, w)
     if reject:
         w = w * ((batch['kind'] != 2) | batch['follows'][:, None])
     return w

@@ -31,7 +31,6 @@ ROWS = [  # (file name, label, predecessor for the paired gain)
     ('cft_more', '+ CFT, more (OPD control)', 'cft'),
     ('cft_warmup', '+ CFT, block size warmed up from 1', 'cft'),
     ('cft_suffix', '+ CFT, half the blocks suffix-masked', 'cft'),
-    ('cft_change', "+ CFT, leader changes and decisions other than c1 x10, from the left", 'cft_left'),
     ('opd', '+ CFT + OPD', 'cft'),
     ('rl', '+ CFT + OPD + RL', 'opd'),
     ('rl_kl', '+ CFT + OPD + RL, KL penalty to OPD', 'rl'),

@@ -29,10 +29,10 @@ if [ "$MODE" = cpu ]; then
   AR="$SIZE --batch_size=32 --mid_steps=0 --max_steps=1000 --eval_every=500 --eval_n=600 --eval_batch=300"
   DIR="$AR"
   SMALL="--eval_n=64 --eval_batch=64"   # stage evaluations (selection) on the first 64 validation users
-  CFT="--batch_size=16 --max_steps=100 --eval_every=50 --lr=1e-4 --sweep=False --judge=False $SMALL"  # lr 5e-4: validity 0.08
+  CFT="--batch_size=16 --max_steps=1200 --eval_every=200 --lr=5e-4 --judge=False --eval_n=128 --eval_batch=128"
   WARM=50
   OPD="--n_prompts=2 --max_steps=3 --eval_every=3 $SMALL"
-  MORE="--batch_size=16 --max_steps=20 --eval_every=20 --lr=1e-4 --sweep=False --judge=False $SMALL"
+  MORE="--batch_size=16 --max_steps=100 --eval_every=100 --lr=5e-4 --sweep=False --judge=False $SMALL"
   RL="--n_prompts=2 --max_steps=2 --eval_every=2 $SMALL"
   BENCH=""                              # bench.py picks CPU-sized work by itself
   EVAL="--batch_size=64"                # every row on the whole test set
@@ -77,7 +77,6 @@ core() {  # the recipe's chain, each stage from the previous one's checkpoint
 
 ablations() {  # each answers one question about the chain; needs out/ar.pt and out/cft.pt from core
   if left; then ev --ckpt=out/cft.pt --name=cft_left --block=32 --tau=0.9 --from_left=True; fi
-  if left; then stage python train_cft.py $D $DEV $CFT --sweep=False --change_boost=10 --choice_boost=10 --from_left=True --out=out/cft_change.pt --name=cft_change && ev --ckpt=out/cft_change.pt --name=cft_change --block=32 --tau=0.9 --from_left=True; fi
   if left; then stage python train_ar.py $D $DEV $DIR --trace=False --out=out/ar_direct.pt && ev_ar --ckpt=out/ar_direct.pt --name=ar_direct; fi
   if left; then stage python train_cft.py $D $DEV $CFT --sweep=False --validity_weight=0.0 --out=out/cft_novalid.pt --name=cft_novalid && ev --ckpt=out/cft_novalid.pt --name=cft_novalid --block=32 --tau=0.9; fi
   if left; then stage python train_cft.py $D $DEV $MORE --parent=out/cft.pt --out=out/cft_more.pt --name=cft_more && ev --ckpt=out/cft_more.pt --name=cft_more --block=32 --tau=0.9; fi

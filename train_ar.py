@@ -258,9 +258,9 @@ def main():
         best_model, _ = load_checkpoint(cfg.out, device=device)
         best.update(trace_report(best_model, data.splits['valid'], data.vocab, device))
         print("the trace, teacher-forced on validation: share of tokens predicted with p > 0.99 {trace_p99_share:.3f}; "
-              "accuracy of the scores {score_accuracy:.3f}, running leaders {lead_accuracy:.3f} (where they change "
-              "{lead_change_accuracy:.3f} of {lead_changes}), conclusion {conclusion_accuracy:.3f}, the decision where "
-              "the conclusion is not c1 {departure_accuracy:.3f} (of {departures})".format(**best))
+              "accuracy of the weights {weight_accuracy:.3f}, the running scores {score_accuracy:.3f}, the matches "
+              "{match_accuracy:.3f}, the conclusion {conclusion_accuracy:.3f}, the decision where the conclusion is "
+              "not c1 {departure_accuracy:.3f} (of {departures})".format(**best))
     finish(cfg, name, f"AR teacher ({name})", log, best, timer, device,
            ['mid_loss', 'loss', 'val_R1', 'val_choice_R1', 'val_validity'],
            params=model.num_params())

@@ -8,13 +8,9 @@
 The model learns to denoise its own trace and answer block by block (BD3-LM loss over [noised ; clean]) and,
 through the permutation-validity loss, to land its answer on a valid permutation of the candidates without
 any constrained decoder. Keeps the checkpoint with the best validation R@1 under the evaluation's decoding.
-On a 2-layer CPU model, 600 steps at B = 32 keep 0.34 of the outputs valid; growing the block from 1
-(`--block_warmup`) or masking half the blocks from a cut to their end (`--suffix_share`) keeps about 0.8, and
-`--block=8` 0.94, but a student that commits more than one token per forward there (or at 4 layers) unlearns
-the running leader's rare changes and writes the pre-ranker's order; each evaluation logs how many of those
-changes it still writes given the data's trace (`val_lead_change`), and `--change_boost` weighs them up.
-At B = 32 the decision itself, where it is not c1, is unlearned the same way (`val_departure`, `--choice_boost`);
-with both boosts a 4-layer student ranked when decoded from the left (FINDINGS.md).
+`--certainty_weight` adds the entropy of the predictions it already gets right at masked positions
+(diffusion_loss), so that the threshold rule can commit them together; `decode.py --first_step=True` shows,
+by role, what one denoising step gets right and commits. What each setting gave on the CPU: FINDINGS.md.
 """
 from dataclasses import dataclass, asdict
 
@@ -23,7 +19,8 @@ import torch
 from tqdm import tqdm
 
 from common import (StageSettings, start_stage, same_file_problem, autocast, device_name, load_checkpoint,
-                    JsonlLog, write_json, CheckpointError, save_resume, load_resume, finish_resume, results_path)
+                    JsonlLog, write_json, CheckpointError, save_resume, load_resume, finish_resume, results_path,
+                    git_commit)
 from data_beauty import DataError, collate
 from decode import load_data_for, trace_report
 from diffusion import convert, diffusion_loss
@@ -41,12 +38,11 @@ class TrainCFTConfig(StageSettings):  # + min_validity, eval_n, eval_batch, time
     validity_weight: float = 1.0  # permutation-validity loss weight (0 = ablation)
     complementary: bool = True   # each example also with the opposite mask
     suffix_share: float = 0.0    # share of blocks masked from a random cut to the end (diffusion.noise_blocks)
+    certainty_weight: float = 0.5  # entropy of the right predictions at masked positions (diffusion_loss)
     w_trace: float = 0.5
     w_answer: float = 1.0
     w_choice: float = 1.0        # the first ranked item
     w_judge: float = 0.5         # the trace's running leaders and conclusion (train_ar's 5: lower validity on a CPU)
-    change_boost: float = 1.0    # x the weight of the running leaders that change (reasoning.loss_weights)
-    choice_boost: float = 1.0    # x the weight of a decision other than the pre-ranker's first (loss_weights)
     reject: bool = True          # no decision loss where the trace concludes elsewhere (reasoning.loss_weights)
     max_steps: int = 600
     batch_size: int = 64
@@ -83,8 +79,8 @@ def block_at(step, cfg):
     return 2 ** (step * stages // cfg.block_warmup)
 
 
-WEIGHTING = ('w_trace', 'w_answer', 'w_choice', 'w_judge', 'change_boost', 'choice_boost', 'reject')
-MASKING = ('complementary', 'suffix_share', 'validity_weight')
+WEIGHTING = ('w_trace', 'w_answer', 'w_choice', 'w_judge', 'reject')
+MASKING = ('complementary', 'suffix_share', 'validity_weight', 'certainty_weight')
 
 
 def cft_loss_settings(run_cfg, keys=WEIGHTING + MASKING):
@@ -108,6 +104,46 @@ def validation_loss(model, data, cfg, device, n=256, batch=64):
                                       **cft_loss_settings(cfg, WEIGHTING))
         total += parts['ce'].item() * len(b['pad'])
     return total / n
+
+
+SWEEP = ((0.97, 0, False), (0.9, 0, False), (0.8, 0, False), (0.6, 0, False), (0.4, 0, False), (0.0, 1, False),
+         (0.9, 0, True))  # (tau, k, from_left): the threshold rule, one token per step, and committing from the left
+
+
+def sweep_decoding(cfg, data, device):
+    """The kept model decoded on validation at each SWEEP setting: R@1 and validity against tokens per forward
+    (results/sweep_<name>.json and .png), the curve that picks the reported tau."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    model, _ = load_checkpoint(cfg.out, device=device)
+    rows = []
+    for tau, k, left in SWEEP:
+        res = validate(model, data, cfg, device, block=cfg.block, tau=tau, k=k, from_left=left)
+        rows.append({'tau': tau if k == 0 else None, 'k': k or None, 'from_left': left, 'R@1': res['metrics']['R@1'],
+                     'validity': res['validity'], 'tokens_per_forward': res.get('tokens_per_forward'),
+                     'tokens_per_forward_trace': res.get('tokens_per_forward_trace'),
+                     'tokens_per_forward_answer': res.get('tokens_per_forward_answer')})
+        print(f"valid tau={tau} k={k} from_left={left}: R@1 {rows[-1]['R@1']:.4f} validity {rows[-1]['validity']:.4f} "
+              f"tokens/forward {rows[-1]['tokens_per_forward']:.2f}")
+    write_json(results_path(f"sweep_{cfg.name}.json"), {'split': 'valid', 'n': res['n'], 'block': cfg.block,
+                                                        'floor_R@1': res['floor']['R@1'], 'rows': rows,
+                                                        'device': device_name(device), 'commit': git_commit()})
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3.2))
+    by_tau = [r for r in rows if r['tau'] is not None and not r['from_left']]
+    for ax, key in zip(axes, ('R@1', 'validity')):
+        ax.plot([r['tokens_per_forward'] for r in by_tau], [r[key] for r in by_tau], marker='o')
+        for r in by_tau:
+            ax.annotate(f"{r['tau']}", (r['tokens_per_forward'], r[key]), fontsize=7)
+        if key == 'R@1':
+            ax.axhline(res['floor']['R@1'], color='gray', ls='--', lw=0.8, label='floor')
+            ax.legend(fontsize=7)
+        ax.set_xlabel('tokens per forward')
+        ax.set_title(f"{key} by tau (valid, n={res['n']})")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(results_path(f"sweep_{cfg.name}.png"), dpi=90)
+    plt.close(fig)
 
 
 def main():
@@ -135,12 +171,11 @@ def main():
     def score_judgements(step):
         """The judgements the decision hangs on, teacher-forced: what masked training unlearns first (FINDINGS)."""
         judged = trace_report(model, data.splits['valid'], vocab, device, n=cfg.judge_n, block=cfg.block)
-        log.write(step=step, val_lead=judged['lead_accuracy'], val_lead_change=judged['lead_change_accuracy'],
-                  val_score=judged['score_accuracy'], val_departure=judged['departure_accuracy'])
-        tqdm.write(f"step {step}: teacher-forced at the left-to-right state: running leaders "
-                   f"{judged['lead_accuracy']:.3f}, where they change {judged['lead_change_accuracy']:.3f} "
-                   f"(of {judged['lead_changes']}), scores {judged['score_accuracy']:.3f}, the decision where the "
-                   f"conclusion is not c1 {judged['departure_accuracy']:.3f} (of {judged['departures']})")
+        log.write(step=step, val_match=judged['match_accuracy'], val_score=judged['score_accuracy'],
+                  val_departure=judged['departure_accuracy'])
+        tqdm.write(f"step {step}: teacher-forced at the left-to-right state: matches {judged['match_accuracy']:.3f}, "
+                   f"running scores {judged['score_accuracy']:.3f}, the decision where the conclusion is not c1 "
+                   f"{judged['departure_accuracy']:.3f} (of {judged['departures']})")
         return judged
 
     def evaluate_and_keep(step, best):
@@ -180,24 +215,10 @@ def main():
         if stop:
             break
     finish_resume(cfg.out)
-    if cfg.sweep:  # decoding settings of the kept model on validation: accuracy against tokens per forward
-        model, _ = load_checkpoint(cfg.out, device=device)
-        sweep = []
-        for tau, k, left in ((0.9, 0, False), (0.6, 0, False), (0.4, 0, False), (0.0, 1, False),
-                             (0.97, 0, True), (0.9, 0, True), (0.8, 0, True)):
-            res = validate(model, data, cfg, device, block=cfg.block, tau=tau, k=k, from_left=left)
-            sweep.append({'tau': tau if k == 0 else None, 'k': k or None, 'from_left': left,
-                          'R@1': res['metrics']['R@1'],
-                          'validity': res['validity'], 'tokens_per_forward': res.get('tokens_per_forward'),
-                          'tokens_per_forward_trace': res.get('tokens_per_forward_trace'),
-                          'tokens_per_forward_answer': res.get('tokens_per_forward_answer')})
-            print(f"valid tau={tau} k={k} from_left={left}: R@1 {sweep[-1]['R@1']:.4f} "
-                  f"validity {sweep[-1]['validity']:.4f} "
-                  f"tokens/forward {sweep[-1]['tokens_per_forward']:.2f}")
-        write_json(results_path(f"sweep_{cfg.name}.json"), {'split': 'valid', 'n': res['n'], 'block': cfg.block,
-                                                      'rows': sweep, 'device': device_name(device)})
+    if cfg.sweep:
+        sweep_decoding(cfg, data, device)
     finish(cfg, cfg.name, f"CFT ({cfg.name})", log, best, timer, device,
-           ['loss', 'validity_loss', 'val_loss', 'val_R1', 'val_validity', 'val_lead_change', 'val_departure'])
+           ['loss', 'validity_loss', 'entropy_right', 'val_loss', 'val_R1', 'val_validity', 'val_departure'])
 
 
 if __name__ == '__main__':

@@ -6,7 +6,7 @@ from data_beauty import (DataConfig, BeautyData, DataError, cooc_matrix, prerank
                          attr_transitions, link_evidence, top_n, digest, pre_rank_windows, UNIT)
 from metrics import parse_answer, target_rank, metrics_from_ranks, paired_bootstrap
 from reasoning import (Vocab, encode, fit_evidence_weights, BUCKETS, EVIDENCE, evidence_features, evidence_buckets,
-                       running_scores)
+                       knockout, running_scores)
 
 
 def test_missing_data_dir_names_the_fix(tmp_path):
@@ -170,21 +170,64 @@ def test_evidence_weights_never_see_validation_or_test(tiny_dir, tmp_path):
     np.testing.assert_array_equal(a.score_w, b.score_w)
 
 
+def test_knockout_finds_the_first_best_in_pairwise_matches():
+    """The knockout's matches on hand-made scores: ties go to the earlier candidate, so its last winner is
+    np.argmax's; 9 matches for 10 candidates (every candidate but the winner loses once)."""
+    assert knockout([2, 2, 1, 3, 3]) == [(1, 0), (3, 3), (3, 3), (4, 3)]
+    assert knockout([0, 1, 2]) == [(1, 1), (2, 2)]
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        scores = rng.integers(0, 4, 10)
+        matches = knockout(scores)
+        assert len(matches) == 9 and matches[-1][1] == int(np.argmax(scores))
+        assert [after for after, _ in matches] == sorted(after for after, _ in matches)
+
+
+def test_encode_writes_its_docstring_on_a_hand_made_instance():
+    """Three candidates with hand-set statistics and weights: the whole prompt and response, token by token,
+    worked out by hand from encode's docstring (each entry's weights and running scores, the knockout's two
+    matches, the conclusion, the answer led by the target), and the token kinds."""
+    v = Vocab(n_items=5, n_attrs=2, n_cand=3)
+    ev = np.array([[0, 1, 3], [0, 0, 0], [0, 0, 0], [1, 1, 1]], dtype=float)  # last, prev, link, pop per candidate
+    w = np.zeros(7 + 7 + 9 + 8 + 3)
+    w[:4] = [-1, 0.25, 0.5, 1.0]  # `last` buckets 0..3
+    w[7] = -0.25                  # `prev` bucket 0
+    w[-3] = 0.5                   # list position 1
+    attrs = {1: [1], 2: [], 3: [2], 4: [], 5: [1, 2]}
+    prompt, resp, kind = encode([1, 2], [3, 4, 5], 1, ev, attrs, v, w)
+    assert v.decode(prompt) == ('<bos> i1 a1 i2 <cands> c1 last0 prev0 link0 pop0 i3 a2 c2 last1 prev0 link0 pop0 i4 '
+                                'c3 last3 prev0 link0 pop0 i5 a1 a2 <think>')
+    assert v.decode(resp) == (
+        'c1 w-1.00 s-0.50 w-0.25 s-0.75 w+0.00 s-0.75 w+0.00 s-0.75 '   # 0.5 (position) - 1 - 0.25
+        'c2 w+0.25 s+0.25 w-0.25 s+0.00 w+0.00 s+0.00 w+0.00 s+0.00 '   # 0 + 0.25 - 0.25
+        '<lead> c2 s+0.00 '                                             # c1 against c2
+        'c3 w+1.00 s+1.00 w-0.25 s+0.75 w+0.00 s+0.75 w+0.00 s+0.75 '
+        '<lead> c3 s+0.75 <best> c3 <answer> '                          # c2 against c3; the conclusion
+        'c2 c1 c3 <eos>')                                               # the target (c2), then list order
+    judged = [j for j, k in enumerate(kind) if k == 3]
+    assert [v.token_str(resp[j - 1]) for j in judged] == ['<lead>', '<lead>', '<best>']
+    assert kind[len(resp) - 4:] == [2, 1, 1, 1] and set(kind[:len(resp) - 4]) <= {0, 3}
+    _, direct, direct_kind = encode([1, 2], [3, 4, 5], 1, ev, attrs, v, w, trace=False)
+    assert v.decode(direct) == 'c2 c1 c3 <eos>' and direct_kind == [2, 1, 1, 1]
+
+
 def test_conclusion_follows_the_score_tokens(tiny_data):
-    """Each candidate's score token is followed by the running leader (<lead> slot score: the first candidate with
-    the highest score so far), and <best> names the last leader: all computable from the trace. Those slots, and
-    only those, are the trace's judgements (kind 3)."""
+    """Every match `<lead> slot score` names the better of two earlier winners, with its final score as the
+    entry wrote it, and <best> names the last winner, the first candidate with the highest final score: all
+    computable from the trace. Those slots, and only those, are the trace's judgements (kind 3)."""
     v = tiny_data.vocab
     sp = tiny_data.splits['valid']
+    n = tiny_data.cfg.n_cand
     for i in range(len(sp)):
         r = list(sp.responses[i])
+        starts = [r.index(v.slot(c)) for c in range(n)]                   # each entry opens with its slot
+        final = [r[j + 8] for j in starts]                               # the entry's last running score
         at = [j for j, t in enumerate(r) if t == v.lead]
-        assert len(at) == tiny_data.cfg.n_cand
-        scores = [r[j - 1] for j in at]
-        for n, j in enumerate(at):
-            lead = int(np.argmax(scores[:n + 1]))
-            assert r[j + 1] == v.slot(lead) and r[j + 2] == scores[lead]
-        assert r[r.index(v.best) + 1] == v.slot(int(np.argmax(scores)))
+        assert len(at) == n - 1
+        for j in at:
+            winner = r[j + 1] - v.slot0
+            assert r[j + 2] == final[winner] and r[j - 1] in final + [r[k + 2] for k in at]
+        assert r[r.index(v.best) + 1] == v.slot(int(np.argmax(final)))
         judged = [j for j, k in enumerate(sp.kinds[i]) if k == 3]  # the judgements weighed by w_judge
         assert judged == [j + 1 for j in at] + [r.index(v.best) + 1]
 
@@ -299,45 +342,6 @@ def test_a_direct_answer_has_no_conclusion_to_contradict(tiny_dir, tmp_path):
     d = BeautyData(DataConfig(data_dir=tiny_dir, trace=False, cache_dir=str(tmp_path)))
     b = collate(d.splits['train'], range(len(d.splits['train'])), d.vocab)
     assert (b['concluded'] == -1).all() and b['follows'].all()
-
-
-def test_lead_change_marks_each_leader_unlike_the_one_before(tiny_data):
-    """collate's `lead_change` (the running leader's rare changes, which trace_report scores apart) equals a plain
-    walk over each trace, and `change_boost` multiplies the weight of exactly those tokens."""
-    import torch
-    from data_beauty import collate
-    from reasoning import loss_weights
-    sp, v = tiny_data.splits['train'], tiny_data.vocab
-    b = collate(sp, range(len(sp)), v, block=4)
-    expected = torch.zeros_like(b['lead_change'])
-    for r, resp in enumerate(sp.responses):
-        leader = None
-        for j in range(1, len(resp)):
-            if resp[j - 1] == v.lead:
-                expected[r, j] = leader is not None and int(resp[j]) != leader
-                leader = int(resp[j])
-    assert torch.equal(b['lead_change'], expected) and expected.any()
-    plain = loss_weights(b, 0.5, 1.0, 2.0, w_judge=1.0)
-    boosted = loss_weights(b, 0.5, 1.0, 2.0, w_judge=1.0, change_boost=8.0)
-    assert torch.equal(boosted[b['lead_change']], 8.0 * plain[b['lead_change']])
-    assert torch.equal(boosted[~b['lead_change']], plain[~b['lead_change']])
-
-
-def test_choice_change_marks_a_decision_other_than_the_first_slot(tiny_data):
-    """collate's `choice_change` is the decision (the first ranked slot) wherever it is not c1, and `choice_boost`
-    multiplies the weight of exactly those tokens (and leaves every other weight, rejected decisions' zero too)."""
-    import torch
-    from data_beauty import collate
-    from reasoning import loss_weights
-    sp, v = tiny_data.splits['train'], tiny_data.vocab
-    b = collate(sp, range(len(sp)), v, block=4)
-    decision = b['kind'] == 2
-    expected = decision & (b['resp'] != v.slot(0))
-    assert torch.equal(b['choice_change'], expected) and expected.any() and (decision & ~expected).any()
-    plain = loss_weights(b, 0.5, 1.0, 2.0, reject=True, w_judge=1.0)
-    boosted = loss_weights(b, 0.5, 1.0, 2.0, reject=True, w_judge=1.0, choice_boost=4.0)
-    assert torch.equal(boosted[expected], 4.0 * plain[expected])
-    assert torch.equal(boosted[~expected], plain[~expected])
 
 
 def test_top_n_breaks_ties_by_the_smaller_column():
