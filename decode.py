@@ -249,6 +249,11 @@ def load_data_for(ckpt, data_dir):
                               f"{data.vocab.size} ({data.vocab.n_out} output; it predates a change of the trace or of "
                               f"the output head): retrain it from "
                               f"the AR stage (python train_ar.py, then the later stages)")
+    trained_on = ckpt['run_cfg'].get('data_digests')
+    if trained_on and trained_on != data.fingerprint():
+        raise CheckpointError(f"the checkpoint was trained on other data than {data_dir} gives now (digests "
+                              f"{trained_on} against {data.fingerprint()}): pass the --data_dir it was trained on, "
+                              f"or retrain it from the AR stage (python train_ar.py, then the later stages)")
     return data
 
 

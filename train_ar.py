@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from common import (StageSettings, start_stage, autocast, device_name, save_checkpoint,
                     load_checkpoint, JsonlLog, plot_curves, git_commit, is_better, command_line, write_json,
-                    save_resume, load_resume, finish_resume, results_path)
+                    save_resume, load_resume, finish_resume, results_path, Interrupt)
 from data_beauty import DataConfig, BeautyData, DataError, collate
 from reasoning import loss_weights
 from decode import DecodeConfig, evaluate, trace_report
@@ -209,10 +209,11 @@ def main():
     print(f"model {model.num_params() / 1e6:.2f}M parameters on {device_name(device)}; "
           f"{len(train)} train instances, trace={cfg.trace}")
     name = cfg.name or ('ar' if cfg.trace else 'ar_direct')
-    run_cfg = {**asdict(cfg), 'data': asdict(data.cfg)}
+    run_cfg = {**asdict(cfg), 'data': asdict(data.cfg), 'data_digests': data.fingerprint()}
     opt = make_optimizer(model, cfg.lr, cfg.weight_decay)
     resumed = load_resume(cfg.out, model, opt, run_cfg)  # an interrupted run of this config continues
-    log = JsonlLog(f"out/log_{name}.jsonl", fresh=resumed is None)
+    log = JsonlLog(f"out/log_{name}.jsonl", keep=resumed['state'].get('log_lines') if resumed else None)
+    save = lambda step: save_resume(cfg.out, model, opt, run_cfg, step, {'best': best, 'log_lines': log.lines()})
 
     if cfg.mid_steps > 0 and resumed is None:
         batches = history_lm_batches(data, cfg.batch_size, rng)
@@ -231,6 +232,7 @@ def main():
     start = resumed['step'] if resumed else 0
     best = resumed['state']['best'] if resumed else None
     pbar = tqdm(range(start, cfg.max_steps), desc='sft', dynamic_ncols=True, initial=start, total=cfg.max_steps)
+    interrupt = Interrupt()
     for step in pbar:
         for g in opt.param_groups:
             g['lr'] = lr_at(step, cfg.max_steps, cfg)
@@ -250,7 +252,8 @@ def main():
             choice = choice_accuracy(model, data.splits['valid'], data.vocab, device)
             log.write(step=step + 1, val_choice_R1=choice)
             tqdm.write(f"step {step + 1}: teacher-forced choice R@1 {choice:.4f} (valid, first 1024)")
-            save_resume(cfg.out, model, opt, run_cfg, step + 1, {'best': best})
+            save(step + 1)
+        interrupt.stop_if_asked(lambda: save(step + 1), cfg.out, step + 1)
         if stop:
             break
     finish_resume(cfg.out)

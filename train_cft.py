@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from common import (StageSettings, start_stage, same_file_problem, autocast, device_name, load_checkpoint,
                     JsonlLog, write_json, CheckpointError, save_resume, load_resume, finish_resume, results_path,
-                    git_commit)
+                    git_commit, Interrupt)
 from data_beauty import DataError, collate
 from decode import load_data_for, trace_report
 from diffusion import convert, diffusion_loss
@@ -162,11 +162,13 @@ def main():
     train, vocab = data.splits['train'], data.vocab
     opt = make_optimizer(model, cfg.lr, cfg.weight_decay)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    run_cfg = {**asdict(cfg), 'data': asdict(data.cfg)}
+    run_cfg = {**asdict(cfg), 'data': asdict(data.cfg), 'data_digests': data.fingerprint()}
     resumed = load_resume(cfg.out, model, opt, run_cfg)  # an interrupted run of this config continues
     if resumed:
         gen.set_state(resumed['state']['gen'])
-    log = JsonlLog(f"out/log_{cfg.name}.jsonl", fresh=resumed is None)
+    log = JsonlLog(f"out/log_{cfg.name}.jsonl", keep=resumed['state'].get('log_lines') if resumed else None)
+    save = lambda step, best: save_resume(cfg.out, model, opt, run_cfg, step,
+                                          {'best': best, 'gen': gen.get_state(), 'log_lines': log.lines()})
 
     def score_judgements(step):
         """The judgements the decision hangs on, teacher-forced: what masked training unlearns first (FINDINGS)."""
@@ -185,7 +187,7 @@ def main():
             judged = score_judgements(step)
             if best['step'] == step:  # the kept model's record carries them too
                 best.update(judged)
-        save_resume(cfg.out, model, opt, run_cfg, step, {'best': best, 'gen': gen.get_state()})
+        save(step, best)
         return best
 
     model.eval()  # dropout stays off: the sampler and the loss must see the same network
@@ -198,6 +200,7 @@ def main():
             if cfg.judge:
                 score_judgements(0)
     pbar = tqdm(range(start, cfg.max_steps), desc='cft', dynamic_ncols=True, initial=start, total=cfg.max_steps)
+    interrupt = Interrupt()
     for step in pbar:
         for g in opt.param_groups:
             g['lr'] = lr_at(step, cfg.max_steps, cfg)
@@ -212,6 +215,7 @@ def main():
         evaluate_now, stop = cfg.evaluation_due(step, timer)
         if evaluate_now:
             best = evaluate_and_keep(step + 1, best)
+        interrupt.stop_if_asked(lambda: save(step + 1, best), cfg.out, step + 1)
         if stop:
             break
     finish_resume(cfg.out)

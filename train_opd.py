@@ -98,7 +98,8 @@ def on_policy_run(model, data, cfg, device, ck, block, stage, parent, weight_dec
     log = JsonlLog(f"out/log_{cfg.name}.jsonl")
     opt = make_optimizer(model, cfg.lr, weight_decay)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    run_cfg = {**asdict(cfg), 'block': block, 'data': ck['run_cfg']['data']}
+    run_cfg = {**asdict(cfg), 'block': block, 'data': ck['run_cfg']['data'],
+               'data_digests': ck['run_cfg'].get('data_digests')}
     keeper = Keeper(model, data, cfg, device, log, run_cfg, stage, parent, block)
     keeper(0)
     return log, opt, gen, keeper

@@ -108,6 +108,20 @@ def test_checkpoint_of_an_older_vocabulary_is_refused(pipeline):
         assert p.returncode != 0 and 'vocabulary' in p.stderr + p.stdout and 'retrain' in p.stderr + p.stdout
 
 
+def test_checkpoint_of_other_data_is_refused(pipeline):
+    """Every checkpoint records the digests of the data it was trained on; decode.py and a later stage refuse it
+    on data that gives other digests (here: a record altered as a changed data file would leave it)."""
+    cwd, data = pipeline
+    ck = torch.load(os.path.join(cwd, 'out', 'cft.pt'), weights_only=True)
+    assert set(ck['run_cfg']['data_digests']) == {'split_digest', 'lists_digest', 'tokens_digest'}
+    ck['run_cfg']['data_digests'] = dict(ck['run_cfg']['data_digests'], lists_digest='0' * 16)
+    torch.save(ck, os.path.join(cwd, 'out', 'cft_other.pt'))
+    for script, flags in (('decode.py', ['--ckpt=out/cft_other.pt', '--block=8']),
+                          ('train_opd.py', ['--student=out/cft_other.pt'])):
+        p = run(script, cwd, data, *flags)
+        assert p.returncode != 0 and 'other data' in p.stderr + p.stdout and '--data_dir' in p.stderr + p.stdout
+
+
 def test_missing_data_dir_is_refused(tmp_path):
     p = run('train_ar.py', str(tmp_path), f'--data_dir={tmp_path}/none', '--max_steps=1')
     assert p.returncode != 0 and 'missing data file' in p.stderr + p.stdout
@@ -341,31 +355,40 @@ def test_cuda_graphs_match_eager(tiny_data):
         assert torch.equal(outs[0][0], outs[1][0])
 
 
-def test_interrupted_training_resumes(tiny_dir, tmp_path):
-    """A rerun of the same command continues from the state saved at the last evaluation."""
-    import dataclasses
-    from common import save_resume
-    from data_beauty import DataConfig
-    from model import GPT, GPTConfig
-    from train_ar import TrainARConfig, make_optimizer, lr_at
-    args = dict(data_dir=tiny_dir, n_layer=1, n_embd=32, n_head=2, batch_size=8, max_steps=6, mid_steps=2,
-                eval_every=3, device='cpu')
-    cfg = TrainARConfig(**args)
-    data_cfg = DataConfig(data_dir=tiny_dir, trace=True)
-    from data_beauty import BeautyData
-    vocab_size = BeautyData(dataclasses.replace(data_cfg, cache_dir=str(tmp_path / 'out' / 'cache'))).vocab.size
-    model = GPT(GPTConfig(vocab_size=vocab_size, n_layer=1, n_head=2, n_embd=32, dropout=cfg.dropout))
-    opt = make_optimizer(model, cfg.lr, cfg.weight_decay)
-    for g in opt.param_groups:  # as interrupted after the warm-up (the schedule's value is in the saved state)
-        g['lr'] = lr_at(3, 6, dataclasses.replace(cfg, warmup=1))
-    os.makedirs(tmp_path / 'out', exist_ok=True)
-    run_cfg = {**dataclasses.asdict(cfg), 'data': dataclasses.asdict(data_cfg)}
-    save_resume(str(tmp_path / 'out' / 'ar.pt'), model, opt, run_cfg, 3, {'best': None, 'best_step': -1})
-    p = run('train_ar.py', str(tmp_path), *[f'--{k}={v}' for k, v in args.items() if k != 'device'])
-    assert p.returncode == 0, p.stderr[-2000:]
-    assert 'resuming from' in p.stdout and 'at step 3' in p.stdout
-    assert 'mid-train' not in p.stderr                       # mid-training was done before the interruption
-    assert not os.path.exists(tmp_path / 'out' / 'ar.pt.resume') and os.path.exists(tmp_path / 'out' / 'ar.pt')
+def test_ctrl_c_saves_and_the_rerun_ends_as_an_uninterrupted_run(tiny_dir, tmp_path):
+    """Ctrl-C in the middle of train_ar's training: the step in flight finishes, the state is saved and the stage
+    exits; the same command then continues and ends with the log (every step once, the same losses) and the
+    weights of a run that was never interrupted."""
+    import json
+    import signal
+    import time
+    args = [f'--data_dir={tiny_dir}', '--n_layer=1', '--n_embd=32', '--n_head=2', '--batch_size=8', '--mid_steps=0',
+            '--max_steps=300', '--eval_every=150', '--eval_n=8']
+    whole, cut = str(tmp_path / 'whole'), str(tmp_path / 'cut')
+    os.makedirs(whole)
+    os.makedirs(cut)
+    assert run('train_ar.py', whole, *args).returncode == 0
+    env = dict(os.environ, WORK_DIR=cut, RESULTS_DIR='results')
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, 'train_ar.py'), '--device=cpu', *args], cwd=cut,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = os.path.join(cut, 'out', 'log_ar.jsonl')
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:  # wait until training is under way
+        if os.path.exists(log) and sum('"loss"' in line for line in open(log)) >= 20:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode != 0 and 'interrupted after step' in err + out, (out + err)[-2000:]
+    assert os.path.exists(os.path.join(cut, 'out', 'ar.pt.resume'))
+    p = run('train_ar.py', cut, *args)
+    assert p.returncode == 0 and 'resuming from' in p.stdout, p.stderr[-2000:]
+    rows = lambda d: [json.loads(line) for line in open(os.path.join(d, 'out', 'log_ar.jsonl'))]
+    assert rows(cut) == rows(whole)
+    assert [r['step'] for r in rows(cut) if 'loss' in r] == list(range(300))
+    a, b = (torch.load(os.path.join(d, 'out', 'ar.pt'), weights_only=True)['model'] for d in (whole, cut))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not os.path.exists(os.path.join(cut, 'out', 'ar.pt.resume'))
 
 
 def test_opd_anchor_uses_the_students_own_cft_loss():
