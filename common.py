@@ -180,7 +180,8 @@ class CheckpointError(RuntimeError):
 
 
 def save_checkpoint(path, model, run_cfg, stage, parent=None, step=0, metrics=None, extra=None):
-    """Write tensors and plain values only, atomically (temp file, then rename)."""
+    """Write tensors and plain values only, atomically (temp file, then rename), and beside it the same record
+    without the weights as readable JSON (out/ar.pt -> out/ar.json: stage, parent, configs, metrics, commit)."""
     path = project_path(path)
     os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
     ckpt = {
@@ -196,6 +197,8 @@ def save_checkpoint(path, model, run_cfg, stage, parent=None, step=0, metrics=No
     tmp = path + '.tmp'
     torch.save(ckpt, tmp)
     os.replace(tmp, path)
+    meta = {k: v for k, v in ckpt.items() if k != 'model'}
+    write_json(os.path.splitext(path)[0] + '.json', dict(meta, commit=git_commit(), weights=os.path.basename(path)))
 
 
 def load_checkpoint(path, stages=None, device='cpu'):

@@ -492,7 +492,7 @@ class BeautyData:
 
     def fingerprint(self):
         """The whole-data digests (split, lists, tokens): every checkpoint records them, and a later stage or
-        decode.py refuses a checkpoint whose data they do not match (decode.load_data_for)."""
+        decode.py refuses a checkpoint whose data they do not match (evaluation.load_data_for)."""
         if not hasattr(self, '_fingerprint'):
             d = self.digests()
             self._fingerprint = {k: d[k] for k in ('split_digest', 'lists_digest', 'tokens_digest')}

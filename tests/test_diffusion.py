@@ -7,10 +7,10 @@ import torch
 
 from conftest import tiny_model
 from data_beauty import collate
-from decode import generate_ar
-from diffusion import (bd3_columns, bd3_hidden, commit_rule, convert, diffusion_loss, generate_block,
+from diffusion import (generate_ar, bd3_columns, bd3_hidden, commit_rule, convert, diffusion_loss, generate_block,
                        first_eos_lengths, loss_region, noise_blocks, replay_hidden, left_to_right_steps,
                        token_logprobs, permutation_validity_loss, forward_kl, predicting_columns)
+from reasoning import loss_weights
 from train_ar import ar_response_loss
 
 
@@ -47,8 +47,8 @@ def test_bd3_mask_equals_dense_reference():
 def test_block_one_loss_equals_ar_loss(tiny_data):
     d, model, batch = setup(tiny_data, block=1)
     everything = torch.ones_like(batch['resp'], dtype=torch.bool)
-    diff, _ = diffusion_loss(model, batch, 1, d.vocab.mask, masked=everything, complementary=False,
-                             w_trace=0.5, w_answer=1.0, w_choice=3.0)
+    weights = loss_weights(batch, w_trace=0.5, w_answer=1.0, w_choice=3.0)
+    diff, _ = diffusion_loss(model, batch, 1, d.vocab.mask, weights, masked=everything, complementary=False)
     ar = ar_response_loss(model, batch, w_trace=0.5, w_answer=1.0, w_choice=3.0)
     torch.testing.assert_close(diff, ar, atol=1e-5, rtol=1e-5)
 
@@ -90,10 +90,10 @@ def test_cached_sampler_equals_uncached_replay(tiny_data):
 
 
 def test_teacher_forced_diffusion_logits_are_at_the_left_to_right_state(tiny_data):
-    """decode.teacher_forced_logits (what trace_report scores) with block B predicts each token with its block's
+    """evaluation.teacher_forced_logits (what trace_report scores) with block B predicts each token with its block's
     tokens left of it revealed and the rest masked: equal to a plain bd3 forward per position; and trace_report
     counts the lists whose trace concludes elsewhere than c1."""
-    from decode import teacher_forced_logits, trace_report
+    from evaluation import teacher_forced_logits, trace_report
     d, model, _ = setup(tiny_data)
     sp, v, B = d.splits['valid'], d.vocab, 4
     b = collate(sp, range(6), v, block=B)
@@ -260,8 +260,8 @@ def test_loss_at_masked_positions_equals_full_head(tiny_data):
     d, model, batch = setup(tiny_data, block=4)
     v, resp = d.vocab, batch['resp']
     masked = noise_blocks(resp, 4, v.mask, torch.Generator().manual_seed(0))
-    loss, parts = diffusion_loss(model, batch, 4, v.mask, masked=masked, complementary=False, w_trace=0.5,
-                                 validity_weight=1.0, vocab=v, w_judge=5.0)
+    loss, parts = diffusion_loss(model, batch, 4, v.mask, loss_weights(batch, 0.5, 1.0, 1.0, w_judge=5.0),
+                                 masked=masked, complementary=False, validity_weight=1.0, vocab=v)
     logits = model.head(bd3_hidden(model, batch['prompt'], batch['pad'], torch.where(masked, v.mask, resp), resp, 4))
     at = masked & loss_region(resp, batch['resp_len'], 4)
     assert (batch['kind'][at] == 3).any()                             # the judgements' weight is exercised
@@ -333,8 +333,9 @@ def test_certainty_term_is_the_entropy_where_the_prediction_is_right(tiny_data):
     assert right.any() and (at & ~right).any()
     logp = logits.log_softmax(-1)
     expected = -(logp.exp() * logp).sum(-1)[right].mean()
-    loss0, parts0 = diffusion_loss(model, batch, R, v.mask, masked=masked, complementary=False, vocab=v)
-    loss1, parts1 = diffusion_loss(model, batch, R, v.mask, masked=masked, complementary=False, vocab=v,
+    w = loss_weights(batch, 1.0, 1.0, 1.0)
+    loss0, parts0 = diffusion_loss(model, batch, R, v.mask, w, masked=masked, complementary=False, vocab=v)
+    loss1, parts1 = diffusion_loss(model, batch, R, v.mask, w, masked=masked, complementary=False, vocab=v,
                                    certainty_weight=2.0)
     torch.testing.assert_close(parts1['entropy_right'], expected)
     torch.testing.assert_close(loss1, loss0 + 2.0 * expected, atol=1e-4, rtol=1e-5)
@@ -344,7 +345,6 @@ def test_complementary_masks_supervise_each_token_once(tiny_data):
     """With complementary masks (CFT's default) the loss is the weighted mean over the union of the two
     single-mask losses: each example once with its mask and once with the opposite one, so every token of the
     trained region is supervised exactly once."""
-    from reasoning import loss_weights
     d, model, batch = setup(tiny_data, block=4)
     v = d.vocab
     masked = noise_blocks(batch['resp'], 4, v.mask, torch.Generator().manual_seed(3))
@@ -352,9 +352,9 @@ def test_complementary_masks_supervise_each_token_once(tiny_data):
     w = loss_weights(batch, 0.5, 1.0, 2.0)
     single = []
     for m in (masked, ~masked):
-        loss, _ = diffusion_loss(model, batch, 4, v.mask, masked=m, complementary=False, w_trace=0.5, w_choice=2.0)
+        loss, _ = diffusion_loss(model, batch, 4, v.mask, w, masked=m, complementary=False)
         single.append((loss, w[m & region].sum()))
-    both, _ = diffusion_loss(model, batch, 4, v.mask, masked=masked, complementary=True, w_trace=0.5, w_choice=2.0)
+    both, _ = diffusion_loss(model, batch, 4, v.mask, w, masked=masked, complementary=True)
     (l1, w1), (l2, w2) = single
     assert abs(float(l1 - l2)) > 1e-3                                   # the two halves differ, so the test can fail
     torch.testing.assert_close(both, (l1 * w1 + l2 * w2) / (w1 + w2), atol=1e-5, rtol=1e-5)

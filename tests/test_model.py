@@ -8,9 +8,11 @@ import torch
 from common import save_checkpoint, load_checkpoint, CheckpointError
 from conftest import tiny_model
 from data_beauty import collate
-from decode import generate_ar, trace_agreement
+from diffusion import generate_ar
+from evaluation import trace_agreement
 from model import attention_mask, column_blocks, positions
-from train_ar import ar_response_loss, make_optimizer
+from train_ar import ar_response_loss
+from training import make_optimizer
 
 
 def test_block_causal_mask_equals_dense_reference():
@@ -110,6 +112,9 @@ def test_checkpoint_round_trip_and_errors(tiny_data, tmp_path):
     a = full_logits(model, batch['prompt'], batch['pad'], batch['resp'])
     b = full_logits(loaded.eval(), batch['prompt'], batch['pad'], batch['resp'])
     assert torch.equal(a, b) and ckpt['step'] == 3
+    import json
+    meta = json.load(open(tmp_path / 'ar.json'))  # the readable record beside the weights
+    assert (meta['stage'], meta['step'], meta['weights']) == ('ar', 3, 'ar.pt') and 'model' not in meta
     with pytest.raises(CheckpointError, match='not found.*train_ar'):
         load_checkpoint(str(tmp_path / 'missing.pt'))
     with pytest.raises(CheckpointError, match="'ar' checkpoint, expected"):

@@ -64,7 +64,7 @@ def test_naive_conversion_decodes_the_model_cft_starts_from(pipeline):
     embedding), so the naive row is CFT's step 0; --teacher_forced adds the trace's judgements."""
     import json
     from common import load_checkpoint
-    from decode import DecodeConfig, evaluate, load_data_for
+    from evaluation import Decoding, evaluate, load_data_for
     from diffusion import convert
     cwd, data = pipeline
     p = run('decode.py', cwd, data, '--ckpt=out/ar.pt', '--name=naive', '--block=8', '--split=valid',
@@ -73,7 +73,7 @@ def test_naive_conversion_decodes_the_model_cft_starts_from(pipeline):
     res = json.load(open(os.path.join(cwd, 'results', 'eval_naive.json')))
     model, ck = load_checkpoint(os.path.join(cwd, 'out', 'ar.pt'))
     d = load_data_for(ck, data.split('=', 1)[1])
-    ref, _ = evaluate(convert(model, d.vocab), d, 'valid', DecodeConfig(block=8, split='valid'), torch.device('cpu'))
+    ref, _ = evaluate(convert(model, d.vocab), d, 'valid', Decoding(block=8), torch.device('cpu'))
     assert res['per_user'] == ref['per_user'] and res['validity'] == ref['validity']
 
 
@@ -311,7 +311,7 @@ def test_bench_outputs_equal_decode(tiny_data):
     from bench import decode_once
     from conftest import tiny_model
     from data_beauty import collate
-    from decode import generate_ar
+    from diffusion import generate_ar
     from diffusion import convert, generate_block
     from model import CachedForward
     d = tiny_data
@@ -395,7 +395,7 @@ def test_opd_anchor_uses_the_students_own_cft_loss():
     """--cft_weight trains the student with the masks and weights it was trained with (train_cft's defaults where
     an older record lacks a field), so the anchor is the loss it was selected under."""
     from dataclasses import asdict
-    from train_opd import cft_loss_settings
+    from training import cft_loss_settings
     trained = asdict(TrainCFTConfig(suffix_share=0.5, complementary=False, w_judge=2.0))
     got = cft_loss_settings(trained)
     assert (got['suffix_share'], got['complementary'], got['w_judge']) == (0.5, False, 2.0)
