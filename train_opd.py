@@ -13,11 +13,8 @@ The student's distribution is taken at one of two states (`--state`):
   l2r     the tokens left of it in its block revealed, the rest masked: what the teacher's conditioning
           matches, so the KL can reach zero (B stacked states per block: more memory per rollout).
 With B = 1 both are the AR distillation loss, zero when student = teacher. l2r is the default: at the commit
-state the KL on fresh rollouts rose and validity collapsed within a few steps (H100: 0.94 -> 0.33 in 20
-steps; CPU: 0.59 -> 0.03 in 8), while at l2r the KL fell and validity held (CPU: 0.59 -> 0.56;
-results/cpu/opd_state/). From a CPU student that had learned to denoise, l2r alone lowered validity (0.81 ->
-0.14 in 40 steps): it trains one state per token, not the ones the threshold sampler visits. `--cft_weight`
-adds the student's CFT loss as an anchor (results/cpu/opd_from_warmup/).
+state validity collapsed within a few steps, at l2r it held (FINDINGS.md, OPD). l2r trains one state per
+token, not the ones the threshold sampler visits; `--cft_weight` adds the student's CFT loss as an anchor.
 """
 from dataclasses import dataclass
 
