@@ -3,7 +3,7 @@
     python bench.py                      # whatever the machine is: CPU-sized work on a CPU, CUDA graphs on a GPU
     python bench.py --batches="(1,)" --n_b1=16 --repeats=3 --accuracy=False   # a quick look
 
-Both sides run decode.py's and diffusion.py's own decoding functions over the same CachedForward (same model
+Both sides run diffusion.py's own decoding functions over the same CachedForward (same model
 code, kernels and dtype) on the same test prompts, in one process: every setting is timed `repeats` times,
 the repeats interleaved between the settings (so a slow minute of a shared machine hits all of them), and the
 median is kept. Tokens are counted up to <eos>. Each diffusion checkpoint found (CFT, OPD, RL) is timed at its
@@ -27,8 +27,8 @@ import torch
 from common import (parse_config, device_problem, print_config, pick_device, autocast, device_name, load_checkpoint,
                     write_json, git_commit, command_line, CheckpointError, results_path, project_path, Timer)
 from data_beauty import DataError, collate
-from decode import DecodeConfig, evaluate, generate_ar, load_data_for
-from diffusion import generate_block
+from evaluation import Decoding, evaluate, load_data_for
+from diffusion import generate_ar, generate_block
 from model import CachedForward
 
 
@@ -167,7 +167,7 @@ def accuracy_of(setting, models, data, device):
     """(R@1, validity, where from) of a setting on the full test set: a matching eval file, else decoded here."""
     found = matching_eval(setting['ckpt'], setting, len(data.splits['test']))
     if found is None:
-        dcfg = DecodeConfig(block=setting['block'], tau=setting['tau'] or 0.9, batch_size=64)
+        dcfg = Decoding(block=setting['block'], tau=setting['tau'] or 0.9, batch_size=64)
         res, _ = evaluate(models[setting['ckpt']][0], data, 'test', dcfg, device)
         found = (res['metrics']['R@1'], res['validity'], 'decoded here')
     print(f"accuracy {setting['stage']} tau {setting['tau']}: R@1 {found[0]:.4f} validity {found[1]:.4f} ({found[2]})")

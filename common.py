@@ -3,6 +3,7 @@ import ast
 import dataclasses
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -179,7 +180,8 @@ class CheckpointError(RuntimeError):
 
 
 def save_checkpoint(path, model, run_cfg, stage, parent=None, step=0, metrics=None, extra=None):
-    """Write tensors and plain values only, atomically (temp file, then rename)."""
+    """Write tensors and plain values only, atomically (temp file, then rename), and beside it the same record
+    without the weights as readable JSON (out/ar.pt -> out/ar.json: stage, parent, configs, metrics, commit)."""
     path = project_path(path)
     os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
     ckpt = {
@@ -195,6 +197,8 @@ def save_checkpoint(path, model, run_cfg, stage, parent=None, step=0, metrics=No
     tmp = path + '.tmp'
     torch.save(ckpt, tmp)
     os.replace(tmp, path)
+    meta = {k: v for k, v in ckpt.items() if k != 'model'}
+    write_json(os.path.splitext(path)[0] + '.json', dict(meta, commit=git_commit(), weights=os.path.basename(path)))
 
 
 def load_checkpoint(path, stages=None, device='cpu'):
@@ -213,7 +217,12 @@ def load_checkpoint(path, stages=None, device='cpu'):
     if stages is not None and ckpt['stage'] not in stages:
         raise CheckpointError(f"{path} holds a '{ckpt['stage']}' checkpoint, expected one of {list(stages)}")
     model = GPT(GPTConfig(**ckpt['model_cfg']))
-    model.load_state_dict(ckpt['model'])
+    try:
+        model.load_state_dict(ckpt['model'])
+    except RuntimeError as e:  # weights of another shape than the recorded config (an edited or mixed-up file)
+        raise CheckpointError(f"{path}: its weights do not match its recorded model config "
+                              f"({str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e}); "
+                              f"delete it and rerun its stage") from e
     return model.to(device), ckpt
 
 
@@ -232,9 +241,13 @@ def load_resume(out, model, opt, run_cfg):
     path = project_path(out) + '.resume'
     if not os.path.exists(path):
         return None
-    saved = torch.load(path, map_location='cpu', weights_only=True)
+    try:
+        saved = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # cut short by a full disk or a killed machine
+        raise CheckpointError(f"{path} is not a readable resume state ({e}); delete it to start afresh") from e
     if saved['run_cfg'] != resume_key(run_cfg):
-        print(f"note: {path} belongs to another configuration; starting afresh")
+        print(f"note: {path} belongs to another configuration of this stage; deleted, starting afresh")
+        os.remove(path)
         return None
     model.load_state_dict(saved['model'])
     opt.load_state_dict(saved['opt'])
@@ -247,6 +260,29 @@ def finish_resume(out):
     out = project_path(out)
     if os.path.exists(out + '.resume'):
         os.remove(out + '.resume')
+
+
+class Interrupt:
+    """Ctrl-C during a resumable stage's training: the first one lets the step in flight finish, and the stage
+    then saves its resume state and exits (`stop_if_asked`); rerunning the same command continues from there.
+    A second Ctrl-C stops at once."""
+
+    def __init__(self):
+        self.asked = False
+        signal.signal(signal.SIGINT, self._ask)
+
+    def _ask(self, signum, frame):
+        if self.asked:
+            raise KeyboardInterrupt
+        self.asked = True
+        tqdm.write("interrupted: finishing this step, then saving (Ctrl-C again to stop at once)")
+
+    def stop_if_asked(self, save, out, step):
+        """After a training step: if Ctrl-C was pressed, save() the resume state and exit."""
+        if self.asked:
+            save()
+            raise SystemExit(f"interrupted after step {step}: state saved to {project_path(out)}.resume; "
+                             f"rerun the same command to continue")
 
 
 def resume_key(run_cfg):
@@ -276,14 +312,27 @@ def is_better(new, best, min_validity):
 # ----------------------------------------------------------------------------- logs, plots, results
 
 class JsonlLog:
-    """Append one JSON object per line; every scalar of a run ends up here."""
+    """Append one JSON object per line; every scalar of a run ends up here. A resumed run passes the number of
+    lines the log had when its state was saved (`keep`): the rows written after it, which the resumed run
+    writes again, are cut, so every step appears once."""
 
-    def __init__(self, path, fresh=True):
+    def __init__(self, path, keep=None):
         path = project_path(path)
         os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
         self.path = path
-        if fresh and os.path.exists(path):
+        if keep is None and os.path.exists(path):
             os.remove(path)
+        elif keep is not None and os.path.exists(path):
+            with open(path) as f:
+                lines = f.readlines()[:keep]
+            with open(path, 'w') as f:
+                f.writelines(lines)
+
+    def lines(self):
+        if not os.path.exists(self.path):
+            return 0
+        with open(self.path) as f:
+            return sum(1 for _ in f)
 
     def write(self, **row):
         with open(self.path, 'a') as f:

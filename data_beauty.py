@@ -490,6 +490,14 @@ class BeautyData:
                  for kind in ('split', 'lists', 'tokens')}
         return dict(whole, digests_by_split=parts)
 
+    def fingerprint(self):
+        """The whole-data digests (split, lists, tokens): every checkpoint records them, and a later stage or
+        decode.py refuses a checkpoint whose data they do not match (evaluation.load_data_for)."""
+        if not hasattr(self, '_fingerprint'):
+            d = self.digests()
+            self._fingerprint = {k: d[k] for k in ('split_digest', 'lists_digest', 'tokens_digest')}
+        return self._fingerprint
+
     def history(self, u, t):
         return self.seqs[u][max(0, t - self.cfg.max_hist):t]
 

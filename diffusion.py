@@ -10,7 +10,6 @@ References: BD3-LM (Arriola et al. 2025), MDLM (Sahoo et al. 2024), Fast-dLLM (W
 import torch
 import torch.nn.functional as F
 
-from reasoning import loss_weights
 from model import CachedForward, positions
 
 
@@ -91,12 +90,11 @@ def noise_blocks(resp, block, mask_id, generator=None, t_min=0.05, suffix_share=
     return masked
 
 
-def diffusion_loss(model, batch, block, mask_id, masked=None, w_trace=1.0, w_answer=1.0, w_choice=1.0,
-                   complementary=True, validity_weight=0.0, vocab=None, generator=None, reject=False, w_judge=None,
-                   suffix_share=0.0, certainty_weight=0.0):
+def diffusion_loss(model, batch, block, mask_id, weights, masked=None, complementary=True, validity_weight=0.0,
+                   vocab=None, generator=None, suffix_share=0.0, certainty_weight=0.0):
     """Masked-token cross-entropy of the block-diffusion model (plain mean over masked tokens, Fast-dLLM v2),
-    with complementary masks (each example also with the opposite mask: every token supervised once), tokens
-    weighted by reasoning.loss_weights (`w_*`, `reject`), plus optionally the
+    with complementary masks (each example also with the opposite mask: every token supervised once), each token
+    weighted by `weights` (B, R) (what the trace makes of its tokens: reasoning.loss_weights), plus optionally the
     permutation-validity loss on the answer positions (it does not read the target, so it keeps every row), plus
     optionally the certainty term: the entropy of the prediction at the masked positions the model already gets
     right (argmax = target), so that it grows sure where it is right and the threshold rule commits those
@@ -109,7 +107,6 @@ def diffusion_loss(model, batch, block, mask_id, masked=None, w_trace=1.0, w_ans
     if masked is None:
         masked = noise_blocks(resp, block, mask_id, generator, suffix_share=suffix_share)
     kind, cands = batch['kind'], batch['cands']
-    weights = loss_weights(batch, w_trace, w_answer, w_choice, reject, w_judge)
     if complementary:
         prompt, pad, resp, kind, region, cands, weights = (torch.cat([z, z]) for z in
                                                            (prompt, pad, resp, kind, region, cands, weights))
@@ -205,6 +202,27 @@ def commit_rule(conf, masked, tau, k, from_left=False):
         commit = c >= tau
         commit.scatter_(1, c.argmax(1, keepdim=True), True)
     return commit & masked
+
+
+@torch.no_grad()
+def generate_ar(model, prompt, pad, max_new, vocab, runner=None):
+    """Greedy AR decoding with the KV cache; head and softmax in fp32. Returns tokens (B, max_new), lengths."""
+    B, P = prompt.shape
+    run = runner or CachedForward(model, pad, P, max_new, 1)
+    h = run(prompt, torch.arange(P, device=prompt.device))
+    logits = model.head(h[:, -1], fp32=True)
+    out = torch.full((B, max_new), vocab.eos, dtype=torch.long, device=prompt.device)
+    done = torch.zeros(B, dtype=torch.bool, device=prompt.device)
+    for j in range(max_new):
+        logits[:, vocab.mask] = -float('inf')
+        tok = torch.where(done, vocab.eos, logits.argmax(-1))
+        out[:, j] = tok
+        done |= tok == vocab.eos
+        if bool(done.all()) or j == max_new - 1:  # one host sync per step
+            break
+        h = run(tok[:, None], torch.tensor([P + j], device=prompt.device))
+        logits = model.head(h[:, -1], fp32=True)
+    return out, first_eos_lengths(out, vocab)
 
 
 @torch.no_grad()

@@ -9,7 +9,6 @@ Mid-training (GR2 mid-trains an LLM before SFT) is here the analogue: next-item 
 sequences written as in the prompt (item, then its attributes), which also aligns items with attributes.
 SFT weighs reasoning and answer tokens separately. Keeps the checkpoint with the best validation R@1.
 """
-import math
 from dataclasses import dataclass, asdict
 
 import numpy as np
@@ -17,12 +16,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (StageSettings, start_stage, autocast, device_name, save_checkpoint,
-                    load_checkpoint, JsonlLog, plot_curves, git_commit, is_better, command_line, write_json,
-                    save_resume, load_resume, finish_resume, results_path)
+from common import (StageSettings, start_stage, autocast, device_name, load_checkpoint, JsonlLog, save_resume,
+                    load_resume, finish_resume, Interrupt)
 from data_beauty import DataConfig, BeautyData, DataError, collate
 from reasoning import loss_weights
-from decode import DecodeConfig, evaluate, trace_report
+from evaluation import trace_report
+from training import make_optimizer, optimizer_step, lr_at, validate_and_keep, finish
 from model import GPT, GPTConfig, response_hidden
 
 
@@ -61,30 +60,6 @@ class TrainARConfig(StageSettings):  # + min_validity, eval_n, eval_batch, time_
         if not 0 < self.trace_sample <= 1:
             return f"--trace_sample={self.trace_sample}: a share of the trace tokens, in (0, 1]"
         return super().problem()
-
-
-def lr_at(step, total, cfg):
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    # a Python float: the optimizer state holds it, and the resume file is read back with weights_only=True
-    return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - cfg.warmup) / max(1, total - cfg.warmup))))
-
-
-def make_optimizer(model, lr, weight_decay):
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    rest = [p for p in model.parameters() if p.dim() < 2]
-    return torch.optim.AdamW([{'params': decay, 'weight_decay': weight_decay}, {'params': rest, 'weight_decay': 0.0}],
-                             lr=lr, betas=(0.9, 0.95))
-
-
-def optimizer_step(model, opt, loss, grad_clip, step, lr):
-    """Backward, clip, step; a non-finite loss stops the run and says what to change."""
-    if not torch.isfinite(loss):
-        raise SystemExit(f"error: loss is {loss.item()} at step {step}; lower --lr (now {lr})")
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    opt.step()
 
 
 def ar_response_loss(model, batch, w_trace=1.0, w_answer=1.0, w_choice=1.0, trace_sample=1.0, generator=None,
@@ -162,38 +137,21 @@ def choice_accuracy(model, split, vocab, device, n=1024, batch=64):
     return hits / max(total, 1)
 
 
-def validate(model, data, cfg, device, block=0, tau=0.9, k=0, split='valid', from_left=False):
-    dcfg = DecodeConfig(block=block, tau=tau, k=k, from_left=from_left, batch_size=cfg.eval_batch, limit=cfg.eval_n,
-                        seed=cfg.seed)
-    res, _ = evaluate(model, data, split, dcfg, device)
-    return res
-
-
-def validate_and_keep(model, data, cfg, device, log, step, best, run_cfg, stage, parent=None, block=0):
-    """Decode validation with the run's decoding settings, log it, and write the checkpoint if it is the best so
-    far (common.is_better). Returns the best record."""
-    res = validate(model, data, cfg, device, block=block, tau=getattr(cfg, 'tau', 0.9), k=getattr(cfg, 'k', 0),
-                   from_left=getattr(cfg, 'from_left', False))
-    m = res['metrics']
-    row = dict(m, validity=res['validity'], tokens_per_forward=res.get('tokens_per_forward'), step=step)
-    log.write(step=step, val_R1=m['R@1'], val_N3=m['N@3'], val_validity=res['validity'],
-              val_tok_per_fwd=res.get('tokens_per_forward'))
-    tqdm.write(f"step {step}: valid R@1 {m['R@1']:.4f} N@3 {m['N@3']:.4f} validity {res['validity']:.4f} "
-               f"tokens/forward {res.get('tokens_per_forward', 0):.2f} (floor R@1 {res['floor']['R@1']:.4f})")
-    if is_better(row, best, cfg.min_validity):
-        best = row
-        save_checkpoint(cfg.out, model, run_cfg, stage=stage, parent=parent, step=step, metrics={'valid': best})
-    return best
-
-
-def finish(cfg, name, title, log, best, timer, device, keys, **extra):
-    """The end of every stage: curves, and results/train_<name>.json with the kept model's validation record."""
-    print(f"best valid R@1 {best['R@1']:.4f} validity {best['validity']:.4f} at step {best['step']}; saved {cfg.out} "
-          f"({timer():.0f}s)")
-    plot_curves(log.path, results_path(f"curves_{name}.png"), keys, title)
-    write_json(results_path(f"train_{name}.json"), {'name': name, 'valid': best, 'seconds': round(timer(), 1),
-                                              'device': device_name(device), 'command': command_line(),
-                                              'commit': git_commit(), 'config': asdict(cfg), **extra})
+def mid_train(model, data, cfg, rng, device, log):
+    """Mid-training: next-token prediction over users' train histories (items and attributes), logged at negative
+    steps so that SFT's curve starts at 0."""
+    opt = make_optimizer(model, cfg.lr, cfg.weight_decay)
+    batches = history_lm_batches(data, cfg.batch_size, rng)
+    pbar = tqdm(range(cfg.mid_steps), desc='mid-train', dynamic_ncols=True)
+    for step in pbar:
+        for g in opt.param_groups:
+            g['lr'] = lr_at(step, cfg.mid_steps, cfg)
+        x, live = next(batches)
+        with autocast(device):
+            loss = lm_loss(model, x.to(device), live.to(device))
+        optimizer_step(model, opt, loss, cfg.grad_clip, step, cfg.lr)
+        pbar.set_postfix(loss=f"{loss.item():.3f}")
+        log.write(step=step - cfg.mid_steps, mid_loss=loss.item())
 
 
 def main():
@@ -209,28 +167,20 @@ def main():
     print(f"model {model.num_params() / 1e6:.2f}M parameters on {device_name(device)}; "
           f"{len(train)} train instances, trace={cfg.trace}")
     name = cfg.name or ('ar' if cfg.trace else 'ar_direct')
-    run_cfg = {**asdict(cfg), 'data': asdict(data.cfg)}
+    run_cfg = {**asdict(cfg), 'data': asdict(data.cfg), 'data_digests': data.fingerprint()}
     opt = make_optimizer(model, cfg.lr, cfg.weight_decay)
     resumed = load_resume(cfg.out, model, opt, run_cfg)  # an interrupted run of this config continues
-    log = JsonlLog(f"out/log_{name}.jsonl", fresh=resumed is None)
+    log = JsonlLog(f"out/log_{name}.jsonl", keep=resumed['state'].get('log_lines') if resumed else None)
+    save = lambda step: save_resume(cfg.out, model, opt, run_cfg, step, {'best': best, 'log_lines': log.lines()})
 
     if cfg.mid_steps > 0 and resumed is None:
-        batches = history_lm_batches(data, cfg.batch_size, rng)
-        pbar = tqdm(range(cfg.mid_steps), desc='mid-train', dynamic_ncols=True)
-        for step in pbar:
-            for g in opt.param_groups:
-                g['lr'] = lr_at(step, cfg.mid_steps, cfg)
-            x, live = next(batches)
-            with autocast(device):
-                loss = lm_loss(model, x.to(device), live.to(device))
-            optimizer_step(model, opt, loss, cfg.grad_clip, step, cfg.lr)
-            pbar.set_postfix(loss=f"{loss.item():.3f}")
-            log.write(step=step - cfg.mid_steps, mid_loss=loss.item())
+        mid_train(model, data, cfg, rng, device, log)
         opt = make_optimizer(model, cfg.lr, cfg.weight_decay)  # fresh moments for SFT
 
     start = resumed['step'] if resumed else 0
     best = resumed['state']['best'] if resumed else None
     pbar = tqdm(range(start, cfg.max_steps), desc='sft', dynamic_ncols=True, initial=start, total=cfg.max_steps)
+    interrupt = Interrupt()
     for step in pbar:
         for g in opt.param_groups:
             g['lr'] = lr_at(step, cfg.max_steps, cfg)
@@ -250,7 +200,8 @@ def main():
             choice = choice_accuracy(model, data.splits['valid'], data.vocab, device)
             log.write(step=step + 1, val_choice_R1=choice)
             tqdm.write(f"step {step + 1}: teacher-forced choice R@1 {choice:.4f} (valid, first 1024)")
-            save_resume(cfg.out, model, opt, run_cfg, step + 1, {'best': best})
+            save(step + 1)
+        interrupt.stop_if_asked(lambda: save(step + 1), cfg.out, step + 1)
         if stop:
             break
     finish_resume(cfg.out)

@@ -20,30 +20,22 @@ from tqdm import tqdm
 
 from common import (StageSettings, start_stage, same_file_problem, autocast, device_name, load_checkpoint,
                     JsonlLog, write_json, CheckpointError, save_resume, load_resume, finish_resume, results_path,
-                    git_commit)
+                    git_commit, Interrupt)
 from data_beauty import DataError, collate
-from decode import load_data_for, trace_report
-from diffusion import convert, diffusion_loss
-from train_ar import make_optimizer, optimizer_step, lr_at, validate, validate_and_keep, finish
+from evaluation import load_data_for, trace_report
+from diffusion import convert
+from training import (CFTLoss, WEIGHTING, cft_loss, cft_loss_settings, make_optimizer, optimizer_step, lr_at,
+                      validate, validate_and_keep, finish)
 
 
 @dataclass
-class TrainCFTConfig(StageSettings):  # + min_validity, eval_n, eval_batch, time_limit, seed, device
+class TrainCFTConfig(StageSettings, CFTLoss):  # + the shared flags, and the loss's (training.CFTLoss)
     parent: str = 'out/ar.pt'    # an AR teacher (converted here) or a CFT model (training continues)
     out: str = 'out/cft.pt'
     name: str = 'cft'
     data_dir: str = 'data/beauty'
     block: int = 32              # B: tokens per block
     block_warmup: int = 0        # > 0: train with B = 1, 2, 4, ... up to `block` over these first steps
-    validity_weight: float = 1.0  # permutation-validity loss weight (0 = ablation)
-    complementary: bool = True   # each example also with the opposite mask
-    suffix_share: float = 0.0    # share of blocks masked from a random cut to the end (diffusion.noise_blocks)
-    certainty_weight: float = 0.5  # entropy of the right predictions at masked positions (diffusion_loss)
-    w_trace: float = 0.5
-    w_answer: float = 1.0
-    w_choice: float = 1.0        # the first ranked item
-    w_judge: float = 0.5         # the trace's running leaders and conclusion (train_ar's 5: lower validity on a CPU)
-    reject: bool = True          # no decision loss where the trace concludes elsewhere (reasoning.loss_weights)
     max_steps: int = 600
     batch_size: int = 64
     lr: float = 5e-4
@@ -53,7 +45,7 @@ class TrainCFTConfig(StageSettings):  # + min_validity, eval_n, eval_batch, time
     tau: float = 0.9             # evaluation decoding (greedy, threshold rule)
     k: int = 0
     from_left: bool = False      # evaluation commits in position order (diffusion.commit_rule)
-    judge: bool = True           # at each evaluation, score the trace's judgements teacher-forced (decode.trace_report;
+    judge: bool = True           # at each evaluation, score the trace's judgements teacher-forced (evaluation.trace_report;
     judge_n: int = 512           # on this many validation lists: `block` forwards each, slow on a CPU)
     sweep: bool = True           # at the end: validation R@1 and speed by confidence and from the left
     eval_every: int = 200
@@ -79,17 +71,6 @@ def block_at(step, cfg):
     return 2 ** (step * stages // cfg.block_warmup)
 
 
-WEIGHTING = ('w_trace', 'w_answer', 'w_choice', 'w_judge', 'reject')
-MASKING = ('complementary', 'suffix_share', 'validity_weight', 'certainty_weight')
-
-
-def cft_loss_settings(run_cfg, keys=WEIGHTING + MASKING):
-    """diffusion_loss's settings of a CFT run (its config or the dict a checkpoint records), train_cft's defaults
-    where an older record lacks a field: one list, read by training, validation and OPD's anchor."""
-    d = run_cfg if isinstance(run_cfg, dict) else asdict(run_cfg)
-    return {k: d.get(k, getattr(TrainCFTConfig, k)) for k in keys}
-
-
 @torch.no_grad()
 def validation_loss(model, data, cfg, device, n=256, batch=64):
     """The block-diffusion loss (cross-entropy part, the training weights) on the first n validation instances
@@ -100,8 +81,7 @@ def validation_loss(model, data, cfg, device, n=256, batch=64):
     for a in range(0, n, batch):
         b = collate(sp, range(a, min(n, a + batch)), data.vocab, block=cfg.block, device=device)
         with autocast(device):
-            _, parts = diffusion_loss(model, b, cfg.block, data.vocab.mask, generator=gen,
-                                      **cft_loss_settings(cfg, WEIGHTING))
+            _, parts = cft_loss(model, b, cfg.block, data.vocab, cft_loss_settings(cfg, WEIGHTING), gen)
         total += parts['ce'].item() * len(b['pad'])
     return total / n
 
@@ -146,8 +126,8 @@ def sweep_decoding(cfg, data, device):
     plt.close(fig)
 
 
-def main():
-    cfg, _, device, timer = start_stage(TrainCFTConfig)
+def load_parent(cfg, device):
+    """The model CFT starts from: an AR teacher, converted here, or a CFT model at this run's block."""
     try:
         model, ckpt = load_checkpoint(cfg.parent, stages=['ar', 'cft'], device=device)
         data = load_data_for(ckpt, cfg.data_dir)
@@ -159,33 +139,43 @@ def main():
     elif ckpt['run_cfg'].get('block') != cfg.block:
         raise SystemExit(f"error: {cfg.parent} was trained with block {ckpt['run_cfg'].get('block')}, "
                          f"this run asks for --block={cfg.block}")
+    return model, ckpt, data
+
+
+def log_judgements(model, data, cfg, device, log, step):
+    """The trace's judgements teacher-forced at the left-to-right state (evaluation.trace_report): the matches,
+    the running scores, and the decision where the conclusion is not c1, logged and printed."""
+    judged = trace_report(model, data.splits['valid'], data.vocab, device, n=cfg.judge_n, block=cfg.block)
+    log.write(step=step, val_match=judged['match_accuracy'], val_score=judged['score_accuracy'],
+              val_departure=judged['departure_accuracy'])
+    tqdm.write(f"step {step}: teacher-forced at the left-to-right state: matches {judged['match_accuracy']:.3f}, "
+               f"running scores {judged['score_accuracy']:.3f}, the decision where the conclusion is not c1 "
+               f"{judged['departure_accuracy']:.3f} (of {judged['departures']})")
+    return judged
+
+
+def main():
+    cfg, _, device, timer = start_stage(TrainCFTConfig)
+    model, ckpt, data = load_parent(cfg, device)
     train, vocab = data.splits['train'], data.vocab
     opt = make_optimizer(model, cfg.lr, cfg.weight_decay)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    run_cfg = {**asdict(cfg), 'data': asdict(data.cfg)}
+    run_cfg = {**asdict(cfg), 'data': asdict(data.cfg), 'data_digests': data.fingerprint()}
     resumed = load_resume(cfg.out, model, opt, run_cfg)  # an interrupted run of this config continues
     if resumed:
         gen.set_state(resumed['state']['gen'])
-    log = JsonlLog(f"out/log_{cfg.name}.jsonl", fresh=resumed is None)
-
-    def score_judgements(step):
-        """The judgements the decision hangs on, teacher-forced: what masked training unlearns first (FINDINGS)."""
-        judged = trace_report(model, data.splits['valid'], vocab, device, n=cfg.judge_n, block=cfg.block)
-        log.write(step=step, val_match=judged['match_accuracy'], val_score=judged['score_accuracy'],
-                  val_departure=judged['departure_accuracy'])
-        tqdm.write(f"step {step}: teacher-forced at the left-to-right state: matches {judged['match_accuracy']:.3f}, "
-                   f"running scores {judged['score_accuracy']:.3f}, the decision where the conclusion is not c1 "
-                   f"{judged['departure_accuracy']:.3f} (of {judged['departures']})")
-        return judged
+    log = JsonlLog(f"out/log_{cfg.name}.jsonl", keep=resumed['state'].get('log_lines') if resumed else None)
+    save = lambda step, best: save_resume(cfg.out, model, opt, run_cfg, step,
+                                          {'best': best, 'gen': gen.get_state(), 'log_lines': log.lines()})
 
     def evaluate_and_keep(step, best):
         log.write(step=step, val_loss=validation_loss(model, data, cfg, device))
         best = validate_and_keep(model, data, cfg, device, log, step, best, run_cfg, 'cft', cfg.parent, cfg.block)
         if cfg.judge:
-            judged = score_judgements(step)
+            judged = log_judgements(model, data, cfg, device, log, step)
             if best['step'] == step:  # the kept model's record carries them too
                 best.update(judged)
-        save_resume(cfg.out, model, opt, run_cfg, step, {'best': best, 'gen': gen.get_state()})
+        save(step, best)
         return best
 
     model.eval()  # dropout stays off: the sampler and the loss must see the same network
@@ -196,22 +186,23 @@ def main():
         if ckpt['stage'] == 'ar':
             log.write(step=0, val_loss=validation_loss(model, data, cfg, device))  # the naive conversion
             if cfg.judge:
-                score_judgements(0)
+                log_judgements(model, data, cfg, device, log, 0)
     pbar = tqdm(range(start, cfg.max_steps), desc='cft', dynamic_ncols=True, initial=start, total=cfg.max_steps)
+    interrupt = Interrupt()
     for step in pbar:
         for g in opt.param_groups:
             g['lr'] = lr_at(step, cfg.max_steps, cfg)
         rng = np.random.default_rng([cfg.seed, step])  # batches depend on the step only: a resumed run sees the same
         batch = collate(train, rng.integers(0, len(train), cfg.batch_size), vocab, block=cfg.block, device=device)
         with autocast(device):
-            loss, parts = diffusion_loss(model, batch, block_at(step, cfg), vocab.mask, vocab=vocab, generator=gen,
-                                         **cft_loss_settings(cfg))
+            loss, parts = cft_loss(model, batch, block_at(step, cfg), vocab, cft_loss_settings(cfg), gen)
         optimizer_step(model, opt, loss, cfg.grad_clip, step, cfg.lr)
         pbar.set_postfix(loss=f"{loss.item():.3f}")
         log.write(step=step + 1, loss=loss.item(), **{k: v.item() for k, v in parts.items()})
         evaluate_now, stop = cfg.evaluation_due(step, timer)
         if evaluate_now:
             best = evaluate_and_keep(step + 1, best)
+        interrupt.stop_if_asked(lambda: save(step + 1, best), cfg.out, step + 1)
         if stop:
             break
     finish_resume(cfg.out)

@@ -13,27 +13,23 @@ The student's distribution is taken at one of two states (`--state`):
   l2r     the tokens left of it in its block revealed, the rest masked: what the teacher's conditioning
           matches, so the KL can reach zero (B stacked states per block: more memory per rollout).
 With B = 1 both are the AR distillation loss, zero when student = teacher. l2r is the default: at the commit
-state the KL on fresh rollouts rose and validity collapsed within a few steps (H100: 0.94 -> 0.33 in 20
-steps; CPU: 0.59 -> 0.03 in 8), while at l2r the KL fell and validity held (CPU: 0.59 -> 0.56;
-results/cpu/opd_state/). From a CPU student that had learned to denoise, l2r alone lowered validity (0.81 ->
-0.14 in 40 steps): it trains one state per token, not the ones the threshold sampler visits. `--cft_weight`
-adds the student's CFT loss as an anchor (results/cpu/opd_from_warmup/).
+state validity collapsed within a few steps, at l2r it held (FINDINGS.md, OPD). l2r trains one state per
+token, not the ones the threshold sampler visits; `--cft_weight` adds the student's CFT loss as an anchor.
 """
-from dataclasses import dataclass, asdict
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from common import (StageSettings, start_stage, same_file_problem, autocast, load_checkpoint, JsonlLog,
-                    CheckpointError, check_data_matches)
+from common import (StageSettings, start_stage, same_file_problem, autocast, load_checkpoint, CheckpointError,
+                    check_data_matches)
 from data_beauty import DataError, collate
-from metrics import parse_answer, target_rank, copies_incoming
-from decode import load_data_for
-from diffusion import generate_block, live_tokens, replay_logits, forward_kl, left_to_right_steps, diffusion_loss
+from evaluation import load_data_for
+from diffusion import live_tokens, replay_logits, forward_kl, left_to_right_steps
 from model import response_hidden
-from train_ar import make_optimizer, lr_at, validate_and_keep, finish
-from train_cft import cft_loss_settings
+from rollouts import chunks, rollouts, score_rollouts
+from training import cft_loss, cft_loss_settings, lr_at, finish, on_policy_run
 
 
 @dataclass
@@ -79,59 +75,6 @@ def load_student_and_teacher(cfg, device, student_stages):
     return student, sck, teacher, data
 
 
-class Keeper:
-    """validate_and_keep for one run: keeper(step) evaluates, saves the model if it is the best so far, and holds
-    that record in keeper.best."""
-
-    def __init__(self, model, data, cfg, device, log, run_cfg, stage, parent, block):
-        self.validate = lambda step, best: validate_and_keep(model, data, cfg, device, log, step, best, run_cfg,
-                                                             stage, parent, block)
-        self.best = None
-
-    def __call__(self, step):
-        self.best = self.validate(step, self.best)
-
-
-def on_policy_run(model, data, cfg, device, ck, block, stage, parent, weight_decay):
-    """What OPD and RL share at the start: log, optimizer, rollout generator, and the keeper, which has
-    already evaluated the starting model (step 0: a stage that only hurts keeps its parent)."""
-    log = JsonlLog(f"out/log_{cfg.name}.jsonl")
-    opt = make_optimizer(model, cfg.lr, weight_decay)
-    gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    run_cfg = {**asdict(cfg), 'block': block, 'data': ck['run_cfg']['data']}
-    keeper = Keeper(model, data, cfg, device, log, run_cfg, stage, parent, block)
-    keeper(0)
-    return log, opt, gen, keeper
-
-
-def rollouts(model, data, idx, group, block, cfg, gen, device):
-    """`group` sampled decodings of each prompt in idx (rows grouped prompt by prompt)."""
-    sp = data.splits['train']
-    rows = np.repeat(np.asarray(idx), group)
-    batch = collate(sp, rows, data.vocab, block=block, device=device)
-    max_r = -(-(batch['resp'].shape[1] + block) // block) * block
-    model.eval()
-    with torch.no_grad(), autocast(device):
-        res = generate_block(model, batch['prompt'], batch['pad'], max_r, data.vocab, block=block, tau=cfg.tau,
-                             k=cfg.k, temperature=cfg.temperature, generator=gen, from_left=cfg.from_left)
-    return batch, res, rows
-
-
-def score_rollouts(res, data, rows):
-    """Parse each rollout: its target rank after re-ranking (invalid = the pre-ranker's), validity, and
-    whether a valid output copies the incoming order."""
-    sp, vocab = data.splits['train'], data.vocab
-    tokens, lengths = res['tokens'].cpu(), res['lengths'].cpu()  # one copy, not one sync per rollout
-    ranks, valid, copies = [], [], []
-    for r, i in enumerate(rows):
-        toks = tokens[r, :int(lengths[r])].tolist()
-        ranking = parse_answer(toks, vocab)
-        ranks.append(target_rank(ranking, sp.target[i]))
-        valid.append(ranking is not None)
-        copies.append(copies_incoming(ranking))
-    return np.array(ranks), np.array(valid), np.array(copies)
-
-
 def opd_kl(student, teacher, batch, res, block, vocab, rows=slice(None), state='l2r'):
     """Mean KL(teacher || student) over the live tokens of rollouts `rows`: the teacher teacher-forced on the
     rollout, the student replayed at the left-to-right state (l2r) or at the state in which it committed
@@ -146,11 +89,6 @@ def opd_kl(student, teacher, batch, res, block, vocab, rows=slice(None), state='
         t_logits[:, vocab.mask] = -float('inf')
     s_logits = replay_logits(student, prompt, pad, part, block, vocab, live)
     return forward_kl(t_logits, s_logits, torch.ones(len(t_logits), device=t_logits.device))
-
-
-def chunks(n, size):
-    for a in range(0, n, size):
-        yield slice(a, min(n, a + size))
 
 
 def main():
@@ -180,8 +118,7 @@ def main():
         if cfg.cft_weight > 0:  # off-policy anchor: the denoising states that the KL's replay never visits
             gold = collate(train, idx, vocab, block=block, device=device)
             with autocast(device):
-                cft, _ = diffusion_loss(student, gold, block, vocab.mask, vocab=vocab, generator=noise_gen,
-                                        **cft_settings)
+                cft, _ = cft_loss(student, gold, block, vocab, cft_settings, noise_gen)
             (cfg.cft_weight * cft).backward()
             extra['cft_loss'] = cft.item()
         if not np.isfinite(total + extra.get('cft_loss', 0.0)):  # the anchor is checked with the KL

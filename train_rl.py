@@ -20,10 +20,10 @@ from tqdm import tqdm
 
 from common import StageSettings, start_stage, same_file_problem, autocast, load_checkpoint, CheckpointError
 from data_beauty import DataError
-from decode import load_data_for
+from evaluation import load_data_for
 from diffusion import convert, live_tokens, replay_logits, token_logprobs
-from train_ar import lr_at, finish
-from train_opd import rollouts, score_rollouts, chunks, on_policy_run
+from rollouts import chunks, rollouts, score_rollouts
+from training import lr_at, finish, on_policy_run
 
 
 @dataclass
@@ -78,8 +78,9 @@ def kl_to_reference(new, ref):
     return d.exp() - d - 1
 
 
-def main():
-    cfg, rng, device, timer = start_stage(TrainRLConfig)
+def load_policy(cfg, device):
+    """The policy to tune, its data and block size: a diffusion checkpoint at its own block, or the AR teacher
+    (block 1: the RL-tuned AR reference; block 32: its naive conversion)."""
     try:
         policy, ck = load_checkpoint(cfg.policy, stages=['ar', 'cft', 'opd', 'rl'], device=device)
         data = load_data_for(ck, cfg.data_dir)
@@ -93,6 +94,52 @@ def main():
         convert(policy, data.vocab)
     elif block != ck['run_cfg'].get('block'):
         raise SystemExit(f"error: {cfg.policy} decodes with block {ck['run_cfg'].get('block')}, not {block}")
+    return policy, ck, data, block
+
+
+def clipped_update(policy, reference, opt, batch, res, rows_kept, adv, cfg, block, vocab, device, step):
+    """The clipped policy-gradient update on the rollouts of the groups kept: pi_old and the start policy replayed
+    once (no gradient), then `cfg.updates` passes over micro-batches with the token-level mean of DAPO and the
+    optional KL penalty to the start policy. Returns the step's stats: the KL to the start policy, the largest gap
+    between the sampler's log-probs and the replay's (0 when the replay is exact), the loss."""
+    sel = torch.as_tensor(rows_kept, device=device)
+    sub = {k: v[sel] for k, v in res.items()}
+    prompt, pad, lv = batch['prompt'][sel], batch['pad'][sel], live_tokens(res)[sel]
+    A = torch.as_tensor(adv[rows_kept], dtype=torch.float32, device=device)
+    n_live = lv.sum()
+    logprobs = lambda model, sl, part: token_logprobs(replay_logits(model, prompt[sl], pad[sl], part, block, vocab,
+                                                                    lv[sl]), part['tokens'][lv[sl]], cfg.temperature)
+    parts = [(sl, {k: v[sl] for k, v in sub.items()}) for sl in chunks(len(sel), cfg.micro_batch)]
+    with torch.no_grad(), autocast(device):  # pi_old (and the start policy) from the replay path
+        old = [logprobs(policy, sl, part) for sl, part in parts]
+        ref = [logprobs(reference, sl, part) for sl, part in parts]
+    stats = {'kl_to_start': (torch.cat(old) - torch.cat(ref)).mean().item(),
+             'replay_gap': (torch.cat(old) - sub['logp'][lv]).abs().max().item()}
+    for _ in range(cfg.updates):
+        opt.zero_grad(set_to_none=True)
+        total = 0.0
+        for ci, (sl, part) in enumerate(parts):
+            with autocast(device):
+                new = logprobs(policy, sl, part)
+            a = A[sl][:, None].expand_as(lv[sl])[lv[sl]]          # each token gets its rollout's advantage
+            ratio = (new - old[ci]).exp()
+            obj = torch.minimum(ratio * a, ratio.clamp(1 - cfg.clip, 1 + cfg.clip) * a)
+            loss = -obj.sum() / n_live                            # token-level mean (DAPO)
+            if cfg.kl_weight > 0:
+                loss = loss + cfg.kl_weight * kl_to_reference(new, ref[ci]).sum() / n_live
+            loss.backward()
+            total += loss.item()
+        if not np.isfinite(total):
+            raise SystemExit(f"error: loss is {total} at step {step}; lower --lr (now {cfg.lr})")
+        torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
+        opt.step()
+    stats['loss'] = total
+    return stats
+
+
+def main():
+    cfg, rng, device, timer = start_stage(TrainRLConfig)
+    policy, ck, data, block = load_policy(cfg, device)
     vocab, train, N = data.vocab, data.splits['train'], data.cfg.n_cand
     reference = copy.deepcopy(policy).eval().requires_grad_(False)  # the start policy: the KL we log (and penalise)
     print(f"policy {cfg.policy} (B = {block}); {cfg.n_prompts} prompts x {cfg.group} rollouts")
@@ -107,50 +154,12 @@ def main():
         before = train.target[rows] + 1
         rewards = rank_reward(before, ranks, valid, N, cfg.format_weight)
         adv, keep = group_advantages(rewards, cfg.group)
-        live = live_tokens(res)
         stats = dict(step=step + 1, reward=rewards.mean(), validity=valid.mean(), rank_change=(before - ranks).mean(),
                      copy_share=float(copies[before > 1].mean()) if (before > 1).any() else None,
                      groups_kept=keep.reshape(-1, cfg.group)[:, 0].mean())
-        rows_kept = np.where(keep)[0]
-        if len(rows_kept):
-            sel = torch.as_tensor(rows_kept, device=device)
-            sub = {k: v[sel] for k, v in res.items()}
-            prompt, pad, lv = batch['prompt'][sel], batch['pad'][sel], live[sel]
-            A = torch.as_tensor(adv[rows_kept], dtype=torch.float32, device=device)
-            n_live = lv.sum()
-            old, ref = [], []
-            with torch.no_grad(), autocast(device):  # pi_old (and the start policy) from the replay path
-                for sl in chunks(len(sel), cfg.micro_batch):
-                    part = {k: v[sl] for k, v in sub.items()}
-                    old.append(token_logprobs(replay_logits(policy, prompt[sl], pad[sl], part, block, vocab, lv[sl]),
-                                              part['tokens'][lv[sl]], cfg.temperature))
-                    ref.append(token_logprobs(replay_logits(reference, prompt[sl], pad[sl], part, block, vocab,
-                                                            lv[sl]), part['tokens'][lv[sl]], cfg.temperature))
-            sampler_lp = sub['logp'][lv]
-            old_all = torch.cat(old)
-            stats.update(kl_to_start=(old_all - torch.cat(ref)).mean().item(),
-                         replay_gap=(old_all - sampler_lp).abs().max().item())
-            for _ in range(cfg.updates):
-                opt.zero_grad(set_to_none=True)
-                total = 0.0
-                for ci, sl in enumerate(chunks(len(sel), cfg.micro_batch)):
-                    part = {k: v[sl] for k, v in sub.items()}
-                    with autocast(device):
-                        new = token_logprobs(replay_logits(policy, prompt[sl], pad[sl], part, block, vocab, lv[sl]),
-                                             part['tokens'][lv[sl]], cfg.temperature)
-                    a = A[sl][:, None].expand_as(lv[sl])[lv[sl]]          # each token gets its rollout's advantage
-                    ratio = (new - old[ci]).exp()
-                    obj = torch.minimum(ratio * a, ratio.clamp(1 - cfg.clip, 1 + cfg.clip) * a)
-                    loss = -obj.sum() / n_live                            # token-level mean (DAPO)
-                    if cfg.kl_weight > 0:
-                        loss = loss + cfg.kl_weight * kl_to_reference(new, ref[ci]).sum() / n_live
-                    loss.backward()
-                    total += loss.item()
-                if not np.isfinite(total):
-                    raise SystemExit(f"error: loss is {total} at step {step}; lower --lr (now {cfg.lr})")
-                torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
-                opt.step()
-            stats['loss'] = total
+        if keep.any():
+            stats.update(clipped_update(policy, reference, opt, batch, res, np.where(keep)[0], adv, cfg, block,
+                                        vocab, device, step))
         log.write(**stats)
         pbar.set_postfix(reward=f"{rewards.mean():.3f}", valid=f"{valid.mean():.2f}")
         evaluate_now, stop = cfg.evaluation_due(step, timer)

@@ -117,15 +117,14 @@ def test_link_evidence_leaves_out_like_a_rebuild(tiny_data):
 def test_target_own_transition_left_out():
     """A pair seen only in the user's own target transition gives the target no co-occurrence."""
     seqs = [np.array([1, 2, 3, 4, 5, 6, 7]), np.array([8, 9, 10, 11, 12])]
-    cfg = DataConfig(cooc_window=1, n_cand=3)
+    cfg = DataConfig(cooc_window=1, n_cand=9)  # every item outside the history is a candidate, the target too
     train = [s[:-2] for s in seqs]
     C = cooc_matrix(train, 12, 1, 1.0)
     pop = np.bincount(np.concatenate(train), minlength=13).astype(np.float32)
     cands, ev_last, _, ev_pop = prerank(seqs, C, pop, np.array([0]), np.array([3]), cfg)  # predict item 4 after 3
-    assert C[3, 4] == UNIT  # one pair, weight 1 in units of 1e-4
-    i = list(cands[0]).index(4) if 4 in cands[0] else None
-    if i is not None:
-        assert ev_last[0, i] == 0 and ev_pop[0, i] == 0
+    assert C[3, 4] == UNIT and pop[4] == 1  # one pair, weight 1 in units of 1e-4; one interaction
+    i = list(cands[0]).index(4)
+    assert ev_last[0, i] == 0 and ev_pop[0, i] == 0
 
 
 def test_trace_does_not_depend_on_target(tiny_data):

@@ -1,13 +1,16 @@
 """Block diffusion: B = 1 is the AR model, masks match a dense reference, cached = uncached (replay), sampler
 properties, the validity loss, the distillation loss."""
+import math
+
+import pytest
 import torch
 
 from conftest import tiny_model
 from data_beauty import collate
-from decode import generate_ar
-from diffusion import (bd3_columns, bd3_hidden, commit_rule, convert, diffusion_loss, generate_block,
-                       noise_blocks, replay_hidden, left_to_right_steps,
+from diffusion import (generate_ar, bd3_columns, bd3_hidden, commit_rule, convert, diffusion_loss, generate_block,
+                       first_eos_lengths, loss_region, noise_blocks, replay_hidden, left_to_right_steps,
                        token_logprobs, permutation_validity_loss, forward_kl, predicting_columns)
+from reasoning import loss_weights
 from train_ar import ar_response_loss
 
 
@@ -44,8 +47,8 @@ def test_bd3_mask_equals_dense_reference():
 def test_block_one_loss_equals_ar_loss(tiny_data):
     d, model, batch = setup(tiny_data, block=1)
     everything = torch.ones_like(batch['resp'], dtype=torch.bool)
-    diff, _ = diffusion_loss(model, batch, 1, d.vocab.mask, masked=everything, complementary=False,
-                             w_trace=0.5, w_answer=1.0, w_choice=3.0)
+    weights = loss_weights(batch, w_trace=0.5, w_answer=1.0, w_choice=3.0)
+    diff, _ = diffusion_loss(model, batch, 1, d.vocab.mask, weights, masked=everything, complementary=False)
     ar = ar_response_loss(model, batch, w_trace=0.5, w_answer=1.0, w_choice=3.0)
     torch.testing.assert_close(diff, ar, atol=1e-5, rtol=1e-5)
 
@@ -87,10 +90,10 @@ def test_cached_sampler_equals_uncached_replay(tiny_data):
 
 
 def test_teacher_forced_diffusion_logits_are_at_the_left_to_right_state(tiny_data):
-    """decode.teacher_forced_logits (what trace_report scores) with block B predicts each token with its block's
+    """evaluation.teacher_forced_logits (what trace_report scores) with block B predicts each token with its block's
     tokens left of it revealed and the rest masked: equal to a plain bd3 forward per position; and trace_report
     counts the lists whose trace concludes elsewhere than c1."""
-    from decode import teacher_forced_logits, trace_report
+    from evaluation import teacher_forced_logits, trace_report
     d, model, _ = setup(tiny_data)
     sp, v, B = d.splits['valid'], d.vocab, 4
     b = collate(sp, range(6), v, block=B)
@@ -202,35 +205,47 @@ def test_sampler_batch_invariance(tiny_data):
         assert torch.equal(res1['tokens'][0, :L], res['tokens'][r, :L])
 
 
-def test_validity_loss_zero_on_permutation_positive_otherwise(tiny_data):
-    d = tiny_data
-    v = d.vocab
-    c = v.slots[:3]  # a 3-candidate list
+def test_validity_loss_by_hand(tiny_data):
+    """The permutation-validity loss on a 3-candidate answer, worked out by hand: (a) the mass outside the
+    candidates per answer position plus (b) the mean over candidates of (expected count - 1)^2. The decision
+    (kind 2) is one of the answer positions, and a revealed position counts as one-hot on its token, so
+    predicting it again is a duplicate."""
+    v = tiny_data.vocab
+    c = v.slots[:3]
     cands = torch.tensor([c])
     resp = torch.tensor([[v.answer, c[1], c[0], c[2], v.eos]])
-    kind = torch.ones_like(resp)
-    masked = torch.tensor([[False, True, True, True, False]])
+    kind = torch.tensor([[0, 2, 1, 1, 1]])                         # the decision, then the rest of the answer
 
-    def loss_for(rows):
+    def loss_for(rows, masked):
         logits = torch.full((1, 5, v.size), -30.0)
         for j, tok in rows.items():
             logits[0, j, tok] = 30.0
         logits.requires_grad_(True)
-        loss = permutation_validity_loss(logits, resp, masked, cands, kind, v)
+        loss = permutation_validity_loss(logits, resp, torch.tensor([masked]), cands, kind, v)
         loss.backward()
         assert torch.isfinite(logits.grad).all()
         return loss.item()
 
-    assert loss_for({1: c[1], 2: c[0], 3: c[2]}) < 1e-6           # a permutation
-    assert loss_for({1: c[1], 2: c[1], 3: c[2]}) > 0.5            # duplicate (and a drop)
-    assert loss_for({1: c[1], 2: v.item(7), 3: c[2]}) > 0.5            # out of set
+    every = [False, True, True, True, False]
+    assert loss_for({1: c[1], 2: c[0], 3: c[2]}, every) == pytest.approx(0.0, abs=1e-6)      # a permutation
+    assert loss_for({1: c[1], 2: c[1], 3: c[2]}, every) == pytest.approx(2 / 3, abs=1e-6)    # counts 0, 2, 1
+    assert loss_for({1: c[1], 2: v.item(7), 3: c[2]}, every) == pytest.approx(2 / 3, abs=1e-6)  # 1/3 out, 0 1 1
+    assert loss_for({1: c[0], 2: c[0], 3: c[2]}, every) == pytest.approx(2 / 3, abs=1e-6)    # the decision counts
+    revealed = [False, False, True, True, False]                   # the decision revealed (c2), the rest predicted
+    assert loss_for({2: c[1], 3: c[2]}, revealed) == pytest.approx(2 / 3, abs=1e-6)          # c2 again: a duplicate
+    assert loss_for({2: c[0], 3: c[2]}, revealed) == pytest.approx(0.0, abs=1e-6)
 
 
-def test_forward_kl_zero_iff_equal():
+def test_forward_kl_by_hand():
+    """forward_kl is KL(teacher || student): teacher (0.9, 0.1), student (0.5, 0.5) gives 0.9 ln 1.8 + 0.1 ln 0.2
+    = 0.3681, where the reverse direction would give 0.5108; zero for equal distributions."""
+    teacher = torch.tensor([[[0.9, 0.1]]]).log()
+    student = torch.tensor([[[0.5, 0.5]]]).log()
+    w = torch.ones(1, 1)
+    assert forward_kl(teacher, student, w).item() == pytest.approx(0.9 * math.log(1.8) + 0.1 * math.log(0.2), abs=1e-6)
+    assert forward_kl(student, teacher, w).item() == pytest.approx(0.5 * math.log(0.5 / 0.9) + 0.5 * math.log(5), abs=1e-6)
     a = torch.randn(2, 3, 11)
-    w = torch.ones(2, 3)
-    assert forward_kl(a, a, w).abs() < 1e-6
-    assert forward_kl(a, torch.randn(2, 3, 11), w) > 0.01
+    assert forward_kl(a, a, torch.ones(2, 3)).abs() < 1e-6
 
 
 def test_predicting_columns():
@@ -245,8 +260,8 @@ def test_loss_at_masked_positions_equals_full_head(tiny_data):
     d, model, batch = setup(tiny_data, block=4)
     v, resp = d.vocab, batch['resp']
     masked = noise_blocks(resp, 4, v.mask, torch.Generator().manual_seed(0))
-    loss, parts = diffusion_loss(model, batch, 4, v.mask, masked=masked, complementary=False, w_trace=0.5,
-                                 validity_weight=1.0, vocab=v, w_judge=5.0)
+    loss, parts = diffusion_loss(model, batch, 4, v.mask, loss_weights(batch, 0.5, 1.0, 1.0, w_judge=5.0),
+                                 masked=masked, complementary=False, validity_weight=1.0, vocab=v)
     logits = model.head(bd3_hidden(model, batch['prompt'], batch['pad'], torch.where(masked, v.mask, resp), resp, 4))
     at = masked & loss_region(resp, batch['resp_len'], 4)
     assert (batch['kind'][at] == 3).any()                             # the judgements' weight is exercised
@@ -318,8 +333,43 @@ def test_certainty_term_is_the_entropy_where_the_prediction_is_right(tiny_data):
     assert right.any() and (at & ~right).any()
     logp = logits.log_softmax(-1)
     expected = -(logp.exp() * logp).sum(-1)[right].mean()
-    loss0, parts0 = diffusion_loss(model, batch, R, v.mask, masked=masked, complementary=False, vocab=v)
-    loss1, parts1 = diffusion_loss(model, batch, R, v.mask, masked=masked, complementary=False, vocab=v,
+    w = loss_weights(batch, 1.0, 1.0, 1.0)
+    loss0, parts0 = diffusion_loss(model, batch, R, v.mask, w, masked=masked, complementary=False, vocab=v)
+    loss1, parts1 = diffusion_loss(model, batch, R, v.mask, w, masked=masked, complementary=False, vocab=v,
                                    certainty_weight=2.0)
     torch.testing.assert_close(parts1['entropy_right'], expected)
     torch.testing.assert_close(loss1, loss0 + 2.0 * expected, atol=1e-4, rtol=1e-5)
+
+
+def test_complementary_masks_supervise_each_token_once(tiny_data):
+    """With complementary masks (CFT's default) the loss is the weighted mean over the union of the two
+    single-mask losses: each example once with its mask and once with the opposite one, so every token of the
+    trained region is supervised exactly once."""
+    d, model, batch = setup(tiny_data, block=4)
+    v = d.vocab
+    masked = noise_blocks(batch['resp'], 4, v.mask, torch.Generator().manual_seed(3))
+    region = loss_region(batch['resp'], batch['resp_len'], 4)
+    w = loss_weights(batch, 0.5, 1.0, 2.0)
+    single = []
+    for m in (masked, ~masked):
+        loss, _ = diffusion_loss(model, batch, 4, v.mask, w, masked=m, complementary=False)
+        single.append((loss, w[m & region].sum()))
+    both, _ = diffusion_loss(model, batch, 4, v.mask, w, masked=masked, complementary=True)
+    (l1, w1), (l2, w2) = single
+    assert abs(float(l1 - l2)) > 1e-3                                   # the two halves differ, so the test can fail
+    torch.testing.assert_close(both, (l1 * w1 + l2 * w2) / (w1 + w2), atol=1e-5, rtol=1e-5)
+
+
+def test_count_by_kind_splits_trace_and_answer_blocks_by_hand(tiny_data):
+    """Tokens and forwards per row: a block holding <answer> or anything after it is an answer block; tokens
+    after the first <eos> do not count; a response without <answer> (a direct model) is all answer."""
+    from diffusion import count_by_kind
+    v = tiny_data.vocab
+    s, c = v.slot(0), v.slot(1)
+    x = torch.tensor([[s, s, s, s, s, v.answer, c, v.eos],             # trace block, then an answer block
+                      [c, s, v.eos, v.mask, v.mask, v.mask, v.mask, v.mask]])  # a direct answer, 3 tokens
+    lengths = first_eos_lengths(x, v)
+    got = count_by_kind(x, lengths, torch.tensor([[3, 2], [2, 0]]), torch.tensor([6, 3]), 4, v)
+    assert {k: t.tolist() for k, t in got.items()} == {
+        'n_tokens': [8, 3], 'n_forwards': [6, 3], 'trace_tokens': [4, 0], 'trace_forwards': [3, 0],
+        'answer_tokens': [4, 3], 'answer_forwards': [2, 2]}

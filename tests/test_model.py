@@ -1,5 +1,6 @@
 """The AR model: masks, cache, batch/padding invariance, learning, checkpoints."""
 import dataclasses
+import os
 
 import pytest
 import torch
@@ -7,9 +8,11 @@ import torch
 from common import save_checkpoint, load_checkpoint, CheckpointError
 from conftest import tiny_model
 from data_beauty import collate
-from decode import generate_ar, trace_agreement
+from diffusion import generate_ar
+from evaluation import trace_agreement
 from model import attention_mask, column_blocks, positions
-from train_ar import ar_response_loss, make_optimizer
+from train_ar import ar_response_loss
+from training import make_optimizer
 
 
 def test_block_causal_mask_equals_dense_reference():
@@ -109,6 +112,9 @@ def test_checkpoint_round_trip_and_errors(tiny_data, tmp_path):
     a = full_logits(model, batch['prompt'], batch['pad'], batch['resp'])
     b = full_logits(loaded.eval(), batch['prompt'], batch['pad'], batch['resp'])
     assert torch.equal(a, b) and ckpt['step'] == 3
+    import json
+    meta = json.load(open(tmp_path / 'ar.json'))  # the readable record beside the weights
+    assert (meta['stage'], meta['step'], meta['weights']) == ('ar', 3, 'ar.pt') and 'model' not in meta
     with pytest.raises(CheckpointError, match='not found.*train_ar'):
         load_checkpoint(str(tmp_path / 'missing.pt'))
     with pytest.raises(CheckpointError, match="'ar' checkpoint, expected"):
@@ -116,33 +122,71 @@ def test_checkpoint_round_trip_and_errors(tiny_data, tmp_path):
     (tmp_path / 'junk.pt').write_bytes(b'not a checkpoint')
     with pytest.raises(CheckpointError, match='not a readable checkpoint'):
         load_checkpoint(str(tmp_path / 'junk.pt'))
+    ck = torch.load(path, weights_only=True)
+    ck['model_cfg'] = dict(ck['model_cfg'], n_embd=2 * ck['model_cfg']['n_embd'])  # weights of another model
+    torch.save(ck, str(tmp_path / 'mixed.pt'))
+    with pytest.raises(CheckpointError, match='do not match its recorded model config.*delete it'):
+        load_checkpoint(str(tmp_path / 'mixed.pt'))
 
 
-def test_choice_accuracy_by_hand(tiny_data):
-    """A model whose head always prefers the first candidate scores the floor's R@1."""
+def test_a_resumed_log_keeps_each_row_once(tmp_path):
+    """JsonlLog(keep=n), as a resumed stage opens its log: the rows after the saved state's n are cut (the
+    resumed run writes them again); without `keep` a run starts a fresh log."""
+    from common import JsonlLog, read_jsonl
+    path = str(tmp_path / 'log.jsonl')
+    log = JsonlLog(path)
+    for step in range(5):
+        log.write(step=step)
+    assert log.lines() == 5
+    assert [r['step'] for r in read_jsonl(JsonlLog(path, keep=3).path)] == [0, 1, 2]
+    assert not os.path.exists(JsonlLog(path).path)
+
+
+def test_choice_accuracy_equals_a_dense_reference(tiny_data):
+    """choice_accuracy reads the decision's own position: the argmax over the candidates of the teacher-forced
+    logits there, from a full forward; the neighbouring positions score otherwise on this model, so a shifted
+    read would fail."""
+    from model import response_hidden
     from train_ar import choice_accuracy
     d = tiny_data
-    model = tiny_model(d.vocab)
+    model = tiny_model(d.vocab, seed=1)
     sp = d.splits['valid']
-    acc = choice_accuracy(model, sp, d.vocab, torch.device('cpu'))
-    assert 0.0 <= acc <= 1.0
+    n = min(len(sp), 64)
+    b = collate(sp, range(n), d.vocab)
     with torch.no_grad():
-        model.wte.weight.zero_()  # every logit 0: the argmax over the candidates is the first one, the floor
-    assert choice_accuracy(model, sp, d.vocab, torch.device('cpu')) == pytest.approx(float((sp.target == 0).mean()))
+        logits = model.head(response_hidden(model, b['prompt'], b['pad'], b['resp']))
+    at = (b['kind'] == 2).float().argmax(1)
+    picks = lambda offset: logits[torch.arange(n), at + offset].gather(1, b['cands']).argmax(1)
+    assert not torch.equal(picks(0), picks(-1)) and not torch.equal(picks(0), picks(1))
+    expected = float((picks(0) == b['target']).float().mean())
+    assert choice_accuracy(model, sp, d.vocab, torch.device('cpu'), n=n) == pytest.approx(expected)
 
 
-def test_sampled_trace_loss_is_unbiased(tiny_data):
-    """Taking the trace loss on a random share of positions (reweighted) averages to the full loss."""
+def test_sampled_trace_loss_by_hand(tiny_data):
+    """ar_response_loss with trace_sample < 1 equals its formula from a dense reference: the kept trace tokens'
+    weight divided by the share kept (so the expected trace weight is the full one), every answer token and
+    judgement always kept; and averaged over draws it is the full loss."""
+    import torch.nn.functional as F
+    from model import response_hidden
+    from reasoning import loss_weights
     d = tiny_data
     model = tiny_model(d.vocab)
     batch = collate(d.splits['train'], range(8), d.vocab)
+    resp, ts = batch['resp'], 0.3
     with torch.no_grad():
+        got = ar_response_loss(model, batch, w_trace=0.5, trace_sample=ts, generator=torch.Generator().manual_seed(5))
+        keep = torch.rand(resp.shape, generator=torch.Generator().manual_seed(5)) < ts
+        ce = F.cross_entropy(model.head(response_hidden(model, batch['prompt'], batch['pad'], resp)).transpose(1, 2),
+                             resp, reduction='none')
+        live = torch.arange(resp.shape[1])[None, :] < batch['resp_len'][:, None]
+        w = loss_weights(batch, 0.5, 1.0, 1.0, w_judge=0.5) * live
+        w = torch.where(batch['kind'] == 0, w / ts * keep, w)
+        torch.testing.assert_close(got, (ce * w).sum() / w.sum(), atol=1e-5, rtol=1e-5)
         full = ar_response_loss(model, batch, w_trace=0.5)
         g = torch.Generator().manual_seed(0)
-        sampled = torch.stack([ar_response_loss(model, batch, w_trace=0.5, trace_sample=0.3, generator=g)
+        sampled = torch.stack([ar_response_loss(model, batch, w_trace=0.5, trace_sample=ts, generator=g)
                                for _ in range(300)])
-    assert sampled.std() > 0
-    assert abs(sampled.mean() - full) < 0.01 * full
+    assert sampled.std() > 0 and abs(sampled.mean() - full) < 0.01 * full
 
 
 def test_trace_agreement_by_hand(tiny_data):

@@ -64,7 +64,7 @@ def test_naive_conversion_decodes_the_model_cft_starts_from(pipeline):
     embedding), so the naive row is CFT's step 0; --teacher_forced adds the trace's judgements."""
     import json
     from common import load_checkpoint
-    from decode import DecodeConfig, evaluate, load_data_for
+    from evaluation import Decoding, evaluate, load_data_for
     from diffusion import convert
     cwd, data = pipeline
     p = run('decode.py', cwd, data, '--ckpt=out/ar.pt', '--name=naive', '--block=8', '--split=valid',
@@ -73,7 +73,7 @@ def test_naive_conversion_decodes_the_model_cft_starts_from(pipeline):
     res = json.load(open(os.path.join(cwd, 'results', 'eval_naive.json')))
     model, ck = load_checkpoint(os.path.join(cwd, 'out', 'ar.pt'))
     d = load_data_for(ck, data.split('=', 1)[1])
-    ref, _ = evaluate(convert(model, d.vocab), d, 'valid', DecodeConfig(block=8, split='valid'), torch.device('cpu'))
+    ref, _ = evaluate(convert(model, d.vocab), d, 'valid', Decoding(block=8), torch.device('cpu'))
     assert res['per_user'] == ref['per_user'] and res['validity'] == ref['validity']
 
 
@@ -106,6 +106,20 @@ def test_checkpoint_of_an_older_vocabulary_is_refused(pipeline):
     for script, flag in (('decode.py', '--ckpt=out/ar_old.pt'), ('train_cft.py', '--parent=out/ar_old.pt')):
         p = run(script, cwd, data, flag)
         assert p.returncode != 0 and 'vocabulary' in p.stderr + p.stdout and 'retrain' in p.stderr + p.stdout
+
+
+def test_checkpoint_of_other_data_is_refused(pipeline):
+    """Every checkpoint records the digests of the data it was trained on; decode.py and a later stage refuse it
+    on data that gives other digests (here: a record altered as a changed data file would leave it)."""
+    cwd, data = pipeline
+    ck = torch.load(os.path.join(cwd, 'out', 'cft.pt'), weights_only=True)
+    assert set(ck['run_cfg']['data_digests']) == {'split_digest', 'lists_digest', 'tokens_digest'}
+    ck['run_cfg']['data_digests'] = dict(ck['run_cfg']['data_digests'], lists_digest='0' * 16)
+    torch.save(ck, os.path.join(cwd, 'out', 'cft_other.pt'))
+    for script, flags in (('decode.py', ['--ckpt=out/cft_other.pt', '--block=8']),
+                          ('train_opd.py', ['--student=out/cft_other.pt'])):
+        p = run(script, cwd, data, *flags)
+        assert p.returncode != 0 and 'other data' in p.stderr + p.stdout and '--data_dir' in p.stderr + p.stdout
 
 
 def test_missing_data_dir_is_refused(tmp_path):
@@ -297,7 +311,7 @@ def test_bench_outputs_equal_decode(tiny_data):
     from bench import decode_once
     from conftest import tiny_model
     from data_beauty import collate
-    from decode import generate_ar
+    from diffusion import generate_ar
     from diffusion import convert, generate_block
     from model import CachedForward
     d = tiny_data
@@ -341,38 +355,47 @@ def test_cuda_graphs_match_eager(tiny_data):
         assert torch.equal(outs[0][0], outs[1][0])
 
 
-def test_interrupted_training_resumes(tiny_dir, tmp_path):
-    """A rerun of the same command continues from the state saved at the last evaluation."""
-    import dataclasses
-    from common import save_resume
-    from data_beauty import DataConfig
-    from model import GPT, GPTConfig
-    from train_ar import TrainARConfig, make_optimizer, lr_at
-    args = dict(data_dir=tiny_dir, n_layer=1, n_embd=32, n_head=2, batch_size=8, max_steps=6, mid_steps=2,
-                eval_every=3, device='cpu')
-    cfg = TrainARConfig(**args)
-    data_cfg = DataConfig(data_dir=tiny_dir, trace=True)
-    from data_beauty import BeautyData
-    vocab_size = BeautyData(dataclasses.replace(data_cfg, cache_dir=str(tmp_path / 'out' / 'cache'))).vocab.size
-    model = GPT(GPTConfig(vocab_size=vocab_size, n_layer=1, n_head=2, n_embd=32, dropout=cfg.dropout))
-    opt = make_optimizer(model, cfg.lr, cfg.weight_decay)
-    for g in opt.param_groups:  # as interrupted after the warm-up (the schedule's value is in the saved state)
-        g['lr'] = lr_at(3, 6, dataclasses.replace(cfg, warmup=1))
-    os.makedirs(tmp_path / 'out', exist_ok=True)
-    run_cfg = {**dataclasses.asdict(cfg), 'data': dataclasses.asdict(data_cfg)}
-    save_resume(str(tmp_path / 'out' / 'ar.pt'), model, opt, run_cfg, 3, {'best': None, 'best_step': -1})
-    p = run('train_ar.py', str(tmp_path), *[f'--{k}={v}' for k, v in args.items() if k != 'device'])
-    assert p.returncode == 0, p.stderr[-2000:]
-    assert 'resuming from' in p.stdout and 'at step 3' in p.stdout
-    assert 'mid-train' not in p.stderr                       # mid-training was done before the interruption
-    assert not os.path.exists(tmp_path / 'out' / 'ar.pt.resume') and os.path.exists(tmp_path / 'out' / 'ar.pt')
+def test_ctrl_c_saves_and_the_rerun_ends_as_an_uninterrupted_run(tiny_dir, tmp_path):
+    """Ctrl-C in the middle of train_ar's training: the step in flight finishes, the state is saved and the stage
+    exits; the same command then continues and ends with the log (every step once, the same losses) and the
+    weights of a run that was never interrupted."""
+    import json
+    import signal
+    import time
+    args = [f'--data_dir={tiny_dir}', '--n_layer=1', '--n_embd=32', '--n_head=2', '--batch_size=8', '--mid_steps=0',
+            '--max_steps=300', '--eval_every=150', '--eval_n=8']
+    whole, cut = str(tmp_path / 'whole'), str(tmp_path / 'cut')
+    os.makedirs(whole)
+    os.makedirs(cut)
+    assert run('train_ar.py', whole, *args).returncode == 0
+    env = dict(os.environ, WORK_DIR=cut, RESULTS_DIR='results')
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, 'train_ar.py'), '--device=cpu', *args], cwd=cut,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = os.path.join(cut, 'out', 'log_ar.jsonl')
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:  # wait until training is under way
+        if os.path.exists(log) and sum('"loss"' in line for line in open(log)) >= 20:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode != 0 and 'interrupted after step' in err + out, (out + err)[-2000:]
+    assert os.path.exists(os.path.join(cut, 'out', 'ar.pt.resume'))
+    p = run('train_ar.py', cut, *args)
+    assert p.returncode == 0 and 'resuming from' in p.stdout, p.stderr[-2000:]
+    rows = lambda d: [json.loads(line) for line in open(os.path.join(d, 'out', 'log_ar.jsonl'))]
+    assert rows(cut) == rows(whole)
+    assert [r['step'] for r in rows(cut) if 'loss' in r] == list(range(300))
+    a, b = (torch.load(os.path.join(d, 'out', 'ar.pt'), weights_only=True)['model'] for d in (whole, cut))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not os.path.exists(os.path.join(cut, 'out', 'ar.pt.resume'))
 
 
 def test_opd_anchor_uses_the_students_own_cft_loss():
     """--cft_weight trains the student with the masks and weights it was trained with (train_cft's defaults where
     an older record lacks a field), so the anchor is the loss it was selected under."""
     from dataclasses import asdict
-    from train_opd import cft_loss_settings
+    from training import cft_loss_settings
     trained = asdict(TrainCFTConfig(suffix_share=0.5, complementary=False, w_judge=2.0))
     got = cft_loss_settings(trained)
     assert (got['suffix_share'], got['complementary'], got['w_judge']) == (0.5, False, 2.0)

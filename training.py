@@ -1,0 +1,132 @@
+"""What every training stage shares: the optimizer and its schedule, one guarded optimizer step, validation
+with checkpoint keeping (and the start of an on-policy run: OPD, RL), the end-of-stage record, and CFT's loss
+settings (which OPD's anchor reuses).
+"""
+import math
+from dataclasses import dataclass, asdict
+
+import torch
+
+from common import JsonlLog, save_checkpoint, plot_curves, git_commit, is_better, command_line, write_json, results_path, device_name
+from diffusion import diffusion_loss
+from evaluation import Decoding, evaluate
+from reasoning import loss_weights
+from tqdm import tqdm
+
+
+def lr_at(step, total, cfg):
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    # a Python float: the optimizer state holds it, and the resume file is read back with weights_only=True
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - cfg.warmup) / max(1, total - cfg.warmup))))
+
+
+def make_optimizer(model, lr, weight_decay):
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    rest = [p for p in model.parameters() if p.dim() < 2]
+    return torch.optim.AdamW([{'params': decay, 'weight_decay': weight_decay}, {'params': rest, 'weight_decay': 0.0}],
+                             lr=lr, betas=(0.9, 0.95))
+
+
+def optimizer_step(model, opt, loss, grad_clip, step, lr):
+    """Backward, clip, step; a non-finite loss stops the run and says what to change."""
+    if not torch.isfinite(loss):
+        raise SystemExit(f"error: loss is {loss.item()} at step {step}; lower --lr (now {lr})")
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    opt.step()
+
+
+@dataclass
+class CFTLoss:
+    """The block-diffusion loss's settings (diffusion.diffusion_loss) as CFT trains with them: its config
+    inherits these fields, every checkpoint records them, and OPD's anchor reads them back (cft_loss_settings)."""
+    validity_weight: float = 1.0  # permutation-validity loss weight (0 = ablation)
+    complementary: bool = True   # each example also with the opposite mask
+    suffix_share: float = 0.0    # share of blocks masked from a random cut to the end (diffusion.noise_blocks)
+    certainty_weight: float = 0.5  # entropy of the right predictions at masked positions (diffusion_loss)
+    w_trace: float = 0.5
+    w_answer: float = 1.0
+    w_choice: float = 1.0        # the first ranked item
+    w_judge: float = 0.5         # the trace's judgements (train_ar's 5: lower validity on a CPU)
+    reject: bool = True          # no decision loss where the trace concludes elsewhere (reasoning.loss_weights)
+
+
+WEIGHTING = ('w_trace', 'w_answer', 'w_choice', 'w_judge', 'reject')
+MASKING = ('complementary', 'suffix_share', 'validity_weight', 'certainty_weight')
+
+
+def cft_loss_settings(run_cfg, keys=WEIGHTING + MASKING):
+    """diffusion_loss's settings of a CFT run (its config or the dict a checkpoint records), CFTLoss's defaults
+    where an older record lacks a field: one list, read by training, validation and OPD's anchor."""
+    d = run_cfg if isinstance(run_cfg, dict) else asdict(run_cfg)
+    return {k: d.get(k, getattr(CFTLoss, k)) for k in keys}
+
+
+def cft_loss(model, batch, block, vocab, settings, generator=None):
+    """diffusion_loss with a CFT run's settings (cft_loss_settings): the per-token weights from the trace's token
+    kinds (reasoning.loss_weights), then the masking and the extra terms among `settings`."""
+    weights = loss_weights(batch, **{k: settings[k] for k in WEIGHTING})
+    extra = {k: settings[k] for k in MASKING if k in settings}
+    return diffusion_loss(model, batch, block, vocab.mask, weights, vocab=vocab, generator=generator, **extra)
+
+
+def validate(model, data, cfg, device, block=0, tau=0.9, k=0, split='valid', from_left=False):
+    dcfg = Decoding(block=block, tau=tau, k=k, from_left=from_left, batch_size=cfg.eval_batch, limit=cfg.eval_n,
+                        seed=cfg.seed)
+    res, _ = evaluate(model, data, split, dcfg, device)
+    return res
+
+
+def validate_and_keep(model, data, cfg, device, log, step, best, run_cfg, stage, parent=None, block=0):
+    """Decode validation with the run's decoding settings, log it, and write the checkpoint if it is the best so
+    far (common.is_better). Returns the best record."""
+    res = validate(model, data, cfg, device, block=block, tau=getattr(cfg, 'tau', 0.9), k=getattr(cfg, 'k', 0),
+                   from_left=getattr(cfg, 'from_left', False))
+    m = res['metrics']
+    row = dict(m, validity=res['validity'], tokens_per_forward=res.get('tokens_per_forward'), step=step)
+    log.write(step=step, val_R1=m['R@1'], val_N3=m['N@3'], val_validity=res['validity'],
+              val_tok_per_fwd=res.get('tokens_per_forward'))
+    tqdm.write(f"step {step}: valid R@1 {m['R@1']:.4f} N@3 {m['N@3']:.4f} validity {res['validity']:.4f} "
+               f"tokens/forward {res.get('tokens_per_forward', 0):.2f} (floor R@1 {res['floor']['R@1']:.4f})")
+    if is_better(row, best, cfg.min_validity):
+        best = row
+        save_checkpoint(cfg.out, model, run_cfg, stage=stage, parent=parent, step=step, metrics={'valid': best})
+    return best
+
+
+def finish(cfg, name, title, log, best, timer, device, keys, **extra):
+    """The end of every stage: curves, and results/train_<name>.json with the kept model's validation record."""
+    print(f"best valid R@1 {best['R@1']:.4f} validity {best['validity']:.4f} at step {best['step']}; saved {cfg.out} "
+          f"({timer():.0f}s)")
+    plot_curves(log.path, results_path(f"curves_{name}.png"), keys, title)
+    write_json(results_path(f"train_{name}.json"), {'name': name, 'valid': best, 'seconds': round(timer(), 1),
+                                              'device': device_name(device), 'command': command_line(),
+                                              'commit': git_commit(), 'config': asdict(cfg), **extra})
+
+
+class Keeper:
+    """validate_and_keep for one run: keeper(step) evaluates, saves the model if it is the best so far, and holds
+    that record in keeper.best."""
+
+    def __init__(self, model, data, cfg, device, log, run_cfg, stage, parent, block):
+        self.validate = lambda step, best: validate_and_keep(model, data, cfg, device, log, step, best, run_cfg,
+                                                             stage, parent, block)
+        self.best = None
+
+    def __call__(self, step):
+        self.best = self.validate(step, self.best)
+
+
+def on_policy_run(model, data, cfg, device, ck, block, stage, parent, weight_decay):
+    """What OPD and RL share at the start: log, optimizer, rollout generator, and the keeper, which has
+    already evaluated the starting model (step 0: a stage that only hurts keeps its parent)."""
+    log = JsonlLog(f"out/log_{cfg.name}.jsonl")
+    opt = make_optimizer(model, cfg.lr, weight_decay)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    run_cfg = {**asdict(cfg), 'block': block, 'data': ck['run_cfg']['data'],
+               'data_digests': ck['run_cfg'].get('data_digests')}
+    keeper = Keeper(model, data, cfg, device, log, run_cfg, stage, parent, block)
+    keeper(0)
+    return log, opt, gen, keeper
