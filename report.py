@@ -46,12 +46,13 @@ def interval(ranks, metric, n_boot=10000, seed=0):
 
 
 def copy_share(e, floor):
-    """Share of outputs that copy the pre-ranker's order, on the users whose target it does not put first
-    (elsewhere a copy is right): the reward hacking RL must not learn. None for files without the record."""
-    if floor is None or 'copy' not in e['per_user']:
+    """Share of outputs whose first item is the pre-ranker's first (an invalid output counts: it is scored as
+    the pre-ranker's order), on the users where that item is wrong: the floor's mistake kept, what a copying
+    student or a reward-hacking policy writes. None for files without the record."""
+    if floor is None or 'first_is_floor_first' not in e['per_user']:
         return None
     first = dict(zip(floor['per_user']['user'], floor['per_user']['rank']))
-    copies = [c for u, c in zip(e['per_user']['user'], e['per_user']['copy']) if first[u] > 1]
+    copies = [c for u, c in zip(e['per_user']['user'], e['per_user']['first_is_floor_first']) if first[u] > 1]
     return float(np.mean(copies)) if copies else None
 
 
@@ -102,7 +103,7 @@ def main(folder=None):
     folder = folder or os.path.dirname(results_path('summary.json'))  # RESULTS_DIR, else the setting's folder
     evals = test_evals(folder)
     summary = {'accuracy': [], 'gains': [], 'speed': []}
-    lines = ['| system | R@1 | R@3 | R@5 | N@3 | N@5 | validity | tokens/forward | copies | conclusion | n |',
+    lines = ['| system | R@1 | R@3 | R@5 | N@3 | N@5 | validity | tokens/forward | copy share | conclusion | n |',
              '|---' * 11 + '|']
     for key, label, prev in ROWS:
         if key not in evals:
@@ -155,8 +156,8 @@ def main(folder=None):
         diff = (f"| {r['vs']} | {r['R@1_diff_mean']:+.4f} | {r['N@3_diff_mean']:+.4f} |" if 'vs' in r else '| | | |')
         seed_lines.append(f"| {r['label']} | {r['seeds']} | " + ' | '.join(
             f"{r[k]['mean']:.4f} ({r[k]['std']:.4f})" for k in ('R@1', 'N@3')) + f" {diff}")
-    note = ("copies: share of outputs that are the pre-ranker's order, on the users whose target it does not "
-            "put first (RL must not raise it); conclusion: share of outputs whose decoded <best> is the data's trace's "
+    note = ("copy share: share of outputs whose first item is the pre-ranker's first (invalid ones count), on the "
+            "users where that item is wrong; conclusion: share of outputs whose decoded <best> is the data's trace's "
             "(blank: no trace, or a file from before the record)")
     text = '\n'.join(['## Accuracy (test)', ''] + lines + ['', note, '', '## Stage gains (paired bootstrap)', ''] +
                      gain_lines + (['', '## Over seeds (results/seeds/<seed>/)', ''] + seed_lines

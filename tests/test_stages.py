@@ -431,11 +431,12 @@ def test_report_pairs_a_limited_run_on_its_users(tmp_path):
 
 
 def test_report_copy_share_counts_users_whose_target_is_not_first(tmp_path):
+    """The copy share: outputs whose first item is the floor's, on the users where the floor's first is wrong."""
     import json
     import report
     users, floor = list(range(6)), [1, 2, 3, 1, 4, 2]
-    copy = [True, True, False, False, True, False]       # on users 1, 2, 4, 5: 2 of 4 copy
-    for name, extra in (('floor', {'copy': [True] * 6}), ('rl', {'copy': copy})):
+    first = [True, True, False, False, True, False]      # first item = the floor's; on users 1, 2, 4, 5: 2 of 4
+    for name, extra in (('floor', {'first_is_floor_first': [True] * 6}), ('rl', {'first_is_floor_first': first})):
         with open(tmp_path / f'eval_{name}.json', 'w') as f:
             json.dump({'split': 'test', 'validity': 1.0,
                        'per_user': {'user': users, 'rank': floor, 'valid': [True] * 6, **extra}}, f)
