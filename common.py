@@ -240,20 +240,45 @@ def load_resume(out, model, opt, run_cfg):
     """The saved state of an interrupted run of this same configuration, loaded into model and opt, or None."""
     path = project_path(out) + '.resume'
     if not os.path.exists(path):
+        set_aside_other_run(out, run_cfg)
         return None
     try:
         saved = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:  # cut short by a full disk or a killed machine
         raise CheckpointError(f"{path} is not a readable resume state ({e}); delete it to start afresh") from e
     if saved['run_cfg'] != resume_key(run_cfg):
-        print(f"note: {path} belongs to another configuration of this stage; deleted, starting afresh")
-        os.remove(path)
+        set_aside_other_run(out, run_cfg, force=True)
         return None
     model.load_state_dict(saved['model'])
     opt.load_state_dict(saved['opt'])
     torch.set_rng_state(saved['torch_rng'])
     print(f"resuming from {path} at step {saved['step']}")
     return saved
+
+
+def set_aside_other_run(out, run_cfg, force=False):
+    """A run of another configuration left its files at `out` (checkpoint, its .json record, resume state):
+    rename them to <name>.prev.<ext> so that the new run mixes nothing with them and loses nothing. `force`:
+    the resume state is known to be another configuration's."""
+    out = project_path(out)
+    stem = os.path.splitext(out)[0]
+    if not force:
+        if not os.path.exists(out):
+            return
+        try:
+            recorded = torch.load(out, map_location='cpu', weights_only=True)['run_cfg']
+        except Exception:
+            return  # not ours to judge: load_checkpoint names the problem when a stage reads it
+        if resume_key(recorded) == resume_key(run_cfg):
+            return
+    moved = []
+    for src, dst in ((out, stem + '.prev.pt'), (stem + '.json', stem + '.prev.json'),
+                     (out + '.resume', stem + '.prev.pt.resume')):
+        if os.path.exists(src):
+            os.replace(src, dst)
+            moved.append(os.path.basename(dst))
+    if moved:
+        print(f"note: {out} was written by another configuration of this stage; set aside as {', '.join(moved)}")
 
 
 def finish_resume(out):

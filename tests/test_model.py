@@ -200,3 +200,19 @@ def test_trace_agreement_by_hand(tiny_data):
     texts[2][at] = v.slot(0) if texts[2][at] != v.slot(0) else v.slot(1)  # another conclusion, not followed
     texts[3] = texts[3][:at]                                              # cut before the conclusion
     assert trace_agreement(texts, sp, v) == {'trace': 0.25, 'conclusion': 0.5, 'follows': 0.5}
+
+
+def test_a_run_of_another_config_is_set_aside(tiny_data, tmp_path):
+    """A stage started with another configuration than the run whose files sit at its --out: the old checkpoint,
+    record and resume state are renamed to <name>.prev.*, nothing is deleted; the same configuration leaves
+    them in place (it resumes or overwrites its own run)."""
+    from common import load_resume, save_resume
+    from training import make_optimizer
+    model = tiny_model(tiny_data.vocab)
+    opt = make_optimizer(model, 1e-3, 0.0)
+    out = str(tmp_path / 'cft.pt')
+    save_checkpoint(out, model, {'lr': 1.0}, stage='cft')
+    assert load_resume(out, model, opt, {'lr': 1.0}) is None and os.path.exists(out)      # its own run
+    save_resume(out, model, opt, {'lr': 1.0}, 3, {})
+    assert load_resume(out, model, opt, {'lr': 2.0}) is None                              # another config
+    assert sorted(os.listdir(tmp_path)) == ['cft.prev.json', 'cft.prev.pt', 'cft.prev.pt.resume']
