@@ -15,7 +15,7 @@ import sys
 import numpy as np
 
 from common import results_path, write_json
-from metrics import per_rank_metric, paired_bootstrap, metrics_from_ranks
+from metrics import copy_share, per_rank_metric, paired_bootstrap, metrics_from_ranks
 
 ROWS = [  # (file name, label, predecessor for the paired gain)
     ('floor', 'pre-rank floor', None),
@@ -45,15 +45,13 @@ def interval(ranks, metric, n_boot=10000, seed=0):
     return [float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))]
 
 
-def copy_share(e, floor):
-    """Share of outputs whose first item is the pre-ranker's first (an invalid output counts: it is scored as
-    the pre-ranker's order), on the users where that item is wrong: the floor's mistake kept, what a copying
-    student or a reward-hacking policy writes. None for files without the record."""
+def copy_share_of(e, floor):
+    """metrics.copy_share of an eval file's outputs, the users' targets read from the floor's ranks (the floor
+    ranks the target at its list place): None for files without the record."""
     if floor is None or 'first_is_floor_first' not in e['per_user']:
         return None
-    first = dict(zip(floor['per_user']['user'], floor['per_user']['rank']))
-    copies = [c for u, c in zip(e['per_user']['user'], e['per_user']['first_is_floor_first']) if first[u] > 1]
-    return float(np.mean(copies)) if copies else None
+    place = dict(zip(floor['per_user']['user'], floor['per_user']['rank']))
+    return copy_share(e['per_user']['first_is_floor_first'], [place[u] - 1 for u in e['per_user']['user']])
 
 
 def test_evals(folder):
@@ -113,7 +111,7 @@ def main(folder=None):
         m = metrics_from_ranks(ranks)
         ci = {k: interval(ranks, k) for k in ('R@1', 'N@3')}
         row = {'name': key, 'label': label, 'n': len(ranks), 'metrics': m, 'validity': e.get('validity', 1.0),
-               'ci95': ci, 'copy_share': copy_share(e, evals.get('floor')),
+               'ci95': ci, 'copy_share': copy_share_of(e, evals.get('floor')),
                'trace_agreement': e.get('trace_agreement'), 'device': e.get('device'),
                'commit': e.get('commit')}
         summary['accuracy'].append(row)
