@@ -91,14 +91,15 @@ def noise_blocks(resp, block, mask_id, generator=None, t_min=0.05, suffix_share=
 
 
 def diffusion_loss(model, batch, block, mask_id, weights, masked=None, complementary=True, validity_weight=0.0,
-                   vocab=None, generator=None, suffix_share=0.0, certainty_weight=0.0):
+                   vocab=None, generator=None, suffix_share=0.0, certainty_weight=0.0, certain_at=None):
     """Masked-token cross-entropy of the block-diffusion model (plain mean over masked tokens, Fast-dLLM v2),
     with complementary masks (each example also with the opposite mask: every token supervised once), each token
     weighted by `weights` (B, R) (what the trace makes of its tokens: reasoning.loss_weights), plus optionally the
     permutation-validity loss on the answer positions (it does not read the target, so it keeps every row), plus
     optionally the certainty term: the entropy of the prediction at the masked positions the model already gets
     right (argmax = target), so that it grows sure where it is right and the threshold rule commits those
-    tokens together (dParallel's certainty forcing; LLaDA 2.0's CAP). Returns (loss, parts dict).
+    tokens together (dParallel's certainty forcing; LLaDA 2.0's CAP), at the positions `certain_at` (B, R) marks
+    (default: all). Returns (loss, parts dict).
 
     The output head runs only at the masked positions of the trained region: they are all the loss reads (a
     revealed answer position enters the validity loss as one-hot on its token)."""
@@ -107,9 +108,10 @@ def diffusion_loss(model, batch, block, mask_id, weights, masked=None, complemen
     if masked is None:
         masked = noise_blocks(resp, block, mask_id, generator, suffix_share=suffix_share)
     kind, cands = batch['kind'], batch['cands']
+    certain_at = torch.ones_like(masked) if certain_at is None else certain_at
     if complementary:
-        prompt, pad, resp, kind, region, cands, weights = (torch.cat([z, z]) for z in
-                                                           (prompt, pad, resp, kind, region, cands, weights))
+        prompt, pad, resp, kind, region, cands, weights, certain_at = (
+            torch.cat([z, z]) for z in (prompt, pad, resp, kind, region, cands, weights, certain_at))
         masked = torch.cat([masked, ~masked])
     xt = torch.where(masked, mask_id, resp)
     h = bd3_hidden(model, prompt, pad, xt, resp, block)
@@ -120,7 +122,7 @@ def diffusion_loss(model, batch, block, mask_id, weights, masked=None, complemen
     parts = {'ce': ce_loss.detach()}
     loss = ce_loss
     if certainty_weight > 0:
-        right = (logits.argmax(-1) == resp[at]).float() * (w > 0)
+        right = (logits.argmax(-1) == resp[at]).float() * (w > 0) * certain_at[at]
         logp = logits.log_softmax(-1)
         entropy = -(logp.exp() * logp).sum(-1)
         certainty = (entropy * right).sum() / right.sum().clamp(min=1)

@@ -24,7 +24,7 @@ ROWS = [  # (file name, label, predecessor for the paired gain)
     ('ar_direct', 'AR without trace', 'ar'),
     ('ar_noreject', 'AR, decision taught on every window', 'ar'),
     ('ar_rl', 'AR + RL', 'ar'),
-    ('naive', 'naive diffusion (B=32)', 'ar'),
+    ('naive', 'naive diffusion (the AR weights, block decoded)', 'ar'),
     ('cft_novalid', '+ CFT, no validity loss', 'naive'),
     ('cft', '+ CFT', 'naive'),
     ('cft_left', '+ CFT, committed from the left (same weights)', 'cft'),

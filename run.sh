@@ -20,6 +20,7 @@ case "$MODE" in
 esac
 if [ -z "${1:-}" ]; then echo "setting: $MODE (CUDA $( [ $FOUND = gpu ] && echo found || echo not found ); 'bash run.sh cpu|gpu' forces one)"; fi
 SEED=${SEED:-0}
+BLOCK=${BLOCK:-24}  # tokens per block: at 24 the answer opens a block of its own (reasoning.encode)
 D="--data_dir=${DATA_DIR:-data/beauty} --seed=$SEED"
 if [ "$MODE" = cpu ]; then
   export RESULTS_DIR=${RESULTS_DIR:-results/cpu}  # never mixed with the GPU numbers in results/
@@ -65,26 +66,26 @@ core() {  # the recipe's chain, each stage from the previous one's checkpoint
   stage python data_beauty.py --data_dir=${DATA_DIR:-data/beauty}
   stage python train_ar.py $D $DEV $AR
   ev_ar --ckpt=out/ar.pt --name=ar
-  ev --ckpt=out/ar.pt --name=naive --block=32 --tau=0.9
-  stage python train_cft.py $D $DEV $CFT
-  ev --ckpt=out/cft.pt --name=cft --block=32 --tau=0.9
+  ev --ckpt=out/ar.pt --name=naive --block=$BLOCK --tau=0.9
+  stage python train_cft.py $D $DEV $CFT --block=$BLOCK
+  ev --ckpt=out/cft.pt --name=cft --block=$BLOCK --tau=0.9
   stage python train_opd.py $D $DEV $OPD
-  ev --ckpt=out/opd.pt --name=opd --block=32 --tau=0.9
+  ev --ckpt=out/opd.pt --name=opd --block=$BLOCK --tau=0.9
   stage python train_rl.py $D $DEV $RL
-  ev --ckpt=out/rl.pt --name=rl --block=32 --tau=0.9
+  ev --ckpt=out/rl.pt --name=rl --block=$BLOCK --tau=0.9
   stage python bench.py --data_dir=${DATA_DIR:-data/beauty} $DEV $BENCH   # every stage against the AR teacher
 }
 
 ablations() {  # each answers one question about the chain; needs out/ar.pt and out/cft.pt from core
-  if left; then ev --ckpt=out/cft.pt --name=cft_left --block=32 --tau=0.9 --from_left=True; fi
+  if left; then ev --ckpt=out/cft.pt --name=cft_left --block=$BLOCK --tau=0.9 --from_left=True; fi
   if left; then stage python train_ar.py $D $DEV $DIR --trace=False --out=out/ar_direct.pt && ev_ar --ckpt=out/ar_direct.pt --name=ar_direct; fi
-  if left; then stage python train_cft.py $D $DEV $CFT --sweep=False --validity_weight=0.0 --out=out/cft_novalid.pt --name=cft_novalid && ev --ckpt=out/cft_novalid.pt --name=cft_novalid --block=32 --tau=0.9; fi
-  if left; then stage python train_cft.py $D $DEV $MORE --parent=out/cft.pt --out=out/cft_more.pt --name=cft_more && ev --ckpt=out/cft_more.pt --name=cft_more --block=32 --tau=0.9; fi
+  if left; then stage python train_cft.py $D $DEV $CFT --sweep=False --validity_weight=0.0 --out=out/cft_novalid.pt --name=cft_novalid && ev --ckpt=out/cft_novalid.pt --name=cft_novalid --block=$BLOCK --tau=0.9; fi
+  if left; then stage python train_cft.py $D $DEV $MORE --parent=out/cft.pt --out=out/cft_more.pt --name=cft_more && ev --ckpt=out/cft_more.pt --name=cft_more --block=$BLOCK --tau=0.9; fi
   if left; then stage python train_rl.py $D $DEV $RL --policy=out/ar.pt --block=1 --out=out/ar_rl.pt --name=ar_rl && ev_ar --ckpt=out/ar_rl.pt --name=ar_rl --block=1 --tau=0.9; fi
   if left; then stage python train_ar.py $D $DEV $AR --reject=False --out=out/ar_noreject.pt --name=ar_noreject && ev_ar --ckpt=out/ar_noreject.pt --name=ar_noreject; fi
-  if left; then stage python train_rl.py $D $DEV $RL --kl_weight=1.0 --out=out/rl_kl.pt --name=rl_kl && ev --ckpt=out/rl_kl.pt --name=rl_kl --block=32 --tau=0.9; fi
-  if left; then stage python train_cft.py $D $DEV $CFT --sweep=False --block_warmup=$WARM --out=out/cft_warmup.pt --name=cft_warmup && ev --ckpt=out/cft_warmup.pt --name=cft_warmup --block=32 --tau=0.9; fi
-  if left; then stage python train_cft.py $D $DEV $CFT --sweep=False --suffix_share=0.5 --out=out/cft_suffix.pt --name=cft_suffix && ev --ckpt=out/cft_suffix.pt --name=cft_suffix --block=32 --tau=0.9; fi
+  if left; then stage python train_rl.py $D $DEV $RL --kl_weight=1.0 --out=out/rl_kl.pt --name=rl_kl && ev --ckpt=out/rl_kl.pt --name=rl_kl --block=$BLOCK --tau=0.9; fi
+  if left; then stage python train_cft.py $D $DEV $CFT --sweep=False --block_warmup=$WARM --out=out/cft_warmup.pt --name=cft_warmup && ev --ckpt=out/cft_warmup.pt --name=cft_warmup --block=$BLOCK --tau=0.9; fi
+  if left; then stage python train_cft.py $D $DEV $CFT --sweep=False --suffix_share=0.5 --out=out/cft_suffix.pt --name=cft_suffix && ev --ckpt=out/cft_suffix.pt --name=cft_suffix --block=$BLOCK --tau=0.9; fi
 }
 
 case "$PART" in

@@ -1,4 +1,4 @@
-"""CFT: conversion fine-tuning of the AR teacher into a block-diffusion re-ranker (block-causal, B = 32).
+"""CFT: conversion fine-tuning of the AR teacher into a block-diffusion re-ranker (block-causal, B = 24).
 
     python train_cft.py                                    # one GPU, about a minute: out/ar.pt -> out/cft.pt
     python train_cft.py --validity_weight=0 --out=out/cft_novalid.pt     # ablation without the validity loss
@@ -34,7 +34,7 @@ class TrainCFTConfig(StageSettings, CFTLoss):  # + the shared flags, and the los
     out: str = 'out/cft.pt'
     name: str = 'cft'
     data_dir: str = 'data/beauty'
-    block: int = 32              # B: tokens per block
+    block: int = 24              # B: tokens per block (24: the answer opens a block, reasoning.encode)
     block_warmup: int = 0        # > 0: train with B = 1, 2, 4, ... up to `block` over these first steps
     max_steps: int = 600
     batch_size: int = 64
@@ -55,20 +55,19 @@ class TrainCFTConfig(StageSettings, CFTLoss):  # + the shared flags, and the los
             return "--block must be >= 1 (1: AR decoding with the CFT loss)"
         if not 0 <= self.suffix_share <= 1:
             return f"--suffix_share={self.suffix_share}: a share of the blocks, in [0, 1]"
-        if self.block_warmup > 0 and self.block & (self.block - 1):
-            return f"--block_warmup doubles the block size up to --block={self.block}: use a power of two"
         return same_file_problem('parent', self.parent, self.out) or super().problem()
 
 
 def block_at(step, cfg):
-    """The training block size at a step. With a warm-up, B doubles from 1 (the AR loss exactly) to cfg.block in
-    equal stretches of it (the last one already at cfg.block), so the weights leave the AR solution one step of
-    parallelism at a time (the analogue of the attention-mask annealing used when adapting AR models to
-    diffusion). Evaluation always uses cfg.block; every stage's size divides it, and so the batch padding."""
+    """The training block size at a step. With a warm-up, B climbs through the divisors of cfg.block from 1 (the
+    AR loss exactly) to cfg.block in equal stretches of it (the last one already at cfg.block; for 32: 1, 2, 4,
+    8, 16, 32), so the weights leave the AR solution one step of parallelism at a time (the analogue of the
+    attention-mask annealing used when adapting AR models to diffusion). Evaluation always uses cfg.block; every
+    stage's size divides it, and so the batch padding."""
     if step >= cfg.block_warmup:
         return cfg.block
-    stages = cfg.block.bit_length()                                     # 1, 2, 4, ..., block
-    return 2 ** (step * stages // cfg.block_warmup)
+    sizes = [b for b in range(1, cfg.block + 1) if cfg.block % b == 0]
+    return sizes[step * len(sizes) // cfg.block_warmup]
 
 
 @torch.no_grad()

@@ -66,10 +66,14 @@ def cft_loss_settings(run_cfg, keys=WEIGHTING + MASKING):
 
 def cft_loss(model, batch, block, vocab, settings, generator=None):
     """diffusion_loss with a CFT run's settings (cft_loss_settings): the per-token weights from the trace's token
-    kinds (reasoning.loss_weights), then the masking and the extra terms among `settings`."""
+    kinds (reasoning.loss_weights), then the masking and the extra terms among `settings`. The certainty term
+    skips the trace's judgements (kind 3, the matches' winners and the conclusion): "the left one wins" is right
+    on most matches, and rewarding sureness there taught a student to commit it from the prior, before the
+    scores it compares (FINDINGS.md)."""
     weights = loss_weights(batch, **{k: settings[k] for k in WEIGHTING})
     extra = {k: settings[k] for k in MASKING if k in settings}
-    return diffusion_loss(model, batch, block, vocab.mask, weights, vocab=vocab, generator=generator, **extra)
+    return diffusion_loss(model, batch, block, vocab.mask, weights, vocab=vocab, generator=generator,
+                          certain_at=batch['kind'] != 3, **extra)
 
 
 def validate(model, data, cfg, device, block=0, tau=0.9, k=0, split='valid', from_left=False):

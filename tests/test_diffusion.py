@@ -339,6 +339,11 @@ def test_certainty_term_is_the_entropy_where_the_prediction_is_right(tiny_data):
                                    certainty_weight=2.0)
     torch.testing.assert_close(parts1['entropy_right'], expected)
     torch.testing.assert_close(loss1, loss0 + 2.0 * expected, atol=1e-4, rtol=1e-5)
+    judged = batch['kind'] == 3  # CFT's loss leaves the judgements out of the term (training.cft_loss)
+    assert (right & judged).any() and (right & ~judged).any()
+    _, parts2 = diffusion_loss(model, batch, R, v.mask, w, masked=masked, complementary=False, vocab=v,
+                               certainty_weight=2.0, certain_at=~judged)
+    torch.testing.assert_close(parts2['entropy_right'], -(logp.exp() * logp).sum(-1)[right & ~judged].mean())
 
 
 def test_complementary_masks_supervise_each_token_once(tiny_data):

@@ -193,12 +193,14 @@ def test_a_diffusion_checkpoint_decodes_at_its_own_block(pipeline):
     assert p.returncode == 0, p.stderr[-2000:]
 
 
-def test_block_warmup_doubles_from_ar_to_the_block_size():
+def test_block_warmup_climbs_from_ar_to_the_block_size():
     cfg = TrainCFTConfig(block=32, block_warmup=60)
     sizes = [block_at(step, cfg) for step in range(80)]                      # six stretches of 10 steps
     assert sizes[0] == 1 and sizes[49] == 16 and sizes[50:] == [32] * 30   # B = 1 first: the AR loss exactly
     assert sorted(set(sizes)) == [1, 2, 4, 8, 16, 32] and sizes == sorted(sizes)
     assert block_at(0, TrainCFTConfig(block=32)) == 32                      # off by default
+    sizes = [block_at(step, TrainCFTConfig(block=24, block_warmup=80)) for step in range(80)]
+    assert sorted(set(sizes)) == [1, 2, 3, 4, 6, 8, 12, 24] and sizes == sorted(sizes)  # each divides 24
 
 
 def test_evaluations_fall_every_eval_every_steps_at_the_end_and_when_time_runs_out():
