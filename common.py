@@ -316,13 +316,19 @@ def resume_key(run_cfg):
     return {k: v for k, v in d.items() if k not in ('time_limit', 'device')}
 
 
-def check_data_matches(ckpt, data_cfg_dict, path):
-    """A later stage must read the data the parent was trained on (same vocabulary, same instances)."""
-    parent = ckpt['run_cfg'].get('data', {})
-    for key in ('n_cand', 'max_hist', 'cooc_window', 'cooc_decay', 'hist_items', 'hist_decay', 'trace'):
-        if key in parent and key in data_cfg_dict and parent[key] != data_cfg_dict[key]:
-            raise CheckpointError(f"{path} was trained with data {key}={parent[key]!r} but this run uses "
-                                  f"{data_cfg_dict[key]!r}: pass --{key}={parent[key]!r} or retrain the parent")
+def check_data_matches(ckpt, run_cfg, path):
+    """Two checkpoints read together (OPD's teacher and student, show.py's pair) must have been trained on the
+    same data: the same protocol settings (where the data came from aside) and, where recorded, the same digests
+    of the split and the lists. `run_cfg`: the other checkpoint's record."""
+    mine, theirs = ckpt['run_cfg'].get('data', {}), run_cfg.get('data', {})
+    for key in sorted(set(mine) & set(theirs) - {'data_dir', 'raw_dir', 'cache_dir'}):
+        if mine[key] != theirs[key]:
+            raise CheckpointError(f"{path} was trained with data {key}={mine[key]!r}, the other checkpoint with "
+                                  f"{theirs[key]!r}: pass checkpoints of one run (or retrain {path} on that data)")
+    a, b = ckpt['run_cfg'].get('data_digests'), run_cfg.get('data_digests')
+    if a and b and a != b:
+        raise CheckpointError(f"{path} was trained on other data than the other checkpoint (digests {a} against "
+                              f"{b}): pass checkpoints of one run (or retrain {path} on that data)")
 
 
 def is_better(new, best, min_validity):

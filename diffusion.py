@@ -95,7 +95,7 @@ def diffusion_loss(model, batch, block, mask_id, weights, masked=None, complemen
     """Masked-token cross-entropy of the block-diffusion model (plain mean over masked tokens, Fast-dLLM v2),
     with complementary masks (each example also with the opposite mask: every token supervised once), each token
     weighted by `weights` (B, R) (what the trace makes of its tokens: reasoning.loss_weights), plus optionally the
-    permutation-validity loss on the answer positions (it does not read the target, so it keeps every row), plus
+    permutation-validity loss on the answer positions of the rows whose decision is trained (weight > 0), plus
     optionally the certainty term: the entropy of the prediction at the masked positions the model already gets
     right (argmax = target), so that it grows sure where it is right and the threshold rule commits those
     tokens together (dParallel's certainty forcing; LLaDA 2.0's CAP), at the positions `certain_at` (B, R) marks
@@ -130,7 +130,10 @@ def diffusion_loss(model, batch, block, mask_id, weights, masked=None, complemen
         loss = loss + certainty_weight * certainty
     if validity_weight > 0:
         mass = candidate_mass(logits, at, resp, cands)
-        v = validity_from_mass(mass, answer_positions(resp, kind, vocab))
+        # a row whose decision carries no loss (reasoning.loss_weights' `reject`) carries no validity loss either:
+        # its revealed answer spells out the target, and the coverage term would teach the rejected decision
+        decided = ((kind == 2) & (weights > 0)).any(1)
+        v = validity_from_mass(mass, answer_positions(resp, kind, vocab) & decided[:, None])
         parts['validity_loss'] = v.detach()
         loss = loss + validity_weight * v
     return loss, parts

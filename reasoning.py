@@ -2,9 +2,9 @@
 prompt -> trace -> answer, with the per-token loss weights every stage trains with.
 
 GR2's teacher LLM writes free-text reasoning; here the trace is programmatic (a small model learns it from
-scratch): for each candidate the weights of its statistics and a running evidence score, then a knockout of
-pairwise matches, then the conclusion. Only the prompt, leave-out statistics and weights fitted on train windows
-go into it, never the target. data_beauty.py computes the statistics and calls encode() for every instance.
+scratch): for each candidate the weights of its statistics and a running evidence score, with a knockout of
+pairwise matches between them, then the conclusion. Only the prompt, leave-out statistics and weights fitted on train windows go into it, never the
+target. data_beauty.py computes the statistics and calls encode() for every instance.
 """
 import numpy as np
 import torch
@@ -158,17 +158,23 @@ def running_scores(ev, score_w):
 
 
 def knockout(scores):
-    """The matches of a knockout over the candidates, played round by round: in each round the winners meet in
-    pairs in list order (an odd one out waits for the next round), the winner of a match the left one unless the
-    right one scores higher, so the last winner is the first candidate with the highest score (np.argmax), found
-    in ceil(log2 N) rounds of pairwise comparisons instead of a running leader across the whole list.
-    Returns [(left, right, winner)] in round order, the order the trace writes them: every match of a round
-    reads only the winners of earlier rounds."""
-    alive, matches = list(range(len(scores))), []
-    while len(alive) > 1:
-        played = [(a, b, a if scores[a] >= scores[b] else b) for a, b in zip(alive[::2], alive[1::2])]
-        matches += played
-        alive = [w for _, _, w in played] + alive[len(played) * 2:]
+    """The matches of a knockout over the candidates in list order, as a binary counter plays them: after each
+    candidate, while the two latest winners cover as many candidates each, they meet; at the end the remaining
+    winners meet from the right. Each match is (left, right, winner), the winner the left one unless the right
+    one scores higher, so the last winner is the first candidate with the highest score (np.argmax), found in
+    ceil(log2 N) rounds of pairwise comparisons instead of a running leader across the whole list.
+    Returns [(after_candidate, winner)] in the order the trace writes them."""
+    stack, matches = [], []  # stack: (winner, candidates covered)
+    def play():
+        (left, n_left), (right, n_right) = stack[-2], stack[-1]
+        stack[-2:] = [(left if scores[left] >= scores[right] else right, n_left + n_right)]
+        matches.append((i, stack[-1][0]))
+    for i in range(len(scores)):
+        stack.append((i, 1))
+        while len(stack) > 1 and stack[-1][1] == stack[-2][1]:
+            play()
+    while len(stack) > 1:
+        play()
     return matches
 
 
@@ -185,19 +191,17 @@ def encode(hist, cands, target_idx, ev, attrs, vocab, score_w, trace=True):
 
     prompt   = <bos> (item attrs..)*history <cands> (slot last prev link pop item attrs..)*N <think>|<answer>
     trace    = per candidate an entry: its slot, then for each statistic (EVIDENCE) its weight and the running
-               evidence score (running_scores); after all entries the knockout's matches in round order, each
-               `<lead> winner score` (knockout); then the conclusion <best> slot (the last winner).
+               evidence score (running_scores); and, as soon as two winners cover as many candidates each, their
+               match `<lead> winner score` (knockout); then the conclusion <best> slot (the last winner).
                Every entry reads only its own candidate's prompt fields (no running leader crosses the list), and
-               each match compares two score tokens written before it, most of them a block or more earlier, so
-               a block decoder can write many tokens at once: the longest chains of tokens that each need the
-               one before are an entry's four running scores and the knockout's four rounds, not the whole
-               list. The statistics come with the prompt, as retrieved item facts do in an LLM re-ranker's
-               prompt (a small model cannot recall pair counts it never sees), right after the slot; the trace
-               writes their weights, not the statistics again. With N = 10 the trace and `<best> c <answer>`
-               are 120 tokens, five blocks of 24: at B = 24 (train_cft's default) the answer opens a block of
-               its own, every token of it a copy of the conclusion or the list order that the blocks before
-               hold, clean
+               each match compares two score tokens already written, so a block decoder can write many entries at
+               once: the longest chain of tokens that each need the one before is an entry's four running scores
+               and the four rounds of the knockout, not the whole list. The statistics come with the prompt, as
+               retrieved item facts do in an LLM re-ranker's prompt (a small model cannot recall pair counts it
+               never sees), right after the slot; the trace writes their weights, not the statistics again
     answer   = <answer> the target's slot, then the other slots in the pre-ranker's order, <eos>
+    With N = 10 the trace and `<best> c <answer>` are 120 tokens, five blocks of 24: at B = 24 (train_cft's
+    default) the answer opens a block of its own, predicted from the clean blocks that hold the conclusion.
     The trace reads only the prompt, leave-out statistics and the train-fitted `score_w`; `target_idx` only
     shapes the answer."""
     prompt = [vocab.bos]
@@ -211,12 +215,15 @@ def encode(hist, cands, target_idx, ev, attrs, vocab, score_w, trace=True):
     if trace:
         weights, sums = statistic_weights(ev, score_w)[:, 1:], running_scores(ev, score_w)
         final = sums[:, -1]
+        matches = dict()
+        for after, winner in knockout(final):
+            matches.setdefault(after, []).append(winner)
         for i in range(len(cands)):
             response.append(vocab.slot(i))
             for w, s in zip(weights[i], sums[i]):
                 response += [vocab.bucket('weight', w), vocab.bucket('score', s)]
-        for _, _, winner in knockout(final):
-            response += [vocab.lead, vocab.slot(winner), vocab.bucket('score', final[winner])]
+            for winner in matches.get(i, []):
+                response += [vocab.lead, vocab.slot(winner), vocab.bucket('score', final[winner])]
         response += [vocab.best, vocab.slot(conclusion(final)), vocab.answer]
         kind = [3 if prev in (vocab.lead, vocab.best) else 0 for prev in [None] + response[:-1]]
     order = [target_idx] + [i for i in range(len(cands)) if i != target_idx]

@@ -6,7 +6,8 @@
 #   bash run.sh                  # picks the setting from the machine: gpu where CUDA is available, else cpu
 #   bash run.sh cpu              # a 2-core CPU: a small model, results/cpu/
 #   bash run.sh gpu core         # only the chain (data ... rl, bench); `ablations` runs the controls after it
-# Environment: DATA_DIR (default data/beauty), SEED (default 0), RESULTS_DIR, BUDGET (seconds; optional stages
+# Environment: DATA_DIR (default data/beauty), DATA_NAME (default Beauty: its S3-Rec files <name>.txt and
+# <name>_item2attributes.json; the later stages read it from the teacher's record), SEED (default 0), RESULTS_DIR, BUDGET (seconds; optional stages
 # are skipped once it is spent).
 # Writes run.json beside the results: the commit, the setting, and each stage's command, wall time and exit.
 set -euo pipefail
@@ -20,8 +21,9 @@ case "$MODE" in
 esac
 if [ -z "${1:-}" ]; then echo "setting: $MODE (CUDA $( [ $FOUND = gpu ] && echo found || echo not found ); 'bash run.sh cpu|gpu' forces one)"; fi
 SEED=${SEED:-0}
-BLOCK=${BLOCK:-24}  # tokens per block: at 24 the answer opens a block of its own (reasoning.encode)
+BLOCK=${BLOCK:-24}  # tokens per block; at 24 the answer opens a block of its own (reasoning.encode)
 D="--data_dir=${DATA_DIR:-data/beauty} --seed=$SEED"
+NAME="--data_name=${DATA_NAME:-Beauty}"   # the AR stages read it; every later one takes it from its parent
 if [ "$MODE" = cpu ]; then
   export RESULTS_DIR=${RESULTS_DIR:-results/cpu}  # never mixed with the GPU numbers in results/
   BUDGET=${BUDGET:-1500}                           # the controls only while the half hour lasts
@@ -63,8 +65,8 @@ ev() { stage python decode.py $D $DEV $EVAL --split=test "$@"; }
 ev_ar() { stage python decode.py $D $DEV $EVAL_AR --split=test "$@"; }
 
 core() {  # the recipe's chain, each stage from the previous one's checkpoint
-  stage python data_beauty.py --data_dir=${DATA_DIR:-data/beauty}
-  stage python train_ar.py $D $DEV $AR
+  stage python data_beauty.py --data_dir=${DATA_DIR:-data/beauty} --name=${DATA_NAME:-Beauty}
+  stage python train_ar.py $D $NAME $DEV $AR
   ev_ar --ckpt=out/ar.pt --name=ar
   ev --ckpt=out/ar.pt --name=naive --block=$BLOCK --tau=0.9
   stage python train_cft.py $D $DEV $CFT --block=$BLOCK
@@ -78,11 +80,11 @@ core() {  # the recipe's chain, each stage from the previous one's checkpoint
 
 ablations() {  # each answers one question about the chain; needs out/ar.pt and out/cft.pt from core
   if left; then ev --ckpt=out/cft.pt --name=cft_left --block=$BLOCK --tau=0.9 --from_left=True; fi
-  if left; then stage python train_ar.py $D $DEV $DIR --trace=False --out=out/ar_direct.pt && ev_ar --ckpt=out/ar_direct.pt --name=ar_direct; fi
+  if left; then stage python train_ar.py $D $NAME $DEV $DIR --trace=False --out=out/ar_direct.pt && ev_ar --ckpt=out/ar_direct.pt --name=ar_direct; fi
   if left; then stage python train_cft.py $D $DEV $CFT --sweep=False --validity_weight=0.0 --out=out/cft_novalid.pt --name=cft_novalid && ev --ckpt=out/cft_novalid.pt --name=cft_novalid --block=$BLOCK --tau=0.9; fi
   if left; then stage python train_cft.py $D $DEV $MORE --parent=out/cft.pt --out=out/cft_more.pt --name=cft_more && ev --ckpt=out/cft_more.pt --name=cft_more --block=$BLOCK --tau=0.9; fi
   if left; then stage python train_rl.py $D $DEV $RL --policy=out/ar.pt --block=1 --out=out/ar_rl.pt --name=ar_rl && ev_ar --ckpt=out/ar_rl.pt --name=ar_rl --block=1 --tau=0.9; fi
-  if left; then stage python train_ar.py $D $DEV $AR --reject=False --out=out/ar_noreject.pt --name=ar_noreject && ev_ar --ckpt=out/ar_noreject.pt --name=ar_noreject; fi
+  if left; then stage python train_ar.py $D $NAME $DEV $AR --reject=False --out=out/ar_noreject.pt --name=ar_noreject && ev_ar --ckpt=out/ar_noreject.pt --name=ar_noreject; fi
   if left; then stage python train_rl.py $D $DEV $RL --kl_weight=1.0 --out=out/rl_kl.pt --name=rl_kl && ev --ckpt=out/rl_kl.pt --name=rl_kl --block=$BLOCK --tau=0.9; fi
   if left; then stage python train_cft.py $D $DEV $CFT --sweep=False --block_warmup=$WARM --out=out/cft_warmup.pt --name=cft_warmup && ev --ckpt=out/cft_warmup.pt --name=cft_warmup --block=$BLOCK --tau=0.9; fi
   if left; then stage python train_cft.py $D $DEV $CFT --sweep=False --suffix_share=0.5 --out=out/cft_suffix.pt --name=cft_suffix && ev --ckpt=out/cft_suffix.pt --name=cft_suffix --block=$BLOCK --tau=0.9; fi

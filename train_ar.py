@@ -28,6 +28,7 @@ from model import GPT, GPTConfig, response_hidden
 @dataclass
 class TrainARConfig(StageSettings):  # + min_validity, eval_n, eval_batch, time_limit, seed, device
     data_dir: str = 'data/beauty'
+    data_name: str = 'Beauty'    # the S3-Rec files <data_name>.txt and <data_name>_item2attributes.json
     trace: bool = True           # False: prompt -> answer (the no-reasoning ablation)
     out: str = 'out/ar.pt'
     name: str = ''               # results/train_<name>.json and curves_<name>.png; default ar / ar_direct
@@ -157,7 +158,7 @@ def mid_train(model, data, cfg, rng, device, log):
 def main():
     cfg, rng, device, timer = start_stage(TrainARConfig)
     try:
-        data = BeautyData(DataConfig(data_dir=cfg.data_dir, trace=cfg.trace))
+        data = BeautyData(DataConfig(data_dir=cfg.data_dir, name=cfg.data_name, trace=cfg.trace))
     except DataError as e:
         raise SystemExit(f"error: {e}")
     train = data.splits['train']

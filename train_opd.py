@@ -23,13 +23,13 @@ import torch
 from tqdm import tqdm
 
 from common import (StageSettings, start_stage, same_file_problem, autocast, load_checkpoint, CheckpointError,
-                    check_data_matches)
+                    check_data_matches, Interrupt, finish_resume)
 from data_beauty import DataError, collate
 from evaluation import load_data_for
 from diffusion import live_tokens, replay_logits, forward_kl, left_to_right_steps
 from model import response_hidden
 from rollouts import chunks, rollouts, score_rollouts
-from training import cft_loss, cft_loss_settings, lr_at, finish, on_policy_run
+from training import cft_loss, cft_loss_settings, lr_at, finish, OnPolicyRun
 
 
 @dataclass
@@ -68,7 +68,7 @@ def load_student_and_teacher(cfg, device, student_stages):
         student, sck = load_checkpoint(cfg.student, stages=student_stages, device=device)
         teacher, tck = load_checkpoint(cfg.teacher, stages=['ar'], device=device)
         data = load_data_for(sck, cfg.data_dir)
-        check_data_matches(tck, sck['run_cfg']['data'], cfg.teacher)
+        check_data_matches(tck, sck['run_cfg'], cfg.teacher)
     except (CheckpointError, DataError) as e:
         raise SystemExit(f"error: {e}")
     teacher.eval().requires_grad_(False)
@@ -92,17 +92,21 @@ def opd_kl(student, teacher, batch, res, block, vocab, rows=slice(None), state='
 
 
 def main():
-    cfg, rng, device, timer = start_stage(TrainOPDConfig)
+    cfg, _, device, timer = start_stage(TrainOPDConfig)
     student, sck, teacher, data = load_student_and_teacher(cfg, device, ['cft', 'opd'])
     block, vocab, train = sck['run_cfg']['block'], data.vocab, data.splits['train']
     print(f"student {cfg.student} (B = {block}), teacher {cfg.teacher}; {cfg.n_prompts} prompts x {cfg.group} rollouts")
-    log, opt, gen, keeper = on_policy_run(student, data, cfg, device, sck, block, 'opd', cfg.student, cfg.weight_decay)
-    cft_settings = cft_loss_settings(sck['run_cfg'])
     noise_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)  # the rollouts' generator stays as it was
-    pbar = tqdm(range(cfg.max_steps), desc='opd', dynamic_ncols=True)
+    run = OnPolicyRun(student, data, cfg, device, sck, block, 'opd', cfg.student, cfg.weight_decay, noise=noise_gen)
+    log, opt, gen, keeper = run.log, run.opt, run.gen, run.keeper
+    cft_settings = cft_loss_settings(sck['run_cfg'])
+    pbar = tqdm(range(run.start, cfg.max_steps), desc='opd', dynamic_ncols=True, initial=run.start,
+                total=cfg.max_steps)
+    interrupt = Interrupt()
     for step in pbar:
         for g in opt.param_groups:
             g['lr'] = lr_at(step, cfg.max_steps, cfg)
+        rng = np.random.default_rng([cfg.seed, step])  # prompts depend on the step only: a resumed run sees the same
         idx = rng.integers(0, len(train), cfg.n_prompts)
         batch, res, rows = rollouts(student, data, idx, cfg.group, block, cfg, gen, device)
         live = live_tokens(res)
@@ -133,8 +137,11 @@ def main():
         evaluate_now, stop = cfg.evaluation_due(step, timer)
         if evaluate_now:
             keeper(step + 1)
+            run.save(step + 1)
+        interrupt.stop_if_asked(lambda: run.save(step + 1), cfg.out, step + 1)
         if stop:
             break
+    finish_resume(cfg.out)
     finish(cfg, cfg.name, f"OPD ({cfg.name})", log, keeper.best, timer, device,
            ['kl', 'rollout_validity', 'tok_per_fwd', 'val_R1', 'val_validity'])
 

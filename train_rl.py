@@ -18,12 +18,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common import StageSettings, start_stage, same_file_problem, autocast, load_checkpoint, CheckpointError
+from common import (StageSettings, start_stage, same_file_problem, autocast, load_checkpoint, CheckpointError, Interrupt,
+                    finish_resume)
 from data_beauty import DataError
 from evaluation import load_data_for
 from diffusion import convert, live_tokens, replay_logits, token_logprobs
 from rollouts import chunks, rollouts, score_rollouts
-from training import lr_at, finish, on_policy_run
+from training import lr_at, finish, OnPolicyRun
 
 
 @dataclass
@@ -138,16 +139,20 @@ def clipped_update(policy, reference, opt, batch, res, rows_kept, adv, cfg, bloc
 
 
 def main():
-    cfg, rng, device, timer = start_stage(TrainRLConfig)
+    cfg, _, device, timer = start_stage(TrainRLConfig)
     policy, ck, data, block = load_policy(cfg, device)
     vocab, train, N = data.vocab, data.splits['train'], data.cfg.n_cand
     reference = copy.deepcopy(policy).eval().requires_grad_(False)  # the start policy: the KL we log (and penalise)
     print(f"policy {cfg.policy} (B = {block}); {cfg.n_prompts} prompts x {cfg.group} rollouts")
-    log, opt, gen, keeper = on_policy_run(policy, data, cfg, device, ck, block, 'rl', cfg.policy, 0.0)
-    pbar = tqdm(range(cfg.max_steps), desc=cfg.name, dynamic_ncols=True)
+    run = OnPolicyRun(policy, data, cfg, device, ck, block, 'rl', cfg.policy, 0.0)
+    log, opt, gen, keeper = run.log, run.opt, run.gen, run.keeper
+    pbar = tqdm(range(run.start, cfg.max_steps), desc=cfg.name, dynamic_ncols=True, initial=run.start,
+                total=cfg.max_steps)
+    interrupt = Interrupt()
     for step in pbar:
         for g in opt.param_groups:
             g['lr'] = lr_at(step, cfg.max_steps, cfg)
+        rng = np.random.default_rng([cfg.seed, step])  # prompts depend on the step only: a resumed run sees the same
         idx = rng.integers(0, len(train), cfg.n_prompts)
         batch, res, rows = rollouts(policy, data, idx, cfg.group, block, cfg, gen, device)
         ranks, valid, copies = score_rollouts(res, data, rows)
@@ -165,8 +170,11 @@ def main():
         evaluate_now, stop = cfg.evaluation_due(step, timer)
         if evaluate_now:
             keeper(step + 1)
+            run.save(step + 1)
+        interrupt.stop_if_asked(lambda: run.save(step + 1), cfg.out, step + 1)
         if stop:
             break
+    finish_resume(cfg.out)
     finish(cfg, cfg.name, f"RL ({cfg.name})", log, keeper.best, timer, device,
            ['reward', 'validity', 'rank_change', 'copy_share', 'kl_to_start', 'val_R1'])
 

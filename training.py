@@ -1,5 +1,5 @@
 """What every training stage shares: the optimizer and its schedule, one guarded optimizer step, validation
-with checkpoint keeping (and the start of an on-policy run: OPD, RL), the end-of-stage record, and CFT's loss
+with checkpoint keeping (and what an on-policy run holds: OPD, RL), the end-of-stage record, and CFT's loss
 settings (which OPD's anchor reuses).
 """
 import math
@@ -7,7 +7,8 @@ from dataclasses import dataclass, asdict
 
 import torch
 
-from common import JsonlLog, save_checkpoint, plot_curves, git_commit, is_better, command_line, write_json, results_path, device_name
+from common import (JsonlLog, save_checkpoint, plot_curves, git_commit, is_better, command_line, write_json, results_path,
+                    device_name, load_resume, save_resume)
 from diffusion import diffusion_loss
 from evaluation import Decoding, evaluate
 from reasoning import loss_weights
@@ -46,6 +47,7 @@ class CFTLoss:
     complementary: bool = True   # each example also with the opposite mask
     suffix_share: float = 0.0    # share of blocks masked from a random cut to the end (diffusion.noise_blocks)
     certainty_weight: float = 0.5  # entropy of the right predictions at masked positions (diffusion_loss)
+    certainty_judgements: bool = True  # the certainty term on the judgements too (False: kind 3 left out)
     w_trace: float = 0.5
     w_answer: float = 1.0
     w_choice: float = 1.0        # the first ranked item
@@ -55,9 +57,10 @@ class CFTLoss:
 
 WEIGHTING = ('w_trace', 'w_answer', 'w_choice', 'w_judge', 'reject')
 MASKING = ('complementary', 'suffix_share', 'validity_weight', 'certainty_weight')
+SETTINGS = WEIGHTING + MASKING + ('certainty_judgements',)
 
 
-def cft_loss_settings(run_cfg, keys=WEIGHTING + MASKING):
+def cft_loss_settings(run_cfg, keys=SETTINGS):
     """diffusion_loss's settings of a CFT run (its config or the dict a checkpoint records), CFTLoss's defaults
     where an older record lacks a field: one list, read by training, validation and OPD's anchor."""
     d = run_cfg if isinstance(run_cfg, dict) else asdict(run_cfg)
@@ -66,14 +69,15 @@ def cft_loss_settings(run_cfg, keys=WEIGHTING + MASKING):
 
 def cft_loss(model, batch, block, vocab, settings, generator=None):
     """diffusion_loss with a CFT run's settings (cft_loss_settings): the per-token weights from the trace's token
-    kinds (reasoning.loss_weights), then the masking and the extra terms among `settings`. The certainty term
-    skips the trace's judgements (kind 3, the matches' winners and the conclusion): "the left one wins" is right
-    on most matches, and rewarding sureness there taught a student to commit it from the prior, before the
-    scores it compares (FINDINGS.md)."""
+    kinds (reasoning.loss_weights), then the masking and the extra terms among `settings`. Without
+    `certainty_judgements` the certainty term skips the trace's judgements (kind 3, the matches' winners and the
+    conclusion), where "the left one wins" is right on most matches and sureness from that prior is rewarded
+    (FINDINGS.md)."""
     weights = loss_weights(batch, **{k: settings[k] for k in WEIGHTING})
     extra = {k: settings[k] for k in MASKING if k in settings}
+    skip = not settings.get('certainty_judgements', True)
     return diffusion_loss(model, batch, block, vocab.mask, weights, vocab=vocab, generator=generator,
-                          certain_at=batch['kind'] != 3, **extra)
+                          certain_at=batch['kind'] != 3 if skip else None, **extra)
 
 
 def validate(model, data, cfg, device, block=0, tau=0.9, k=0, split='valid', from_left=False):
@@ -123,14 +127,29 @@ class Keeper:
         self.best = self.validate(step, self.best)
 
 
-def on_policy_run(model, data, cfg, device, ck, block, stage, parent, weight_decay):
-    """What OPD and RL share at the start: log, optimizer, rollout generator, and the keeper, which has
-    already evaluated the starting model (step 0: a stage that only hurts keeps its parent)."""
-    log = JsonlLog(f"out/log_{cfg.name}.jsonl")
-    opt = make_optimizer(model, cfg.lr, weight_decay)
-    gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    run_cfg = {**asdict(cfg), 'block': block, 'data': ck['run_cfg']['data'],
-               'data_digests': ck['run_cfg'].get('data_digests')}
-    keeper = Keeper(model, data, cfg, device, log, run_cfg, stage, parent, block)
-    keeper(0)
-    return log, opt, gen, keeper
+class OnPolicyRun:
+    """What OPD and RL share: the log, the optimizer, the generators (`gen` for the rollouts, and any the stage
+    adds), and the keeper, which has already evaluated the starting model (step 0: a stage that only hurts keeps
+    its parent). An interrupted run of the same config resumes: weights, optimizer, generators, the kept record
+    and the log as they were at `start` (common.load_resume); save(step) writes that state."""
+
+    def __init__(self, model, data, cfg, device, ck, block, stage, parent, weight_decay, **generators):
+        self.opt = make_optimizer(model, cfg.lr, weight_decay)
+        self.gens = {'gen': torch.Generator(device=device).manual_seed(cfg.seed), **generators}
+        self.gen = self.gens['gen']
+        run_cfg = {**asdict(cfg), 'block': block, 'data': ck['run_cfg']['data'],
+                   'data_digests': ck['run_cfg'].get('data_digests')}
+        resumed = load_resume(cfg.out, model, self.opt, run_cfg)
+        self.log = JsonlLog(f"out/log_{cfg.name}.jsonl", keep=resumed['state']['log_lines'] if resumed else None)
+        self.keeper = Keeper(model, data, cfg, device, self.log, run_cfg, stage, parent, block)
+        self.save = lambda step: save_resume(cfg.out, model, self.opt, run_cfg, step, {
+            'best': self.keeper.best, 'log_lines': self.log.lines(),
+            'gens': {k: g.get_state() for k, g in self.gens.items()}})
+        if resumed:
+            self.start, self.keeper.best = resumed['step'], resumed['state']['best']
+            for k, g in self.gens.items():
+                g.set_state(resumed['state']['gens'][k])
+        else:
+            self.start = 0
+            self.keeper(0)
+            self.save(0)

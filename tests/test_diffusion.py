@@ -129,20 +129,47 @@ def test_left_to_right_state_equals_masking_the_rest_of_the_block(tiny_data):
         torch.testing.assert_close(h[at], ref[at], atol=1e-5, rtol=1e-5)
 
 
+def commits_per_step(steps, block):
+    """For each row and block, how many positions each step committed: [[count of step 1, 2, ...], ...]."""
+    out = []
+    for row in steps:
+        for blk in row.view(-1, block):
+            st = blk[blk > 0].tolist()
+            out.append([st.count(s) for s in range(1, max(st, default=0) + 1)])
+    return out
+
+
 def test_sampler_properties(tiny_data):
+    """Each setting: greedy decoding needs no generator, sampling repeats for a fixed one; the prompt is never
+    touched; no mask is left; every position is committed at exactly one step of its block, each step commits at
+    least one (a static k exactly k but the last), tau = 0 commits a whole block at once, and under the threshold
+    rule a step commits either only tokens of confidence >= tau or the single most confident one."""
     d, model, batch = setup(tiny_data, block=4)
     prompt = batch['prompt'].clone()
     for kw in (dict(tau=0.9), dict(tau=0.0), dict(k=2), dict(tau=0.5, temperature=1.0),
                dict(tau=0.5, temperature=1.0, from_left=True), dict(k=2, from_left=True)):
         g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
         a = generate_block(model, batch['prompt'], batch['pad'], 24, d.vocab, block=4, generator=g1, **kw)
-        b = generate_block(model, batch['prompt'], batch['pad'], 24, d.vocab, block=4, generator=g2, **kw)
-        assert torch.equal(a['tokens'], b['tokens'])                      # deterministic for a fixed generator
+        b = generate_block(model, batch['prompt'], batch['pad'], 24, d.vocab, block=4,
+                           generator=g2 if 'temperature' in kw else None, **kw)
+        assert torch.equal(a['tokens'], b['tokens']) and torch.equal(a['steps'], b['steps'])
         assert torch.equal(batch['prompt'], prompt)                       # the prompt is never touched
         decoded = a['steps'] > 0
         assert not (a['tokens'][decoded] == d.vocab.mask).any()           # finished: no mask left
-        # each position is committed exactly once (steps are recorded once, tokens never rewritten)
-        assert ((a['steps'] >= 0) & (a['steps'] <= 4)).all()
+        counts = commits_per_step(a['steps'], 4)
+        assert sum(map(sum, counts)) == decoded.sum() and all(all(c > 0 for c in cs) for cs in counts)
+        if kw.get('k'):
+            assert all(all(c == 2 for c in cs[:-1]) and cs[-1] <= 2 for cs in counts)
+        if kw.get('tau') == 0.0:
+            assert all(len(cs) <= 1 for cs in counts)
+        if kw.get('tau') == 0.9:  # greedy: logp is the log-confidence of each committed token
+            conf = a['logp'].exp()
+            for row in range(len(conf)):
+                for blk in range(6):
+                    st, cf = a['steps'][row, 4 * blk:4 * blk + 4], conf[row, 4 * blk:4 * blk + 4]
+                    for s_ in range(1, int(st.max()) + 1):
+                        at = st == s_
+                        assert at.sum() == 1 or (cf[at] >= 0.9 - 1e-6).all()
     s1 = generate_block(model, batch['prompt'], batch['pad'], 24, d.vocab, block=4, tau=0.5, temperature=1.0,
                         generator=torch.Generator().manual_seed(1))
     s2 = generate_block(model, batch['prompt'], batch['pad'], 24, d.vocab, block=4, tau=0.5, temperature=1.0,
@@ -203,6 +230,23 @@ def test_sampler_batch_invariance(tiny_data):
         res1 = generate_block(model, one['prompt'], one['pad'], 24, d.vocab, block=4, tau=0.5)
         L = int(res1['lengths'][0])
         assert torch.equal(res1['tokens'][0, :L], res['tokens'][r, :L])
+
+
+def test_validity_loss_leaves_out_the_rows_whose_decision_is_rejected(tiny_data):
+    """A row whose decision carries no loss (weight 0 at kind 2: `reject`) adds nothing to the validity loss: its
+    revealed answer tokens spell out the target, and the coverage term would teach the decision that the reject
+    rule drops (the student then wrote c1 wherever the trace departed from it, FINDINGS.md)."""
+    d, model, batch = setup(tiny_data, n=4, block=4)
+    v = d.vocab
+    masked = noise_blocks(batch['resp'], 4, v.mask, torch.Generator().manual_seed(3))
+    w = torch.ones(batch['resp'].shape)
+    rejected = w.clone()
+    rejected[0] = torch.where(batch['kind'][0] == 2, 0.0, 1.0)
+    loss = lambda weights, rows=slice(None): diffusion_loss(
+        model, {k: x[rows] for k, x in batch.items()}, 4, v.mask, weights[rows], masked=masked[rows],
+        complementary=False, vocab=v, validity_weight=1.0)[1]['validity_loss']
+    torch.testing.assert_close(loss(rejected), loss(w, slice(1, None)))
+    assert not torch.allclose(loss(w), loss(w, slice(1, None)))
 
 
 def test_validity_loss_by_hand(tiny_data):
@@ -344,6 +388,17 @@ def test_certainty_term_is_the_entropy_where_the_prediction_is_right(tiny_data):
     _, parts2 = diffusion_loss(model, batch, R, v.mask, w, masked=masked, complementary=False, vocab=v,
                                certainty_weight=2.0, certain_at=~judged)
     torch.testing.assert_close(parts2['entropy_right'], -(logp.exp() * logp).sum(-1)[right & ~judged].mean())
+    from training import CFTLoss, cft_loss, cft_loss_settings  # CFT's switch reaches the term
+    got = [cft_loss(model, batch, R, v, cft_loss_settings(CFTLoss(certainty_judgements=on)),
+                    torch.Generator().manual_seed(5))[1]['entropy_right'] for on in (True, False)]
+    settings = cft_loss_settings(CFTLoss())
+    weights = loss_weights(batch, *(settings[k] for k in ('w_trace', 'w_answer', 'w_choice')), settings['reject'],
+                           settings['w_judge'])
+    want = [diffusion_loss(model, batch, R, v.mask, weights, vocab=v, generator=torch.Generator().manual_seed(5),
+                           certainty_weight=0.5, certain_at=at, validity_weight=1.0)[1]['entropy_right']
+            for at in (None, ~judged)]
+    torch.testing.assert_close(got, want)
+    assert got[0] != got[1]
 
 
 def test_complementary_masks_supervise_each_token_once(tiny_data):

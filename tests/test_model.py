@@ -202,6 +202,52 @@ def test_trace_agreement_by_hand(tiny_data):
     assert trace_agreement(texts, sp, v) == {'trace': 0.25, 'conclusion': 0.5, 'follows': 0.5}
 
 
+def test_trace_report_by_hand(tiny_data, monkeypatch):
+    """trace_report's shares from planted predictions: the gold token everywhere, sure (p > 0.99), except every
+    weight of the first list (wrong), the first match's winner of the second (wrong), and every trace token
+    of the third predicted right but unsure. Each share is then a count by hand over the gold responses."""
+    import evaluation
+    v, sp = tiny_data.vocab, tiny_data.splits['valid']
+    n = 6
+    resp = [[int(t) for t in sp.responses[i]] for i in range(n)]
+    is_weight = lambda t: v.bucket0['weight'] <= t <= v.bucket0['weight'] + 16
+    first_match = resp[1].index(v.lead) + 1
+
+    def planted(model, b, vocab, block=1):
+        r = b['resp']
+        logits = torch.full((*r.shape, vocab.n_out), -20.0).scatter(-1, r[..., None], 20.0)
+        for j, t in enumerate(resp[0]):
+            if is_weight(t):
+                logits[0, j] = logits[0, j].roll(1)                      # argmax on the next token id
+        logits[1, first_match] = logits[1, first_match].roll(1)
+        trace3 = torch.tensor([k in (0, 3) for k in sp.kinds[2]] + [False] * (r.shape[1] - len(resp[2])))
+        logits[2, trace3] = logits[2, trace3] / 20 * 0.1                  # right, but nowhere near 0.99
+        return logits
+
+    monkeypatch.setattr(evaluation, 'teacher_forced_logits', planted)
+    rep = evaluation.trace_report(None, sp, v, 'cpu', n=n, batch=n)
+    weights = [sum(map(is_weight, r)) for r in resp]
+    trace = [sum(k in (0, 3) for k in sp.kinds[i]) for i in range(n)]
+    assert rep['weight_accuracy'] == pytest.approx(1 - weights[0] / sum(weights))
+    assert rep['match_accuracy'] == pytest.approx(1 - 1 / sum(r.count(v.lead) for r in resp))
+    assert rep['score_accuracy'] == rep['conclusion_accuracy'] == 1.0
+    # unsure: the third list's trace; wrong (so not p > 0.99): the first list's weights, the second's match
+    assert rep['trace_p99_share'] == pytest.approx(1 - (trace[2] + weights[0] + 1) / sum(trace))
+
+
+def test_checkpoints_of_other_data_are_not_read_together():
+    """check_data_matches: one protocol setting or one digest apart is refused, naming the checkpoint; where the
+    data lies is not part of it."""
+    from common import check_data_matches
+    mine = {'run_cfg': {'data': {'n_cand': 10, 'trace': True, 'data_dir': 'a'}, 'data_digests': {'split': 'x'}}}
+    check_data_matches(mine, {'data': {'n_cand': 10, 'trace': True, 'data_dir': 'b'}, 'data_digests': {'split': 'x'}},
+                       'out/ar.pt')
+    with pytest.raises(CheckpointError, match='out/ar.pt was trained with data n_cand=10'):
+        check_data_matches(mine, {'data': {'n_cand': 20, 'trace': True}}, 'out/ar.pt')
+    with pytest.raises(CheckpointError, match='out/ar.pt was trained on other data'):
+        check_data_matches(mine, {'data': {'n_cand': 10}, 'data_digests': {'split': 'y'}}, 'out/ar.pt')
+
+
 def test_a_run_of_another_config_is_set_aside(tiny_data, tmp_path):
     """A stage started with another configuration than the run whose files sit at its --out: the old checkpoint,
     record and resume state are renamed to <name>.prev.*, nothing is deleted; the same configuration leaves

@@ -57,6 +57,22 @@ def test_recipe_runs_end_to_end(pipeline):
     trace = json.load(open(os.path.join(cwd, 'results', 'train_ar.json')))['valid']  # the trace's own diagnosis
     for key in ('trace_p99_share', 'weight_accuracy', 'score_accuracy', 'match_accuracy', 'conclusion_accuracy'):
         assert 0.0 <= trace[key] <= 1.0
+    from metrics import metrics_from_ranks  # the summary is the per-user record's, invalid scored as the floor
+    assert res['metrics'] == pytest.approx(metrics_from_ranks(np.array(pu['rank'])))
+    assert res['validity'] == pytest.approx(np.mean(pu['valid']))
+
+
+def test_show_prints_one_re_ranking_side_by_side(pipeline):
+    """show.py: the prompt, the AR teacher's response and the block-decoded one with each token's commit step,
+    and both outcomes; an unknown user is named with the fix."""
+    cwd, data = pipeline
+    p = run('show.py', cwd, data, '--diffusion=out/rl.pt', '--index=1', '--tau=0.5')
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert 'prompt:' in p.stdout and 'AR teacher (out/ar.pt)' in p.stdout and 'RL (out/rl.pt), B = 8' in p.stdout
+    assert re.search(r'c\d+\*?:\d', p.stdout) and p.stdout.count('the target at rank') + p.stdout.count('invalid') == 2
+    p = run('show.py', cwd, data, '--user=999999')
+    assert p.returncode != 0 and 'user 999999 has no test instance' in p.stderr + p.stdout
+    assert 'Traceback' not in p.stderr
 
 
 def test_naive_conversion_decodes_the_model_cft_starts_from(pipeline):
@@ -120,6 +136,22 @@ def test_checkpoint_of_other_data_is_refused(pipeline):
                           ('train_opd.py', ['--student=out/cft_other.pt'])):
         p = run(script, cwd, data, *flags)
         assert p.returncode != 0 and 'other data' in p.stderr + p.stdout and '--data_dir' in p.stderr + p.stdout
+
+
+def test_another_category_is_read_by_its_name(tiny_dir, tmp_path):
+    """--data_name reads <name>.txt and <name>_item2attributes.json (another Amazon category in the S3-Rec
+    format), and the teacher's record carries it to the later stages."""
+    import shutil
+    other = tmp_path / 'toys'
+    other.mkdir()
+    shutil.copy(os.path.join(tiny_dir, 'Beauty.txt'), other / 'Toys.txt')
+    shutil.copy(os.path.join(tiny_dir, 'Beauty_item2attributes.json'), other / 'Toys_item2attributes.json')
+    p = run('train_ar.py', str(tmp_path), f'--data_dir={other}', '--data_name=Toys', *TINY['train_ar.py'][:4],
+            '--max_steps=2', '--mid_steps=0', '--eval_every=2', '--eval_n=4')
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert torch.load(tmp_path / 'out' / 'ar.pt', weights_only=True)['run_cfg']['data']['name'] == 'Toys'
+    p = run('train_ar.py', str(tmp_path), f'--data_dir={other}', '--max_steps=2')
+    assert p.returncode != 0 and 'Beauty.txt' in p.stderr + p.stdout and 'Traceback' not in p.stderr
 
 
 def test_missing_data_dir_is_refused(tmp_path):
@@ -281,35 +313,53 @@ def test_opd_loss_is_zero_for_block_one_student_equal_to_teacher(tiny_data, stat
     assert opd_kl(convert(tiny_model(v, seed=2), v), teacher, batch, res, 1, v, state=state) > 1e-4
 
 
-def test_one_rl_step_changes_parameters(tiny_data):
-    """A policy-gradient step through the replay path moves the weights and stays finite."""
+def test_rl_update_is_the_policy_gradient_at_ratio_one(tiny_data):
+    """train_rl.clipped_update's first pass, where pi equals pi_old (ratio 1, nothing clipped), is plain SGD on
+    -sum_t A(rollout of t) log pi(token t) / (live tokens) over the rows kept: the parameter change equals -lr
+    times that gradient, from an independent replay here (a flipped sign, an advantage on the wrong row, a
+    per-row mean instead of DAPO's token mean each fail). Zero advantages move nothing; the start policy as
+    reference logs KL 0, and the replay reproduces the sampler's log-probs."""
+    import copy
     from conftest import tiny_model
     from data_beauty import collate
     from diffusion import convert, generate_block, live_tokens, replay_logits, token_logprobs
+    from train_rl import TrainRLConfig, clipped_update
     d = tiny_data
+    torch.manual_seed(0)
     model = convert(tiny_model(d.vocab), d.vocab)
     batch = collate(d.splits['train'], [0, 0, 1, 1], d.vocab, block=4)
     res = generate_block(model, batch['prompt'], batch['pad'], 24, d.vocab, block=4, tau=0.5, temperature=1.0,
                          generator=torch.Generator().manual_seed(0))
+    adv, kept = np.array([1.0, -1.0, 0.5, -0.5]), [0, 1, 3]
+    cfg = TrainRLConfig(updates=1, micro_batch=2, grad_clip=1e9, kl_weight=0.0)
+    lr = 0.05
     live = live_tokens(res)
+    sel = torch.tensor(kept)
+    reference = copy.deepcopy(model)
+    expected = copy.deepcopy(model)
+    lp = token_logprobs(replay_logits(expected, batch['prompt'][sel], batch['pad'][sel],
+                                      {k: v[sel] for k, v in res.items()}, 4, d.vocab, live[sel]),
+                        res['tokens'][sel][live[sel]], 1.0)
+    a = torch.tensor(adv[kept], dtype=torch.float32)[:, None].expand_as(live[sel])[live[sel]]
+    (-(a * lp).sum() / live[sel].sum()).backward()
     with torch.no_grad():
-        old = token_logprobs(replay_logits(model, batch['prompt'], batch['pad'], res, 4, d.vocab, live),
-                             res['tokens'][live])
-    new = token_logprobs(replay_logits(model, batch['prompt'], batch['pad'], res, 4, d.vocab, live),
-                         res['tokens'][live])
-    adv = torch.tensor([1.0, -1.0, 0.5, -0.5])[:, None].expand_as(live)[live]
-    ratio = (new - old).exp()
-    loss = -torch.minimum(ratio * adv, ratio.clamp(0.8, 1.2) * adv).mean()
-    before = [p.detach().clone() for p in model.parameters()]
-    loss.backward()
-    torch.optim.SGD(model.parameters(), lr=0.1).step()
-    assert torch.isfinite(loss)
-    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+        for p in expected.parameters():
+            p -= lr * p.grad
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    stats = clipped_update(model, reference, opt, batch, res, kept, adv, cfg, 4, d.vocab, 'cpu', 0)
+    for p, q in zip(model.parameters(), expected.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-4)
+    assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), reference.parameters()))
+    assert stats['kl_to_start'] == 0.0 and stats['replay_gap'] < 1e-4
+    frozen = copy.deepcopy(model)
+    clipped_update(model, reference, torch.optim.SGD(model.parameters(), lr=lr), batch, res, kept, 0 * adv, cfg, 4,
+                   d.vocab, 'cpu', 1)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), frozen.parameters()))
 
 
 def test_bench_outputs_equal_decode(tiny_data):
     """The benchmark times the very decoding that evaluation uses: same tokens at the same settings, and it counts
-    one forward per token for AR and for B = 1, fewer with blocks that commit several tokens at once."""
+    one forward per token for AR and for B = 1, and with blocks the prefill plus one per step of each block."""
     from bench import decode_once
     from conftest import tiny_model
     from data_beauty import collate
@@ -337,6 +387,9 @@ def test_bench_outputs_equal_decode(tiny_data):
                 assert torch.equal(forwards, lengths)
             if rule.get('k') == 2:  # two tokens a step inside a block: about half the forwards
                 assert (forwards < lengths).all()
+            if block > 1:  # the prefill, then one forward per step of each block (the finishing pass is fused)
+                per_block = r['steps'].view(2, -1, block).max(2).values
+                assert torch.equal(forwards, 1 + per_block.sum(1))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
@@ -357,40 +410,65 @@ def test_cuda_graphs_match_eager(tiny_data):
         assert torch.equal(outs[0][0], outs[1][0])
 
 
+def interrupt_and_rerun(script, args, whole, cut, out, log_name, loss_key):
+    """Run `script` once whole; once with a Ctrl-C after a few training steps and again with the same command.
+    Returns what the two runs left: their log rows and kept weights."""
+    import json
+    import signal
+    import time
+    assert run(script, whole, *args).returncode == 0
+    env = dict(os.environ, WORK_DIR=cut, RESULTS_DIR='results')
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, script), '--device=cpu', *args], cwd=cut,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = os.path.join(cut, 'out', log_name)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:  # wait until training is under way
+        if os.path.exists(log) and sum(f'"{loss_key}"' in line for line in open(log)) >= 3:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    o, e = proc.communicate(timeout=300)
+    assert proc.returncode != 0 and 'interrupted after step' in e + o, (o + e)[-2000:]
+    assert os.path.exists(os.path.join(cut, out + '.resume'))
+    p = run(script, cut, *args)
+    assert p.returncode == 0 and 'resuming from' in p.stdout, p.stderr[-2000:]
+    assert not os.path.exists(os.path.join(cut, out + '.resume'))
+    rows = [[json.loads(line) for line in open(os.path.join(d, 'out', log_name))] for d in (whole, cut)]
+    weights = [torch.load(os.path.join(d, out), weights_only=True)['model'] for d in (whole, cut)]
+    return rows, weights
+
+
 def test_ctrl_c_saves_and_the_rerun_ends_as_an_uninterrupted_run(tiny_dir, tmp_path):
     """Ctrl-C in the middle of train_ar's training: the step in flight finishes, the state is saved and the stage
     exits; the same command then continues and ends with the log (every step once, the same losses) and the
     weights of a run that was never interrupted."""
-    import json
-    import signal
-    import time
     args = [f'--data_dir={tiny_dir}', '--n_layer=1', '--n_embd=32', '--n_head=2', '--batch_size=8', '--mid_steps=0',
             '--max_steps=300', '--eval_every=150', '--eval_n=8']
     whole, cut = str(tmp_path / 'whole'), str(tmp_path / 'cut')
     os.makedirs(whole)
     os.makedirs(cut)
-    assert run('train_ar.py', whole, *args).returncode == 0
-    env = dict(os.environ, WORK_DIR=cut, RESULTS_DIR='results')
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, 'train_ar.py'), '--device=cpu', *args], cwd=cut,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    log = os.path.join(cut, 'out', 'log_ar.jsonl')
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:  # wait until training is under way
-        if os.path.exists(log) and sum('"loss"' in line for line in open(log)) >= 20:
-            break
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=300)
-    assert proc.returncode != 0 and 'interrupted after step' in err + out, (out + err)[-2000:]
-    assert os.path.exists(os.path.join(cut, 'out', 'ar.pt.resume'))
-    p = run('train_ar.py', cut, *args)
-    assert p.returncode == 0 and 'resuming from' in p.stdout, p.stderr[-2000:]
-    rows = lambda d: [json.loads(line) for line in open(os.path.join(d, 'out', 'log_ar.jsonl'))]
-    assert rows(cut) == rows(whole)
-    assert [r['step'] for r in rows(cut) if 'loss' in r] == list(range(300))
-    a, b = (torch.load(os.path.join(d, 'out', 'ar.pt'), weights_only=True)['model'] for d in (whole, cut))
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    assert not os.path.exists(os.path.join(cut, 'out', 'ar.pt.resume'))
+    (a, b), (wa, wb) = interrupt_and_rerun('train_ar.py', args, whole, cut, 'out/ar.pt', 'log_ar.jsonl', 'loss')
+    assert a == b and [r['step'] for r in b if 'loss' in r] == list(range(300))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.parametrize('script,key', [('train_opd.py', 'kl'), ('train_rl.py', 'reward')])
+def test_opd_and_rl_resume_as_if_never_interrupted(pipeline, tmp_path, script, key):
+    """The on-policy stages resume too (training.OnPolicyRun): the rollout generators, the prompts of each step,
+    the kept record and the log continue as in a run that was never interrupted, to the same weights."""
+    import shutil
+    cwd, data = pipeline
+    whole, cut = str(tmp_path / 'whole'), str(tmp_path / 'cut')
+    for d in (whole, cut):
+        shutil.copytree(os.path.join(cwd, 'out'), os.path.join(d, 'out'),
+                        ignore=shutil.ignore_patterns('*.resume', 'log_*', 'rl*', 'opd_*'))
+    name = script[6:9]
+    args = [data, '--n_prompts=2', '--group=2' if key == 'kl' else '--group=4', '--max_steps=20', '--eval_every=10',
+            '--eval_n=8', f'--out=out/{name}_again.pt', f'--name={name}_again']
+    (a, b), (wa, wb) = interrupt_and_rerun(script, args, whole, cut, f'out/{name}_again.pt',
+                                           f'log_{name}_again.jsonl', key)
+    assert a == b and [r['step'] for r in b if key in r] == list(range(1, 21))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
 def test_opd_anchor_uses_the_students_own_cft_loss():

@@ -1,0 +1,108 @@
+"""See one re-ranking: a test user's prompt, then the trace and ranking that the AR teacher and a block-diffusion
+checkpoint write for it, side by side, with the step of its block at which each block-decoded token was
+committed.
+
+    python show.py                                   # the first test user, out/ar.pt against out/cft.pt
+    python show.py --user=123 --diffusion=out/rl.pt --tau=0.6
+    python show.py --index=7 --split=valid
+
+A block-decoded token is shown as `token:step`; a block's tokens with the same step were committed by one
+forward. `*` marks the target's slot (the target is never in the prompt or the trace: it only scores).
+"""
+from dataclasses import dataclass
+
+import torch
+
+from common import (parse_config, device_problem, decoding_problem, pick_device, load_checkpoint, CheckpointError,
+                    check_data_matches)
+from data_beauty import DataError, collate
+from diffusion import generate_ar, generate_block
+from evaluation import load_data_for
+from metrics import parse_answer, target_rank
+
+
+@dataclass
+class ShowConfig:
+    ar: str = 'out/ar.pt'
+    diffusion: str = 'out/cft.pt'   # '' : the AR teacher only
+    user: int = -1                  # a user id of the split; -1: the instance at --index
+    index: int = 0
+    split: str = 'test'
+    tau: float = 0.9
+    data_dir: str = 'data/beauty'
+    device: str = 'auto'
+
+    def problem(self):
+        if self.split not in ('train', 'valid', 'test'):
+            return f"--split={self.split!r}: use train, valid or test"
+        return device_problem(self.device) or decoding_problem(1, self.tau, 0)
+
+
+def pick_instance(split, cfg):
+    if cfg.user >= 0:
+        found = [i for i, u in enumerate(split.users) if int(u) == cfg.user]
+        if not found:
+            raise SystemExit(f"error: user {cfg.user} has no {cfg.split} instance (its target is not in the "
+                             f"pre-ranker's list, or the id is not a user); try --index=0")
+        return found[0]
+    if not 0 <= cfg.index < len(split):
+        raise SystemExit(f"error: --index={cfg.index}: the {cfg.split} split has {len(split)} instances")
+    return cfg.index
+
+
+def show_tokens(vocab, toks, target_slot, steps=None, block=0):
+    """One line per block of `block` tokens (one line per entry-sized chunk of 24 for AR), each `token[:step]`."""
+    words = [vocab.token_str(t) + ('*' if t == target_slot else '') + (f":{steps[j]}" if steps is not None else '')
+             for j, t in enumerate(toks)]
+    width = block or 24
+    return '\n'.join(f"  [{a:3d}] " + ' '.join(words[a:a + width]) for a in range(0, len(words), width))
+
+
+def outcome(vocab, toks, target):
+    ranking = parse_answer(toks, vocab)
+    if ranking is None:
+        return "invalid (scored as the pre-ranker's order)"
+    return f"ranking {' '.join(f'c{i + 1}' for i in ranking)}; the target at rank {target_rank(ranking, target)}"
+
+
+def main():
+    cfg = parse_config(ShowConfig)
+    device = pick_device(cfg.device)
+    try:
+        teacher, tck = load_checkpoint(cfg.ar, stages=['ar'], device=device)
+        data = load_data_for(tck, cfg.data_dir)
+        student, sck = (load_checkpoint(cfg.diffusion, stages=['cft', 'opd', 'rl'], device=device) if cfg.diffusion
+                        else (None, None))
+        if sck is not None:
+            check_data_matches(sck, tck['run_cfg'], cfg.diffusion)
+    except (CheckpointError, DataError) as e:
+        raise SystemExit(f"error: {e}")
+    vocab, split = data.vocab, data.splits[cfg.split]
+    i = pick_instance(split, cfg)
+    target_slot = vocab.slot(split.target[i])
+    batch = collate(split, [i], vocab, device=device)
+    max_resp = len(split.responses[i]) + 48
+    print(f"{cfg.split} instance {i}, user {int(split.users[i])}; the target is c{split.target[i] + 1}")
+    print("prompt:\n" + show_tokens(vocab, split.prompts[i].tolist(), target_slot))
+    with torch.no_grad():
+        out, length = generate_ar(teacher.eval(), batch['prompt'], batch['pad'], max_resp, vocab)
+    ar = out[0, :int(length[0])].tolist()
+    print(f"\nAR teacher ({cfg.ar}), {len(ar)} tokens, one forward each:\n" + show_tokens(vocab, ar, target_slot))
+    print("  " + outcome(vocab, ar, split.target[i]))
+    if student is not None:
+        block = sck['run_cfg']['block']
+        with torch.no_grad():
+            res = generate_block(student.eval(), batch['prompt'], batch['pad'], -(-max_resp // block) * block,
+                                 vocab, block=block, tau=cfg.tau)
+        n = int(res['lengths'][0])
+        toks, steps = res['tokens'][0, :n].tolist(), res['steps'][0, :n].tolist()
+        print(f"\n{sck['stage'].upper()} ({cfg.diffusion}), B = {block}, tau {cfg.tau}: {n} tokens in "
+              f"{int(res['n_forwards'][0])} forwards ({n / int(res['n_forwards'][0]):.2f} per forward):\n"
+              + show_tokens(vocab, toks, target_slot, steps, block))
+        print("  " + outcome(vocab, toks, split.target[i]))
+        same = sum(a == b for a, b in zip(ar, toks))
+        print(f"  {same} of {len(ar)} tokens as the AR teacher wrote them")
+
+
+if __name__ == '__main__':
+    main()
