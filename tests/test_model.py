@@ -225,7 +225,7 @@ def test_trace_report_by_hand(tiny_data, monkeypatch):
         return logits
 
     monkeypatch.setattr(evaluation, 'teacher_forced_logits', planted)
-    rep = evaluation.trace_report(None, sp, v, 'cpu', n=n, batch=n)
+    rep = evaluation.trace_report(torch.nn.Identity(), sp, v, 'cpu', n=n, batch=n)
     weights = [sum(map(is_weight, r)) for r in resp]
     trace = [sum(k in (0, 3) for k in sp.kinds[i]) for i in range(n)]
     assert rep['weight_accuracy'] == pytest.approx(1 - weights[0] / sum(weights))

@@ -69,7 +69,9 @@ def test_show_prints_one_re_ranking_side_by_side(pipeline):
     p = run('show.py', cwd, data, '--diffusion=out/rl.pt', '--index=1', '--tau=0.5')
     assert p.returncode == 0, p.stderr[-2000:]
     assert 'prompt:' in p.stdout and 'AR teacher (out/ar.pt)' in p.stdout and 'RL (out/rl.pt), B = 8' in p.stdout
-    assert re.search(r'c\d+\*?:\d', p.stdout) and p.stdout.count('the target at rank') + p.stdout.count('invalid') == 2
+    block_part = p.stdout[p.stdout.index('RL (out/rl.pt)'):]
+    assert re.search(r'\] \S+:\d+ \S+:\d+', block_part)                  # every token with its commit step
+    assert p.stdout.count('the target at rank') + p.stdout.count('invalid (scored') == 2
     p = run('show.py', cwd, data, '--user=999999')
     assert p.returncode != 0 and 'user 999999 has no test instance' in p.stderr + p.stdout
     assert 'Traceback' not in p.stderr
@@ -346,14 +348,14 @@ def test_rl_update_is_the_policy_gradient_at_ratio_one(tiny_data):
         for p in expected.parameters():
             p -= lr * p.grad
     opt = torch.optim.SGD(model.parameters(), lr=lr)
-    stats = clipped_update(model, reference, opt, batch, res, kept, adv, cfg, 4, d.vocab, 'cpu', 0)
+    stats = clipped_update(model, reference, opt, batch, res, kept, adv, cfg, 4, d.vocab, torch.device('cpu'), 0)
     for p, q in zip(model.parameters(), expected.parameters()):
         torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-4)
     assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), reference.parameters()))
     assert stats['kl_to_start'] == 0.0 and stats['replay_gap'] < 1e-4
     frozen = copy.deepcopy(model)
     clipped_update(model, reference, torch.optim.SGD(model.parameters(), lr=lr), batch, res, kept, 0 * adv, cfg, 4,
-                   d.vocab, 'cpu', 1)
+                   d.vocab, torch.device('cpu'), 1)
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), frozen.parameters()))
 
 
@@ -388,7 +390,8 @@ def test_bench_outputs_equal_decode(tiny_data):
             if rule.get('k') == 2:  # two tokens a step inside a block: about half the forwards
                 assert (forwards < lengths).all()
             if block > 1:  # the prefill, then one forward per step of each block (the finishing pass is fused)
-                per_block = r['steps'].view(2, -1, block).max(2).values
+                live = torch.arange(24)[None, :] < ref_len[:, None]
+                per_block = (r['steps'] * live).view(2, -1, block).max(2).values
                 assert torch.equal(forwards, 1 + per_block.sum(1))
 
 
@@ -462,7 +465,7 @@ def test_opd_and_rl_resume_as_if_never_interrupted(pipeline, tmp_path, script, k
     for d in (whole, cut):
         shutil.copytree(os.path.join(cwd, 'out'), os.path.join(d, 'out'),
                         ignore=shutil.ignore_patterns('*.resume', 'log_*', 'rl*', 'opd_*'))
-    name = script[6:9]
+    name = script[6:-3]
     args = [data, '--n_prompts=2', '--group=2' if key == 'kl' else '--group=4', '--max_steps=20', '--eval_every=10',
             '--eval_n=8', f'--out=out/{name}_again.pt', f'--name={name}_again']
     (a, b), (wa, wb) = interrupt_and_rerun(script, args, whole, cut, f'out/{name}_again.pt',
