@@ -62,6 +62,14 @@ class TrainOPDConfig(StageSettings):  # + min_validity, eval_n, eval_batch, time
                 or same_file_problem('teacher', self.teacher, self.out) or super().problem())
 
 
+def size_note(teacher_ck, student_ck, path):
+    """A note when the teacher is not the student's size (allowed: a larger teacher distils as well), else None."""
+    size = lambda ck: {k: ck['model_cfg'].get(k) for k in ('n_layer', 'n_head', 'n_embd')}
+    if size(teacher_ck) != size(student_ck):
+        return f"note: the teacher {path} is {size(teacher_ck)}, the student {size(student_ck)}"
+    return None
+
+
 def load_student_and_teacher(cfg, device, student_stages):
     """The student (a diffusion checkpoint), its block size and data, and the frozen AR teacher."""
     try:
@@ -71,6 +79,9 @@ def load_student_and_teacher(cfg, device, student_stages):
         check_data_matches(tck, sck['run_cfg'], cfg.teacher)
     except (CheckpointError, DataError) as e:
         raise SystemExit(f"error: {e}")
+    note = size_note(tck, sck, cfg.teacher)
+    if note:
+        print(note)
     teacher.eval().requires_grad_(False)
     return student, sck, teacher, data
 

@@ -474,6 +474,13 @@ def test_opd_and_rl_resume_as_if_never_interrupted(pipeline, tmp_path, script, k
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_a_teacher_of_another_size_is_noted():
+    from train_opd import size_note
+    ck = lambda n_layer: {'model_cfg': {'n_layer': n_layer, 'n_head': 4, 'n_embd': 128}}
+    assert size_note(ck(2), ck(2), 'out/ar.pt') is None
+    assert "the teacher out/ar.pt is {'n_layer': 4" in size_note(ck(4), ck(2), 'out/ar.pt')
+
+
 def test_opd_anchor_uses_the_students_own_cft_loss():
     """--cft_weight trains the student with the masks and weights it was trained with (train_cft's defaults where
     an older record lacks a field), so the anchor is the loss it was selected under."""
