@@ -3,8 +3,8 @@ prompt -> trace -> answer, with the per-token loss weights every stage trains wi
 
 GR2's teacher LLM writes free-text reasoning; here the trace is programmatic (a small model learns it from
 scratch): for each candidate the weights of its statistics and a running evidence score, with a knockout of
-pairwise matches between them, then the conclusion. Only the prompt, leave-out statistics and weights fitted on train windows go into it, never the
-target. data_beauty.py computes the statistics and calls encode() for every instance.
+pairwise matches between them, then the conclusion. Only the prompt, leave-out statistics and weights fitted on
+train windows go into it, never the target. data_beauty.py computes the statistics and calls encode() for every instance.
 """
 import numpy as np
 import torch

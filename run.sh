@@ -6,9 +6,9 @@
 #   bash run.sh                  # picks the setting from the machine: gpu where CUDA is available, else cpu
 #   bash run.sh cpu              # a 2-core CPU: a small model, results/cpu/
 #   bash run.sh gpu core         # only the chain (data ... rl, bench); `ablations` runs the controls after it
-# Environment: DATA_DIR (default data/beauty), DATA_NAME (default Beauty: its S3-Rec files <name>.txt and
-# <name>_item2attributes.json; the later stages read it from the teacher's record), SEED (default 0), RESULTS_DIR, BUDGET (seconds; optional stages
-# are skipped once it is spent).
+# Environment: DATA_DIR (default data/beauty), DATA_NAME (default Beauty: the S3-Rec files <name>.txt and
+# <name>_item2attributes.json; later stages read it from the teacher's record), SEED (default 0), BLOCK
+# (default 24), RESULTS_DIR, BUDGET (seconds; optional stages are skipped once it is spent).
 # Writes run.json beside the results: the commit, the setting, and each stage's command, wall time and exit.
 set -euo pipefail
 cd "$(dirname "$0")"

@@ -35,7 +35,7 @@ class TrainCFTConfig(StageSettings, CFTLoss):  # + the shared flags, and the los
     name: str = 'cft'
     data_dir: str = 'data/beauty'
     block: int = 24              # B: tokens per block (24: the answer opens a block of its own)
-    block_warmup: int = 0        # > 0: train with B = 1, 2, 4, ... up to `block` over these first steps
+    block_warmup: int = 0        # > 0: train with B through the divisors of `block` over these first steps
     max_steps: int = 600
     batch_size: int = 64
     lr: float = 5e-4
