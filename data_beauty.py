@@ -201,8 +201,9 @@ def windows_of(seqs):
     return np.array(users), np.array(ts), np.array(split)
 
 
-def prerank(seqs, C, pop, users, ts, cfg, batch=1024, leave_out=True, progress=False):
-    """Top-N candidates for each window with leave-out statistics (SPEC item 7).
+def prerank(seqs, C, pop, users, ts, cfg, batch=1024, leave_out=True, progress=False, lists=None):
+    """Top-N candidates for each window with leave-out statistics (SPEC item 7); `lists` (n, N): the
+    statistics of these candidates instead, in this order (a list typed in: show.py).
 
     The score is the co-occurrence with the last `hist_items` history items (decayed), popularity breaks its
     ties and the item id breaks theirs; all in integers, so the lists are the same on every machine. Returns
@@ -244,7 +245,7 @@ def prerank(seqs, C, pop, users, ts, cfg, batch=1024, leave_out=True, progress=F
             np.subtract.at(key[r], own[r], 1)                           # leave-out popularity
             key[r, seqs[u][:t]] = -1                                    # never return a history item
         key[:, 0] = -1
-        top = top_n(key, N)
+        top = top_n(key, N) if lists is None else np.asarray(lists[b0:b1])
         rows = np.arange(b1 - b0)[:, None]
         cands[b0:b1] = top
         ev_last[b0:b1] = R[0][rows, top] / UNIT
@@ -497,6 +498,32 @@ class BeautyData:
             d = self.digests()
             self._fingerprint = {k: d[k] for k in ('split_digest', 'lists_digest', 'tokens_digest')}
         return self._fingerprint
+
+    def typed_instance(self, history, cands=None):
+        """A one-instance Split (user -1) for a history typed in (item ids, oldest first) and the pre-ranker's list
+        for it, or a typed list of N items in its own order: the statistics from every user's train part, as for
+        the data's windows (nothing to leave out: the history is nobody's). There is no target: the response's
+        answer takes c1 for it (its trace holds no target). Builds the co-occurrence and attribute tables first
+        (seconds)."""
+        cfg, N = self.cfg, self.cfg.n_cand
+        bad = [i for i in list(history) + list(cands or []) if not 1 <= i <= self.vocab.n_items]
+        if not history or bad:
+            raise DataError(f"items {bad or 'none'}: give item ids within 1..{self.vocab.n_items}")
+        if cands is not None and (len(cands) != N or len(set(cands)) != N or set(cands) & set(history)):
+            raise DataError(f"a typed list needs {N} distinct items that are not in the history")
+        train_part = [s[:-2] for s in self.seqs]
+        C = cooc_matrix(train_part, self.vocab.n_items, cfg.cooc_window, cfg.cooc_decay)
+        pop = np.bincount(np.concatenate(train_part), minlength=self.vocab.n_items + 1)
+        seqs, users, ts = [np.array(list(history) + [0])], np.array([0]), np.array([len(history)])
+        lists, ev_last, ev_prev, ev_pop = prerank(seqs, C, pop, users, ts, cfg, leave_out=False,
+                                                  lists=None if cands is None else np.array([cands]))
+        A = attr_transitions(train_part, self.attrs, self.vocab.n_attrs, cfg.link_window)
+        link = link_evidence(seqs, self.attrs, A, users, ts, lists, cfg, leave_out=False)
+        ev = np.stack([ev_last, ev_prev, link, ev_pop], 1)[0]
+        prompt, response, kind = encode(list(history)[-cfg.max_hist:], lists[0], 0, ev, self.attrs, self.vocab,
+                                        self.score_w, cfg.trace)
+        return Split([np.array(prompt, np.int32)], [np.array(response, np.int32)], [np.array(kind, np.int8)],
+                     lists, np.zeros(1, np.int64), np.array([-1]), np.zeros(1, np.int64))
 
     def history(self, u, t):
         return self.seqs[u][max(0, t - self.cfg.max_hist):t]

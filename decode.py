@@ -81,7 +81,10 @@ def main():
         print(f"tokens per forward {res['tokens_per_forward']:.2f} (trace {res['tokens_per_forward_trace']:.2f}, "
               f"answer {res.get('tokens_per_forward_answer', 0):.2f})")
     if res['trace_agreement']:
-        print("follows the data's trace: " + ', '.join(f"{k} {v:.3f}" for k, v in res['trace_agreement'].items()))
+        agree = dict(res['trace_agreement'])
+        roles = agree.pop('roles')
+        print("follows the data's trace: " + ', '.join(f"{k} {v:.3f}" for k, v in agree.items()) +
+              "; by role: " + ', '.join(f"{k} {v:.3f}" for k, v in roles.items()))
     print("example: " + data.vocab.decode(texts[0]))
     if cfg.name:
         write_json(results_path(f"eval_{cfg.name}.json"), res)

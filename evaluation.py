@@ -70,12 +70,14 @@ def decode_split(model, data, split, cfg, device, max_new=None):
 def trace_agreement(texts, split, vocab):
     """How far free decoding follows the data's trace (never the target: the trace is computed without it).
     trace: the whole trace is the data's, token for token; conclusion: the decoded <best> is the data's;
-    follows: the answer starts with the decoded <best>. Shares over all outputs (a missing part disagrees);
-    None for a model trained without the trace."""
+    follows: the answer starts with the decoded <best>; and per trace role (reasoning.ROLES: weights, scores,
+    judgements, ...) the share of its positions that hold the data's token (the layout is fixed, so position j
+    of every trace has the same role): where a free-decoded trace first goes wrong. Shares over all outputs (a
+    missing part disagrees); None for a model trained without the trace."""
     if not texts or vocab.best not in split.responses[0]:
         return None
-    counts = np.zeros(3)
-    for toks, gold in zip(texts, split.responses):
+    counts, role_hits, role_n = np.zeros(3), np.zeros(len(ROLES)), np.zeros(len(ROLES))
+    for toks, gold, kind in zip(texts, split.responses, split.kinds):
         gold = [int(t) for t in gold]
         end = gold.index(vocab.best)
         at = toks.index(vocab.best) + 1 if vocab.best in toks else len(toks)
@@ -83,7 +85,13 @@ def trace_agreement(texts, split, vocab):
         answer = toks.index(vocab.answer) + 1 if vocab.answer in toks else len(toks)
         first = toks[answer] if answer < len(toks) else None
         counts += [toks[:end + 2] == gold[:end + 2], best == gold[end + 1], best is not None and first == best]
-    return dict(zip(('trace', 'conclusion', 'follows'), (counts / len(texts)).tolist()))
+        roles = token_roles(torch.as_tensor(gold[:end + 2]), torch.as_tensor(kind[:end + 2]), vocab).numpy()
+        same = np.array([j < len(toks) and toks[j] == g for j, g in enumerate(gold[:end + 2])])
+        np.add.at(role_hits, roles, same)
+        np.add.at(role_n, roles, 1)
+    out = dict(zip(('trace', 'conclusion', 'follows'), (counts / len(texts)).tolist()))
+    out['roles'] = {ROLES[r]: float(role_hits[r] / role_n[r]) for r in range(len(ROLES)) if role_n[r]}
+    return out
 
 
 def evaluate(model, data, split_name, cfg, device, max_new=None):

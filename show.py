@@ -5,9 +5,12 @@ committed.
     python show.py                                   # the first test user, out/ar.pt against out/cft.pt
     python show.py --user=123 --diffusion=out/rl.pt --tau=0.6
     python show.py --index=7 --split=valid
+    python show.py --history="120 431 87"           # a history typed in (item ids), the pre-ranker's list for it
+    python show.py --history="120 431 87" --cands="5 9 12 40 41 77 300 301 302 999"   # and a list typed in
 
 A block-decoded token is shown as `token:step`; a block's tokens with the same step were committed by one
-forward. `*` marks the target's slot (the target is never in the prompt or the trace: it only scores).
+forward. `*` marks the target's slot (the target is never in the prompt or the trace: it only scores); a typed-in
+history has no target.
 """
 from dataclasses import dataclass
 
@@ -28,6 +31,8 @@ class ShowConfig:
     user: int = -1                  # a user id of the split; -1: the instance at --index
     index: int = 0
     split: str = 'test'
+    history: str = ''               # item ids, oldest first: a typed-in history instead of a split's instance
+    cands: str = ''                 # with --history: N item ids, the list to re-rank (default: the pre-ranker's)
     tau: float = 0.9
     data_dir: str = 'data/beauty'
     device: str = 'auto'
@@ -35,6 +40,11 @@ class ShowConfig:
     def problem(self):
         if self.split not in ('train', 'valid', 'test'):
             return f"--split={self.split!r}: use train, valid or test"
+        for name in ('history', 'cands'):
+            if not all(w.isdigit() for w in getattr(self, name).split()):
+                return f"--{name}={getattr(self, name)!r}: item ids separated by spaces, e.g. --{name}=\"120 431 87\""
+        if self.cands and not self.history:
+            return "--cands needs --history (the list is re-ranked for a history)"
         return device_problem(self.device) or decoding_problem(1, self.tau, 0)
 
 
@@ -58,11 +68,19 @@ def show_tokens(vocab, toks, target_slot, steps=None, block=0):
     return '\n'.join(f"  [{a:3d}] " + ' '.join(words[a:a + width]) for a in range(0, len(words), width))
 
 
+def typed_split(data, cfg):
+    """The typed-in history (and list) as a one-instance Split (BeautyData.typed_instance)."""
+    split = data.typed_instance([int(w) for w in cfg.history.split()], [int(w) for w in cfg.cands.split()] or None)
+    print("candidates: " + ' '.join(f"c{j + 1}=i{c}" for j, c in enumerate(split.cands[0])))
+    return split
+
+
 def outcome(vocab, toks, target):
     ranking = parse_answer(toks, vocab)
     if ranking is None:
         return "invalid (scored as the pre-ranker's order)"
-    return f"ranking {' '.join(f'c{i + 1}' for i in ranking)}; the target at rank {target_rank(ranking, target)}"
+    where = '' if target is None else f"; the target at rank {target_rank(ranking, target)}"
+    return f"ranking {' '.join(f'c{i + 1}' for i in ranking)}{where}"
 
 
 def main():
@@ -77,18 +95,27 @@ def main():
             check_data_matches(sck, tck['run_cfg'], cfg.diffusion)
     except (CheckpointError, DataError) as e:
         raise SystemExit(f"error: {e}")
-    vocab, split = data.vocab, data.splits[cfg.split]
-    i = pick_instance(split, cfg)
-    target_slot = vocab.slot(split.target[i])
+    vocab = data.vocab
+    if cfg.history:
+        try:
+            split, i = typed_split(data, cfg), 0
+        except DataError as e:
+            raise SystemExit(f"error: {e}")
+        target_slot, target = None, None
+        print(f"a typed-in history of {len(cfg.history.split())} items (no target)")
+    else:
+        split = data.splits[cfg.split]
+        i = pick_instance(split, cfg)
+        target_slot, target = vocab.slot(split.target[i]), split.target[i]
+        print(f"{cfg.split} instance {i}, user {int(split.users[i])}; the target is c{split.target[i] + 1}")
     batch = collate(split, [i], vocab, device=device)
     max_resp = len(split.responses[i]) + 48
-    print(f"{cfg.split} instance {i}, user {int(split.users[i])}; the target is c{split.target[i] + 1}")
     print("prompt:\n" + show_tokens(vocab, split.prompts[i].tolist(), target_slot))
     with torch.no_grad():
         out, length = generate_ar(teacher.eval(), batch['prompt'], batch['pad'], max_resp, vocab)
     ar = out[0, :int(length[0])].tolist()
     print(f"\nAR teacher ({cfg.ar}), {len(ar)} tokens, one forward each:\n" + show_tokens(vocab, ar, target_slot))
-    print("  " + outcome(vocab, ar, split.target[i]))
+    print("  " + outcome(vocab, ar, target))
     if student is not None:
         block = sck['run_cfg']['block']
         with torch.no_grad():
@@ -99,7 +126,7 @@ def main():
         print(f"\n{sck['stage'].upper()} ({cfg.diffusion}), B = {block}, tau {cfg.tau}: {n} tokens in "
               f"{int(res['n_forwards'][0])} forwards ({n / int(res['n_forwards'][0]):.2f} per forward):\n"
               + show_tokens(vocab, toks, target_slot, steps, block))
-        print("  " + outcome(vocab, toks, split.target[i]))
+        print("  " + outcome(vocab, toks, target))
         same = sum(a == b for a, b in zip(ar, toks))
         print(f"  {same} of {len(ar)} tokens as the AR teacher wrote them")
 

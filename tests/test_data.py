@@ -403,3 +403,21 @@ def test_a_bad_cache_is_refused_with_the_fix(tiny_dir, tmp_path):
     path.write_bytes(b'PK\x03\x04 truncated')
     with pytest.raises(DataError, match=f'{path.name}.*delete it'):
         BeautyData(DataConfig(data_dir=tiny_dir, cache_dir=str(tmp_path)))
+
+
+def test_a_typed_history_is_encoded_as_its_test_window(tiny_data):
+    """Nothing of a test window is left out (its user's train part ends before it), so typing in a test user's
+    history gives that window's prompt, list and trace exactly; a typed list keeps its order; bad input is named."""
+    d, v, test = tiny_data, tiny_data.vocab, tiny_data.splits['test']
+    for i in (0, len(test) // 2, len(test) - 1):
+        u, t = int(test.users[i]), int(test.ts[i])
+        typed = d.typed_instance([int(x) for x in d.seqs[u][:t]])
+        assert np.array_equal(typed.prompts[0], test.prompts[i]) and np.array_equal(typed.cands[0], test.cands[i])
+        end = list(test.responses[i]).index(v.answer)
+        assert np.array_equal(typed.responses[0][:end], test.responses[i][:end])  # the trace; the answer has no target
+    hist, order = [int(x) for x in d.seqs[0][:3]], [c for c in range(1, v.n_items + 1) if c not in d.seqs[0][:3]]
+    mine = order[::-1][:d.cfg.n_cand]
+    assert list(d.typed_instance(hist, mine).cands[0]) == mine
+    for bad_hist, bad_list in (([], None), ([v.n_items + 1], None), (hist, mine[:-1]), (hist, [hist[0]] + mine[1:])):
+        with pytest.raises(DataError):
+            d.typed_instance(bad_hist, bad_list)

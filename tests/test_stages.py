@@ -75,6 +75,14 @@ def test_show_prints_one_re_ranking_side_by_side(pipeline):
     p = run('show.py', cwd, data, '--user=999999')
     assert p.returncode != 0 and 'user 999999 has no test instance' in p.stderr + p.stdout
     assert 'Traceback' not in p.stderr
+    p = run('show.py', cwd, data, '--diffusion=', '--history=3 4 5')  # a typed-in history: no target to rank
+    assert p.returncode == 0 and 'a typed-in history of 3 items' in p.stdout, p.stderr[-2000:]
+    assert re.search(r'candidates: c1=i\d+', p.stdout) and 'the target at rank' not in p.stdout
+    assert p.stdout.count('ranking c') + p.stdout.count('invalid (scored') == 1
+    for bad, says in (('--history=3 x', 'item ids separated by spaces'), ('--cands=1 2', '--cands needs --history'),
+                      ('--history=99999', 'give item ids within')):
+        p = run('show.py', cwd, data, bad)
+        assert p.returncode != 0 and says in p.stdout + p.stderr and 'Traceback' not in p.stderr, bad
 
 
 def test_naive_conversion_decodes_the_model_cft_starts_from(pipeline):
