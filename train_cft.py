@@ -102,7 +102,8 @@ def sweep_decoding(cfg, data, device):
         rows.append({'tau': tau if k == 0 else None, 'k': k or None, 'from_left': left, 'R@1': res['metrics']['R@1'],
                      'validity': res['validity'], 'tokens_per_forward': res.get('tokens_per_forward'),
                      'tokens_per_forward_trace': res.get('tokens_per_forward_trace'),
-                     'tokens_per_forward_answer': res.get('tokens_per_forward_answer')})
+                     'tokens_per_forward_answer': res.get('tokens_per_forward_answer'),
+                     'conclusion': (res['trace_agreement'] or {}).get('conclusion')})
         print(f"valid tau={tau} k={k} from_left={left}: R@1 {rows[-1]['R@1']:.4f} validity {rows[-1]['validity']:.4f} "
               f"tokens/forward {rows[-1]['tokens_per_forward']:.2f}")
     write_json(results_path(f"sweep_{cfg.name}.json"), {'split': 'valid', 'n': res['n'], 'block': cfg.block,

@@ -26,7 +26,7 @@ from common import (StageSettings, start_stage, same_file_problem, autocast, loa
                     check_data_matches, Interrupt, finish_resume)
 from data_beauty import DataError, collate
 from evaluation import load_data_for
-from diffusion import live_tokens, replay_logits, forward_kl, left_to_right_steps
+from diffusion import live_tokens, replay_logits, forward_kl, left_to_right_steps, at_offsets
 from model import response_hidden
 from rollouts import chunks, rollouts, score_rollouts
 from training import cft_loss, cft_loss_settings, lr_at, finish, OnPolicyRun
@@ -46,6 +46,8 @@ class TrainOPDConfig(StageSettings):  # + min_validity, eval_n, eval_batch, time
     k: int = 0
     from_left: bool = False      # the evaluation's commit order, also used for rollouts
     state: str = 'l2r'           # the student's state for the KL: l2r or commit (see the docstring)
+    l2r_states: int = 0          # l2r: > 0 distils only this many offsets of each block per step, drawn afresh
+                                 # (len + 1 stacked states per replay instead of B: cheaper on a CPU); 0 = every one
     max_steps: int = 100
     micro_batch: int = 16        # rollouts per replay forward (memory: l2r stacks B states per rollout)
     lr: float = 2e-4
@@ -58,6 +60,8 @@ class TrainOPDConfig(StageSettings):  # + min_validity, eval_n, eval_batch, time
     def problem(self):
         if self.state not in ('commit', 'l2r'):
             return f"--state={self.state}: use commit or l2r"
+        if self.l2r_states < 0 or (self.l2r_states and self.state != 'l2r'):
+            return f"--l2r_states={self.l2r_states}: 0 (every offset) or a count of offsets, with --state=l2r"
         return (same_file_problem('student', self.student, self.out)
                 or same_file_problem('teacher', self.teacher, self.out) or super().problem())
 
@@ -86,14 +90,20 @@ def load_student_and_teacher(cfg, device, student_stages):
     return student, sck, teacher, data
 
 
-def opd_kl(student, teacher, batch, res, block, vocab, rows=slice(None), state='l2r'):
-    """Mean KL(teacher || student) over the live tokens of rollouts `rows`: the teacher teacher-forced on the
-    rollout, the student replayed at the left-to-right state (l2r) or at the state in which it committed
-    each token (commit)."""
+def distilled_tokens(res, block, offsets=None):
+    """The tokens the KL covers: every live one, or only those at the chosen offsets of their blocks."""
+    live = live_tokens(res)
+    return live if offsets is None else live & at_offsets(live.shape, block, offsets, live.device)
+
+
+def opd_kl(student, teacher, batch, res, block, vocab, rows=slice(None), state='l2r', offsets=None):
+    """Mean KL(teacher || student) over the distilled tokens of rollouts `rows`: the teacher teacher-forced on
+    the rollout, the student replayed at the left-to-right state (l2r; only at `offsets` if given) or at the
+    state in which it committed each token (commit)."""
     part = {k: v[rows] for k, v in res.items()}
-    live = live_tokens(part)
+    live = distilled_tokens(part, block, offsets)
     if state == 'l2r':
-        part['steps'] = left_to_right_steps(part['steps'], block)
+        part['steps'] = left_to_right_steps(part['steps'], block, offsets)
     prompt, pad = batch['prompt'][rows], batch['pad'][rows]
     with torch.no_grad():
         t_logits = teacher.head(response_hidden(teacher, prompt, pad, part['tokens'])[live], fp32=True)
@@ -106,6 +116,8 @@ def main():
     cfg, _, device, timer = start_stage(TrainOPDConfig)
     student, sck, teacher, data = load_student_and_teacher(cfg, device, ['cft', 'opd'])
     block, vocab, train = sck['run_cfg']['block'], data.vocab, data.splits['train']
+    if cfg.l2r_states > block:
+        raise SystemExit(f"error: --l2r_states={cfg.l2r_states} exceeds the student's block of {block}")
     print(f"student {cfg.student} (B = {block}), teacher {cfg.teacher}; {cfg.n_prompts} prompts x {cfg.group} rollouts")
     noise_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)  # the rollouts' generator stays as it was
     run = OnPolicyRun(student, data, cfg, device, sck, block, 'opd', cfg.student, cfg.weight_decay, noise=noise_gen)
@@ -120,13 +132,15 @@ def main():
         rng = np.random.default_rng([cfg.seed, step])  # prompts depend on the step only: a resumed run sees the same
         idx = rng.integers(0, len(train), cfg.n_prompts)
         batch, res, rows = rollouts(student, data, idx, cfg.group, block, cfg, gen, device)
-        live = live_tokens(res)
+        offsets = sorted(rng.choice(block, cfg.l2r_states, replace=False).tolist()) if cfg.l2r_states else None
+        live = distilled_tokens(res, block, offsets)
         n_live = live.sum()
         opt.zero_grad(set_to_none=True)
         total = 0.0
         for sl in chunks(len(live), cfg.micro_batch):
             with autocast(device):
-                loss = opd_kl(student, teacher, batch, res, block, vocab, sl, cfg.state) * live[sl].sum() / n_live
+                loss = (opd_kl(student, teacher, batch, res, block, vocab, sl, cfg.state, offsets)
+                        * live[sl].sum() / n_live)
             loss.backward()
             total += loss.item()
         extra = {}

@@ -127,6 +127,11 @@ def test_left_to_right_state_equals_masking_the_rest_of_the_block(tiny_data):
         ref = bd3_hidden(model, batch['prompt'], batch['pad'], xt, tokens, 4)
         at = live & (offset == o)[None, :]
         torch.testing.assert_close(h[at], ref[at], atol=1e-5, rtol=1e-5)
+        if o in (1, 3):  # a replay of two chosen offsets predicts them at the same states, in 3 stacked states
+            few = left_to_right_steps(steps, 4, offsets=[1, 3])
+            assert int(few.max()) == 3
+            h2 = replay_hidden(model, batch['prompt'], batch['pad'], tokens, few, 4, d.vocab.mask)
+            torch.testing.assert_close(h2[at], ref[at], atol=1e-5, rtol=1e-5)
 
 
 def commits_per_step(steps, block):

@@ -109,6 +109,11 @@ def test_opd_runs_at_the_commit_state(pipeline):
     assert p.returncode == 0, p.stderr[-3000:]
     p = run('train_opd.py', cwd, data, '--state=middle', '--max_steps=1')
     assert p.returncode != 0 and 'commit or l2r' in p.stderr + p.stdout
+    p = run('train_opd.py', cwd, data, *TINY['train_opd.py'], '--l2r_states=2', '--out=out/opd_2.pt', '--name=opd_2')
+    assert p.returncode == 0, p.stderr[-3000:]
+    for bad, says in (('--l2r_states=9', 'exceeds the student'), ('--state=commit --l2r_states=2', 'with --state=l2r')):
+        p = run('train_opd.py', cwd, data, *bad.split(), '--max_steps=1', '--out=out/opd_bad.pt')
+        assert p.returncode != 0 and says in p.stderr + p.stdout, bad
 
 
 def test_wrong_or_missing_parent_is_refused(pipeline, tmp_path):
@@ -279,8 +284,8 @@ def test_kl_to_reference_is_zero_at_the_start_and_pulls_back():
     assert new.grad[0] > 0 > new.grad[1] and new.grad[2] == 0
 
 
-@pytest.mark.parametrize('state', ['commit', 'l2r'])
-def test_opd_gradient_matches_finite_differences(tiny_data, state):
+@pytest.mark.parametrize('state,offsets', [('commit', None), ('l2r', None), ('l2r', [1, 3])])
+def test_opd_gradient_matches_finite_differences(tiny_data, state, offsets):
     """The OPD loss's gradient (through the replay, with the teacher frozen) is the derivative of the KL: checked
     along a random direction in float64, so a detach or a masked-token NaN cannot hide."""
     from conftest import tiny_model
@@ -294,7 +299,8 @@ def test_opd_gradient_matches_finite_differences(tiny_data, state):
         res = generate_block(student, batch['prompt'], batch['pad'], 24, v, block=4, tau=0.5, temperature=1.0,
                              generator=torch.Generator().manual_seed(0))
     params = list(student.parameters())
-    grads = torch.autograd.grad(opd_kl(student, teacher, batch, res, 4, v, state=state), params, allow_unused=True)
+    grads = torch.autograd.grad(opd_kl(student, teacher, batch, res, 4, v, state=state, offsets=offsets), params,
+                                allow_unused=True)
     gen = torch.Generator().manual_seed(1)
     direction = [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in params]
     analytic = sum((g * u).sum() for g, u in zip(grads, direction) if g is not None).item()
@@ -303,7 +309,7 @@ def test_opd_gradient_matches_finite_differences(tiny_data, state):
         for sign in (1, -2):
             for p, u in zip(params, direction):
                 p.add_(sign * eps * u)
-            values.append(opd_kl(student, teacher, batch, res, 4, v, state=state).item())
+            values.append(opd_kl(student, teacher, batch, res, 4, v, state=state, offsets=offsets).item())
     numeric = (values[0] - values[1]) / (2 * eps)
     assert abs(analytic) > 1e-4 and abs(analytic - numeric) < 0.05 * abs(numeric)
 
