@@ -59,7 +59,7 @@ def bd3_hidden(model, prompt, pad, xt, x0, block):
     """Hidden states that predict every response token of the noised response xt, given clean x0: (B, R, C)."""
     P, R = prompt.shape[1], x0.shape[1]
     pos, mask = bd3_columns(pad, P, R, block)
-    h = model(torch.cat([prompt, xt, x0], 1), pos, mask)
+    h = model(torch.cat([prompt, xt, x0], 1), pos, mask, start=P - pad)
     return h[:, predicting_columns(P, R, block, prompt.device)]
 
 

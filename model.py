@@ -21,6 +21,7 @@ class GPTConfig:
     n_head: int = 8
     n_embd: int = 256
     dropout: float = 0.0
+    n_resp_pos: int = 0         # learned embeddings of the response index 0 .. n-1 (0 = none; see GPT.forward)
 
 
 class KVCache:
@@ -101,6 +102,7 @@ class GPT(nn.Module):
         super().__init__()
         self.config = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.wre = nn.Embedding(cfg.n_resp_pos + 1, cfg.n_embd) if cfg.n_resp_pos else None  # row 0: the prompt
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.n_embd)
         self.apply(self._init)
@@ -113,10 +115,19 @@ class GPT(nn.Module):
         if isinstance(m, (nn.Linear, nn.Embedding)):
             nn.init.normal_(m.weight, std=0.02)
 
-    def forward(self, idx, pos, mask, cache=None, cols=None):
+    def forward(self, idx, pos, mask, cache=None, cols=None, start=None):
         """Hidden states (B, T, C). idx, pos: (B, T); mask: (B, T, S) bool, True = may attend, where S = T
-        without a cache and S = the cache's columns with one (then `cols` (T,) says where idx's columns are)."""
+        without a cache and S = the cache's columns with one (then `cols` (T,) says where idx's columns are);
+        start (B,): the position id of each row's first response token (its prompt's length).
+
+        With n_resp_pos, a response token also gets an embedding of its index in the response. The trace's
+        layout is fixed (index j is always, say, the third weight of the second entry), but rotary positions
+        only tell distances: a fully masked block of a diffusion model otherwise has to count its way from
+        `<think>` to know what each position holds, and decoded its first block nearly one token per step."""
         x = self.wte(idx)
+        if self.wre is not None:  # start None: no response (mid-training's item sequences), every token row 0
+            at = torch.zeros_like(pos) if start is None else (pos - start[:, None] + 1).clamp(0, self.config.n_resp_pos)
+            x = x + self.wre(at)
         rope = rotary(pos, self.config.n_embd // self.config.n_head)
         for i, block in enumerate(self.blocks):
             x = block(x, mask, rope, cache, i, cols)
@@ -148,9 +159,10 @@ class CachedForward:
     A runner can be reused for another batch of the same shape (every column is rewritten before it is read)."""
 
     def __init__(self, model, pad, P, R, block, graphs=False):
-        self.model, self.graphs, self.captured = model, graphs, {}
+        self.model, self.graphs, self.captured, self.R = model, graphs, {}, R
         self.blk, self.valid = column_blocks(pad, P, R, block)
         self.pos = positions(pad, P + R)
+        self.start = P - pad
         self.dtype = torch.bfloat16 if pad.device.type == 'cuda' else None  # bf16 on CUDA, exact fp32 elsewhere
         self.cache = model.new_cache(pad.shape[0], P + R, pad.device, dtype=self.dtype or torch.float32)
 
@@ -159,11 +171,13 @@ class CachedForward:
         n = self.pos.shape[1]
         self.valid.copy_(torch.arange(n, device=pad.device)[None, :] >= pad[:, None])
         self.pos.copy_(positions(pad, n))
+        self.start.copy_(self.pos.shape[1] - self.R - pad)
 
     def run(self, idx, qcols):
         ctx = torch.autocast('cuda', dtype=self.dtype) if self.dtype is not None else nullcontext()
         with ctx:
-            return self.model(idx, self.pos[:, qcols], attention_mask(self.blk, self.valid, qcols), self.cache, qcols)
+            return self.model(idx, self.pos[:, qcols], attention_mask(self.blk, self.valid, qcols), self.cache, qcols,
+                              self.start)
 
     def __call__(self, idx, qcols):
         if not self.graphs:
@@ -215,7 +229,8 @@ def response_hidden(model, prompt, pad, resp):
     R = resp.shape[1]
     x = torch.cat([prompt, resp[:, :-1]], 1)                       # (B, P+R-1)
     blk, valid = column_blocks(pad, P, R - 1, 1)
-    h = model(x, positions(pad, P + R - 1), attention_mask(blk, valid, torch.arange(P + R - 1, device=x.device)))
+    h = model(x, positions(pad, P + R - 1), attention_mask(blk, valid, torch.arange(P + R - 1, device=x.device)),
+              start=P - pad)
     return h[:, P - 1:]
 
 

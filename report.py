@@ -36,6 +36,26 @@ ROWS = [  # (file name, label, predecessor for the paired gain)
     ('rl_kl', '+ CFT + OPD + RL, KL penalty to OPD', 'rl'),
 ]
 METRICS = ('R@1', 'R@3', 'R@5', 'N@3', 'N@5')
+HEADLINE = ('floor', 'ar', 'ar_direct', 'naive', 'cft', 'opd', 'rl', 'ar_rl')  # the paper's table, in its order
+
+
+def headline(summary, evals, bench_rows):
+    """The paper's form: per system R@1 and N@3 with their intervals, validity, tokens per forward (1 for AR
+    decoding), the batch-1 speedup over AR from bench.json where that checkpoint was timed, and n."""
+    speed = {r['accuracy_from']: r['speedup'] for r in bench_rows if r['batch'] == 1}
+    lines = ['| system | R@1 [95% CI] | N@3 [95% CI] | validity | tokens/forward | speedup (batch 1) | n |',
+             '|---' * 7 + '|']
+    for row in summary['accuracy']:
+        if row['name'] not in HEADLINE:
+            continue
+        e, m, ci = evals[row['name']], row['metrics'], row['ci95']
+        mode = (e.get('decode') or {}).get('mode')  # None: no model (the floor)
+        tpf = '1.00' if mode == 'ar' else f"{e['tokens_per_forward']:.2f}" if mode else ''
+        up = speed.get(f"eval_{row['name']}.json")
+        lines.append(f"| {row['label']} | " + ' | '.join(f"{m[k]:.4f} [{ci[k][0]:.4f}, {ci[k][1]:.4f}]"
+                                                        for k in ('R@1', 'N@3')) +
+                     f" | {row['validity']:.3f} | {tpf} | {'' if up is None else f'{up:.2f}x'} | {row['n']} |")
+    return lines
 
 
 def interval(ranks, metric, n_boot=10000, seed=0):
@@ -130,7 +150,7 @@ def main(folder=None):
     for g in summary['gains']:
         gain_lines.append(f"| {g['name']} | {g['vs']} | {g['n']} | " + ' | '.join(
             f"{g[k]['diff']:+.4f} [{g[k]['lo']:+.4f}, {g[k]['hi']:+.4f}]" for k in ('R@1', 'N@3')) + ' |')
-    speed_lines = []
+    speed_lines, bench = [], {'rows': []}
     bench_path = os.path.join(folder, 'bench.json')
     if os.path.exists(bench_path):
         with open(bench_path) as f:
@@ -157,7 +177,8 @@ def main(folder=None):
     note = ("copy share: share of outputs whose first item is the pre-ranker's first (invalid ones count), on the "
             "users where that item is wrong; conclusion: share of outputs whose decoded <best> is the data's trace's "
             "(blank: no trace, or a file from before the record)")
-    text = '\n'.join(['## Accuracy (test)', ''] + lines + ['', note, '', '## Stage gains (paired bootstrap)', ''] +
+    text = '\n'.join(['## Headline (test)', ''] + headline(summary, evals, bench['rows']) +
+                     ['', '## Accuracy (test)', ''] + lines + ['', note, '', '## Stage gains (paired bootstrap)', ''] +
                      gain_lines + (['', '## Over seeds (results/seeds/<seed>/)', ''] + seed_lines
                                    if summary['seeds'] else []) +
                      (['', '## Speed', ''] + speed_lines if speed_lines else [])) + '\n'

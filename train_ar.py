@@ -37,6 +37,7 @@ class TrainARConfig(StageSettings):  # + min_validity, eval_n, eval_batch, time_
     n_head: int = 8
     n_embd: int = 256
     dropout: float = 0.0
+    n_resp_pos: int = 192        # learned response-index embeddings (model.GPT.forward); 0 = rotary positions only
     full_softmax: bool = True    # SFT's cross-entropy over every token, items and attributes too (FINDINGS)
     # optimisation
     mid_steps: int = 300         # mid-training steps (0 = skip)
@@ -163,7 +164,7 @@ def main():
         raise SystemExit(f"error: {e}")
     train = data.splits['train']
     mcfg = GPTConfig(vocab_size=data.vocab.size, n_out=data.vocab.n_out, n_layer=cfg.n_layer, n_head=cfg.n_head,
-                     n_embd=cfg.n_embd, dropout=cfg.dropout)
+                     n_embd=cfg.n_embd, dropout=cfg.dropout, n_resp_pos=cfg.n_resp_pos)
     model = GPT(mcfg).to(device)
     print(f"model {model.num_params() / 1e6:.2f}M parameters on {device_name(device)}; "
           f"{len(train)} train instances, trace={cfg.trace}")
