@@ -6,6 +6,8 @@
 #   bash run.sh                  # picks the setting from the machine: gpu where CUDA is available, else cpu
 #   bash run.sh cpu              # a 2-core CPU: a small model, results/cpu/
 #   bash run.sh gpu core         # only the chain (data ... rl, bench); `ablations` runs the controls after it
+#   bash run.sh cpu seeds        # the chain for seeds 0, 1, 2 into <results>/seeds/<seed>/, then the tables with
+#                                # the mean and spread over seeds (three chains; out/ keeps the last seed's models)
 # Environment: DATA_DIR (default data/beauty), DATA_NAME (default Beauty: the S3-Rec files <name>.txt and
 # <name>_item2attributes.json; later stages read it from the teacher's record), SEED (default 0), BLOCK
 # (default 24), RESULTS_DIR, BUDGET (seconds; optional stages are skipped once it is spent).
@@ -52,6 +54,11 @@ else
   EVAL_AR="$EVAL"
 fi
 mkdir -p "$RESULTS_DIR"
+if [ "$PART" = seeds ]; then
+  for s in 0 1 2; do SEED=$s RESULTS_DIR="$RESULTS_DIR/seeds/$s" BUDGET=0 bash "$0" "$MODE" core; done
+  python report.py "$RESULTS_DIR"
+  exit 0
+fi
 LOG="$RESULTS_DIR/run.stages.jsonl"; : > "$LOG"
 stage() {  # run one command, log its wall time and exit status
   local t0=$SECONDS rc=0
@@ -65,37 +72,43 @@ left() { [ "$SECONDS" -lt "$BUDGET" ]; }
 ev() { stage python decode.py $D $DEV $EVAL --split=test "$@"; }
 ev_ar() { stage python decode.py $D $DEV $EVAL_AR --split=test "$@"; }
 
+TAU=0.9  # the threshold every diffusion row decodes at: after CFT, the one its validation sweep chose
+chosen_tau() { python -c 'import json, sys; print(json.load(open(sys.argv[1])).get("chosen_tau", 0.9))' \
+               "$RESULTS_DIR/sweep_cft.json" 2>/dev/null || echo 0.9; }
+
 core() {  # the recipe's chain, each stage from the previous one's checkpoint
   stage python data_beauty.py --data_dir=${DATA_DIR:-data/beauty} --name=${DATA_NAME:-Beauty}
   stage python train_ar.py $D $NAME $DEV $AR
   ev_ar --ckpt=out/ar.pt --name=ar
   ev --ckpt=out/ar.pt --name=naive --block=$BLOCK --tau=0.9
   stage python train_cft.py $D $DEV $CFT --block=$BLOCK
-  ev --ckpt=out/cft.pt --name=cft --block=$BLOCK --tau=0.9
-  stage python train_opd.py $D $DEV $OPD
-  ev --ckpt=out/opd.pt --name=opd --block=$BLOCK --tau=0.9
-  stage python train_rl.py $D $DEV $RL
-  ev --ckpt=out/rl.pt --name=rl --block=$BLOCK --tau=0.9
-  stage python bench.py --data_dir=${DATA_DIR:-data/beauty} $DEV $BENCH   # every stage against the AR teacher
+  TAU=$(chosen_tau); echo "tau $TAU (chosen on validation: $RESULTS_DIR/sweep_cft.json)"
+  ev --ckpt=out/cft.pt --name=cft --block=$BLOCK --tau=$TAU
+  stage python train_opd.py $D $DEV $OPD --tau=$TAU
+  ev --ckpt=out/opd.pt --name=opd --block=$BLOCK --tau=$TAU
+  stage python train_rl.py $D $DEV $RL --tau=$TAU
+  ev --ckpt=out/rl.pt --name=rl --block=$BLOCK --tau=$TAU
+  stage python bench.py --data_dir=${DATA_DIR:-data/beauty} $DEV $BENCH --taus="($TAU,)"  # every stage against AR
 }
 
 ablations() {  # each answers one question about the chain; needs out/ar.pt and out/cft.pt from core
-  if left; then ev --ckpt=out/cft.pt --name=cft_left --block=$BLOCK --tau=0.9 --from_left=True; fi
+  TAU=$(chosen_tau)
+  if left; then ev --ckpt=out/cft.pt --name=cft_left --block=$BLOCK --tau=$TAU --from_left=True; fi
   if left; then stage python train_ar.py $D $NAME $DEV $DIR --trace=False --out=out/ar_direct.pt && ev_ar --ckpt=out/ar_direct.pt --name=ar_direct; fi
-  if left; then stage python train_cft.py $D $DEV $CFT --sweep=False --validity_weight=0.0 --out=out/cft_novalid.pt --name=cft_novalid && ev --ckpt=out/cft_novalid.pt --name=cft_novalid --block=$BLOCK --tau=0.9; fi
-  if left; then stage python train_cft.py $D $DEV $MORE --parent=out/cft.pt --out=out/cft_more.pt --name=cft_more && ev --ckpt=out/cft_more.pt --name=cft_more --block=$BLOCK --tau=0.9; fi
-  if left; then stage python train_rl.py $D $DEV $RL --policy=out/ar.pt --block=1 --out=out/ar_rl.pt --name=ar_rl && ev_ar --ckpt=out/ar_rl.pt --name=ar_rl --block=1 --tau=0.9; fi
+  if left; then stage python train_cft.py $D $DEV $CFT --sweep=False --validity_weight=0.0 --out=out/cft_novalid.pt --name=cft_novalid && ev --ckpt=out/cft_novalid.pt --name=cft_novalid --block=$BLOCK --tau=$TAU; fi
+  if left; then stage python train_cft.py $D $DEV $MORE --parent=out/cft.pt --out=out/cft_more.pt --name=cft_more && ev --ckpt=out/cft_more.pt --name=cft_more --block=$BLOCK --tau=$TAU; fi
+  if left; then stage python train_rl.py $D $DEV $RL --policy=out/ar.pt --block=1 --out=out/ar_rl.pt --name=ar_rl && ev_ar --ckpt=out/ar_rl.pt --name=ar_rl --block=1 --tau=$TAU; fi
   if left; then stage python train_ar.py $D $NAME $DEV $AR --reject=False --out=out/ar_noreject.pt --name=ar_noreject && ev_ar --ckpt=out/ar_noreject.pt --name=ar_noreject; fi
-  if left; then stage python train_rl.py $D $DEV $RL --kl_weight=1.0 --out=out/rl_kl.pt --name=rl_kl && ev --ckpt=out/rl_kl.pt --name=rl_kl --block=$BLOCK --tau=0.9; fi
-  if left; then stage python train_cft.py $D $DEV $CFT --sweep=False --block_warmup=$WARM --out=out/cft_warmup.pt --name=cft_warmup && ev --ckpt=out/cft_warmup.pt --name=cft_warmup --block=$BLOCK --tau=0.9; fi
-  if left; then stage python train_cft.py $D $DEV $CFT --sweep=False --suffix_share=0.5 --out=out/cft_suffix.pt --name=cft_suffix && ev --ckpt=out/cft_suffix.pt --name=cft_suffix --block=$BLOCK --tau=0.9; fi
+  if left; then stage python train_rl.py $D $DEV $RL --kl_weight=1.0 --out=out/rl_kl.pt --name=rl_kl && ev --ckpt=out/rl_kl.pt --name=rl_kl --block=$BLOCK --tau=$TAU; fi
+  if left; then stage python train_cft.py $D $DEV $CFT --sweep=False --block_warmup=$WARM --out=out/cft_warmup.pt --name=cft_warmup && ev --ckpt=out/cft_warmup.pt --name=cft_warmup --block=$BLOCK --tau=$TAU; fi
+  if left; then stage python train_cft.py $D $DEV $CFT --sweep=False --suffix_share=0.5 --out=out/cft_suffix.pt --name=cft_suffix && ev --ckpt=out/cft_suffix.pt --name=cft_suffix --block=$BLOCK --tau=$TAU; fi
 }
 
 case "$PART" in
   all) core; ablations ;;
   core) core ;;
   ablations) ablations ;;
-  *) echo "error: unknown part '$PART' (all, core or ablations)"; exit 2 ;;
+  *) echo "error: unknown part '$PART' (all, core, ablations or seeds)"; exit 2 ;;
 esac
 python report.py "$RESULTS_DIR"
 python - "$RESULTS_DIR" "$MODE" "$SEED" <<'PY'

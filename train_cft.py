@@ -89,6 +89,16 @@ SWEEP = ((0.97, 0, False), (0.9, 0, False), (0.8, 0, False), (0.6, 0, False), (0
          (0.9, 0, True))  # (tau, k, from_left): the threshold rule, one token per step, and committing from the left
 
 
+CHOICE = "the threshold with the best validation R@1 among those valid >= 0.99 (ties: more tokens per forward)"
+
+
+def choose_tau(rows, min_validity=0.99):
+    """The reported threshold (CHOICE) from the sweep's threshold rows; where none is valid enough, the most
+    valid one. run.sh decodes every diffusion row at it."""
+    ok = [r for r in rows if r['validity'] >= min_validity] or [max(rows, key=lambda r: r['validity'])]
+    return max(ok, key=lambda r: (round(r['R@1'], 6), r['tokens_per_forward']))['tau']
+
+
 def sweep_decoding(cfg, data, device):
     """The kept model decoded on validation at each SWEEP setting: R@1 and validity against tokens per forward
     (results/sweep_<name>.json and .png), the curve that picks the reported tau."""
@@ -106,11 +116,14 @@ def sweep_decoding(cfg, data, device):
                      'conclusion': (res['trace_agreement'] or {}).get('conclusion')})
         print(f"valid tau={tau} k={k} from_left={left}: R@1 {rows[-1]['R@1']:.4f} validity {rows[-1]['validity']:.4f} "
               f"tokens/forward {rows[-1]['tokens_per_forward']:.2f}")
+    by_tau = [r for r in rows if r['tau'] is not None and not r['from_left']]
+    chosen = choose_tau(by_tau)
+    print(f"chosen on validation: tau {chosen} ({CHOICE})")
     write_json(results_path(f"sweep_{cfg.name}.json"), {'split': 'valid', 'n': res['n'], 'block': cfg.block,
                                                         'floor_R@1': res['floor']['R@1'], 'rows': rows,
+                                                        'chosen_tau': chosen, 'chosen_by': CHOICE,
                                                         'device': device_name(device), 'commit': git_commit()})
     fig, axes = plt.subplots(1, 2, figsize=(8, 3.2))
-    by_tau = [r for r in rows if r['tau'] is not None and not r['from_left']]
     for ax, key in zip(axes, ('R@1', 'validity')):
         ax.plot([r['tokens_per_forward'] for r in by_tau], [r[key] for r in by_tau], marker='o')
         for r in by_tau:

@@ -590,3 +590,14 @@ def test_report_headline_reads_speed_from_the_same_checkpoints_batch_one_row(tmp
     head = text[text.index('## Headline'):text.index('## Accuracy')]
     assert '| AR teacher (GR2-style) | 0.5000 [' in head and '| 1.000 | 1.00 |  | 4 |' in head
     assert '| 1.000 | 3.25 | 2.50x | 4 |' in head and '0.40x' not in head
+
+
+def test_the_reported_tau_is_the_best_valid_one_on_validation():
+    """train_cft.choose_tau: the best R@1 among thresholds valid >= 0.99, ties to more tokens per forward; with
+    none valid enough, the most valid."""
+    from train_cft import choose_tau
+    row = lambda tau, r1, val, tpf: {'tau': tau, 'R@1': r1, 'validity': val, 'tokens_per_forward': tpf}
+    rows = [row(0.97, 0.37, 0.995, 4.0), row(0.9, 0.37, 0.992, 6.0), row(0.8, 0.38, 0.98, 7.0)]
+    assert choose_tau(rows) == 0.9
+    assert choose_tau(rows + [row(0.95, 0.375, 0.99, 5.0)]) == 0.95
+    assert choose_tau([row(0.9, 0.3, 0.9, 3.0), row(0.6, 0.4, 0.5, 5.0)]) == 0.9
