@@ -343,6 +343,13 @@ def replay_hidden(model, prompt, pad, tokens, steps, block, mask_id):
     return h.gather(0, pick[None, :, :, None].expand(1, B, R, h.size(-1))).squeeze(0)
 
 
+def chosen_offsets(block, offsets, device):
+    """(block,) 1 at each of `offsets` within a block, else 0."""
+    chosen = torch.zeros(block, dtype=torch.long, device=device)
+    chosen[torch.as_tensor(offsets, device=device)] = 1
+    return chosen
+
+
 def left_to_right_steps(steps, block, offsets=None):
     """Commit steps of a left-to-right decoding of the same tokens (offset j of a block at step j + 1). Replayed at
     these steps, each token is predicted with the tokens left of it in its block revealed and the rest masked:
@@ -351,20 +358,13 @@ def left_to_right_steps(steps, block, offsets=None):
     chosen offsets <= j), so a replay costs len(offsets) + 1 states instead of B; the chosen offsets' tokens
     are predicted at the same l2r state as with all of them, the others are not (mask them out of the loss)."""
     offset = torch.arange(steps.shape[1], device=steps.device) % block
-    if offsets is None:
-        step = offset + 1
-    else:
-        chosen = torch.zeros(block, dtype=torch.long, device=steps.device)
-        chosen[torch.as_tensor(offsets, device=steps.device)] = 1
-        step = chosen.cumsum(0)[offset] + 1
+    step = offset + 1 if offsets is None else chosen_offsets(block, offsets, steps.device).cumsum(0)[offset] + 1
     return torch.where(steps > 0, step[None, :], 0)
 
 
-def at_offsets(shape, block, offsets, device):
-    """(1, R) which positions sit at one of `offsets` within their block."""
-    chosen = torch.zeros(block, dtype=torch.bool, device=device)
-    chosen[torch.as_tensor(offsets, device=device)] = True
-    return chosen[torch.arange(shape[1], device=device) % block][None, :]
+def at_offsets(R, block, offsets, device):
+    """(1, R) which response positions sit at one of `offsets` within their block."""
+    return chosen_offsets(block, offsets, device).bool()[torch.arange(R, device=device) % block][None, :]
 
 
 def token_logprobs(logits, tokens, temperature=1.0):

@@ -159,7 +159,7 @@ class CachedForward:
     A runner can be reused for another batch of the same shape (every column is rewritten before it is read)."""
 
     def __init__(self, model, pad, P, R, block, graphs=False):
-        self.model, self.graphs, self.captured, self.R = model, graphs, {}, R
+        self.model, self.graphs, self.captured, self.P = model, graphs, {}, P
         self.blk, self.valid = column_blocks(pad, P, R, block)
         self.pos = positions(pad, P + R)
         self.start = P - pad
@@ -171,7 +171,7 @@ class CachedForward:
         n = self.pos.shape[1]
         self.valid.copy_(torch.arange(n, device=pad.device)[None, :] >= pad[:, None])
         self.pos.copy_(positions(pad, n))
-        self.start.copy_(self.pos.shape[1] - self.R - pad)
+        self.start.copy_(self.P - pad)
 
     def run(self, idx, qcols):
         ctx = torch.autocast('cuda', dtype=self.dtype) if self.dtype is not None else nullcontext()

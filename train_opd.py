@@ -93,7 +93,7 @@ def load_student_and_teacher(cfg, device, student_stages):
 def distilled_tokens(res, block, offsets=None):
     """The tokens the KL covers: every live one, or only those at the chosen offsets of their blocks."""
     live = live_tokens(res)
-    return live if offsets is None else live & at_offsets(live.shape, block, offsets, live.device)
+    return live if offsets is None else live & at_offsets(live.shape[1], block, offsets, live.device)
 
 
 def opd_kl(student, teacher, batch, res, block, vocab, rows=slice(None), state='l2r', offsets=None):
