@@ -32,6 +32,7 @@ ROWS = [  # (file name, label, predecessor for the paired gain)
     ('cft_warmup', '+ CFT, block size warmed up from 1', 'cft'),
     ('cft_suffix', '+ CFT, half the blocks suffix-masked', 'cft'),
     ('opd', '+ CFT + OPD', 'cft'),
+    ('opd_offpolicy', "+ CFT + OPD on the teacher's samples (control)", 'opd'),
     ('rl', '+ CFT + OPD + RL', 'opd'),
     ('rl_kl', '+ CFT + OPD + RL, KL penalty to OPD', 'rl'),
 ]

@@ -9,15 +9,16 @@ from diffusion import generate_block
 from metrics import parse_answer, target_rank, copies_incoming
 
 
-def rollouts(model, data, idx, group, block, cfg, gen, device):
-    """`group` sampled decodings of each prompt in idx (rows grouped prompt by prompt)."""
+def rollouts(model, data, idx, group, block, cfg, gen, device, sample_block=None):
+    """`group` sampled decodings of each prompt in idx (rows grouped prompt by prompt), `block` tokens a block
+    (`sample_block` if given: 1 for the AR teacher's own rollouts, padded to `block`'s response length)."""
     sp = data.splits['train']
     rows = np.repeat(np.asarray(idx), group)
     batch = collate(sp, rows, data.vocab, block=block, device=device)
     max_r = -(-(batch['resp'].shape[1] + block) // block) * block
     model.eval()
     with torch.no_grad(), autocast(device):
-        res = generate_block(model, batch['prompt'], batch['pad'], max_r, data.vocab, block=block, tau=cfg.tau,
+        res = generate_block(model, batch['prompt'], batch['pad'], max_r, data.vocab, block=sample_block or block, tau=cfg.tau,
                              k=cfg.k, temperature=cfg.temperature, generator=gen, from_left=cfg.from_left)
     return batch, res, rows
 

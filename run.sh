@@ -31,7 +31,7 @@ if [ "$MODE" = cpu ]; then
   BUDGET=${BUDGET:-2700}                           # a control starts only within the first 45 minutes
   DEV="--device=cpu"
   SIZE="--n_layer=2 --n_embd=128 --n_head=4"
-  AR="$SIZE --batch_size=32 --mid_steps=0 --max_steps=1000 --eval_every=500 --eval_n=600 --eval_batch=300"
+  AR="$SIZE --batch_size=32 --mid_steps=0 --max_steps=1500 --eval_every=500 --eval_n=600 --eval_batch=300"
   DIR="$AR"
   SMALL="--eval_n=256 --eval_batch=128"  # stage evaluations (selection) on the first 256 validation users
   CFT="--batch_size=16 --max_steps=600 --eval_every=200 --lr=5e-4 --judge=False $SMALL"
@@ -39,7 +39,7 @@ if [ "$MODE" = cpu ]; then
   # OPD: 16 rollouts a step, 4 offsets of each block distilled (5 replay states, not 24), the CFT loss as anchor
   OPD="--n_prompts=8 --group=2 --l2r_states=4 --cft_weight=1.0 --lr=1e-4 --max_steps=100 --eval_every=50 $SMALL"
   MORE="--batch_size=16 --max_steps=100 --eval_every=100 --lr=5e-4 --sweep=False --judge=False $SMALL"
-  RL="--n_prompts=8 --group=4 --max_steps=100 --eval_every=50 $SMALL"
+  RL="--n_prompts=8 --group=8 --max_steps=100 --eval_every=50 $SMALL"
   BENCH=""                              # bench.py picks CPU-sized work by itself
   EVAL="--batch_size=64"                # every row on the whole test set
   EVAL_AR="--batch_size=300"
@@ -58,6 +58,9 @@ if [ "$PART" = seeds ]; then
   for s in 0 1 2; do SEED=$s RESULTS_DIR="$RESULTS_DIR/seeds/$s" BUDGET=0 bash "$0" "$MODE" core; done
   python report.py "$RESULTS_DIR"
   exit 0
+fi
+if [ "$PART" = all ]; then  # a whole run replaces the last one's files: a control skipped by BUDGET leaves none
+  rm -f "$RESULTS_DIR"/eval_*.json "$RESULTS_DIR"/train_*.json "$RESULTS_DIR"/curves_*.png "$RESULTS_DIR"/sweep_*
 fi
 LOG="$RESULTS_DIR/run.stages.jsonl"; : > "$LOG"
 stage() {  # run one command, log its wall time and exit status
@@ -91,13 +94,14 @@ core() {  # the recipe's chain, each stage from the previous one's checkpoint
   stage python bench.py --data_dir=${DATA_DIR:-data/beauty} $DEV $BENCH --taus="($TAU,)"  # every stage against AR
 }
 
-ablations() {  # each answers one question about the chain; needs out/ar.pt and out/cft.pt from core
+ablations() {  # each answers one question about the chain (the most needed first); needs core's out/*.pt
   TAU=$(chosen_tau)
   if left; then ev --ckpt=out/cft.pt --name=cft_left --block=$BLOCK --tau=$TAU --from_left=True; fi
   if left; then stage python train_ar.py $D $NAME $DEV $DIR --trace=False --out=out/ar_direct.pt && ev_ar --ckpt=out/ar_direct.pt --name=ar_direct; fi
-  if left; then stage python train_cft.py $D $DEV $CFT --sweep=False --validity_weight=0.0 --out=out/cft_novalid.pt --name=cft_novalid && ev --ckpt=out/cft_novalid.pt --name=cft_novalid --block=$BLOCK --tau=$TAU; fi
-  if left; then stage python train_cft.py $D $DEV $MORE --parent=out/cft.pt --out=out/cft_more.pt --name=cft_more && ev --ckpt=out/cft_more.pt --name=cft_more --block=$BLOCK --tau=$TAU; fi
+  if left; then stage python train_opd.py $D $DEV $OPD --tau=$TAU --rollouts=teacher --out=out/opd_offpolicy.pt --name=opd_offpolicy && ev --ckpt=out/opd_offpolicy.pt --name=opd_offpolicy --block=$BLOCK --tau=$TAU; fi
   if left; then stage python train_rl.py $D $DEV $RL --policy=out/ar.pt --block=1 --out=out/ar_rl.pt --name=ar_rl && ev_ar --ckpt=out/ar_rl.pt --name=ar_rl --block=1 --tau=$TAU; fi
+  if left; then stage python train_cft.py $D $DEV $MORE --parent=out/cft.pt --out=out/cft_more.pt --name=cft_more && ev --ckpt=out/cft_more.pt --name=cft_more --block=$BLOCK --tau=$TAU; fi
+  if left; then stage python train_cft.py $D $DEV $CFT --sweep=False --validity_weight=0.0 --out=out/cft_novalid.pt --name=cft_novalid && ev --ckpt=out/cft_novalid.pt --name=cft_novalid --block=$BLOCK --tau=$TAU; fi
   if left; then stage python train_ar.py $D $NAME $DEV $AR --reject=False --out=out/ar_noreject.pt --name=ar_noreject && ev_ar --ckpt=out/ar_noreject.pt --name=ar_noreject; fi
   if left; then stage python train_rl.py $D $DEV $RL --kl_weight=1.0 --out=out/rl_kl.pt --name=rl_kl && ev --ckpt=out/rl_kl.pt --name=rl_kl --block=$BLOCK --tau=$TAU; fi
   if left; then stage python train_cft.py $D $DEV $CFT --sweep=False --block_warmup=$WARM --out=out/cft_warmup.pt --name=cft_warmup && ev --ckpt=out/cft_warmup.pt --name=cft_warmup --block=$BLOCK --tau=$TAU; fi

@@ -15,6 +15,8 @@ The student's distribution is taken at one of two states (`--state`):
 With B = 1 both are the AR distillation loss, zero when student = teacher. l2r is the default: at the commit
 state validity collapsed within a few steps, at l2r it held (FINDINGS.md, OPD). l2r trains one state per
 token, not the ones the threshold sampler visits; `--cft_weight` adds the student's CFT loss as an anchor.
+`--rollouts=teacher` is the off-policy control: the same loss on the teacher's own AR samples, so what OPD adds
+over distilling on the teacher's trajectories is measured, not assumed.
 """
 from dataclasses import dataclass
 
@@ -45,6 +47,7 @@ class TrainOPDConfig(StageSettings):  # + min_validity, eval_n, eval_batch, time
     tau: float = 0.9             # the evaluation's threshold rule, also used for rollouts
     k: int = 0
     from_left: bool = False      # the evaluation's commit order, also used for rollouts
+    rollouts: str = 'student'    # who samples the trajectories: student (on-policy) or teacher (the control)
     state: str = 'l2r'           # the student's state for the KL: l2r or commit (see the docstring)
     l2r_states: int = 0          # l2r: > 0 distils only this many offsets of each block per step, drawn afresh
                                  # (len + 1 stacked states per replay instead of B: cheaper on a CPU); 0 = every one
@@ -58,6 +61,10 @@ class TrainOPDConfig(StageSettings):  # + min_validity, eval_n, eval_batch, time
     cft_weight: float = 0.0      # > 0: add the CFT loss (the student's own weights) on each step's prompts
 
     def problem(self):
+        if self.rollouts not in ('student', 'teacher'):
+            return f"--rollouts={self.rollouts}: use student (OPD) or teacher (the off-policy control)"
+        if self.rollouts == 'teacher' and self.state != 'l2r':
+            return "--rollouts=teacher needs --state=l2r (the teacher's samples have no block commit steps)"
         if self.state not in ('commit', 'l2r'):
             return f"--state={self.state}: use commit or l2r"
         if self.l2r_states < 0 or (self.l2r_states and self.state != 'l2r'):
@@ -118,7 +125,9 @@ def main():
     block, vocab, train = sck['run_cfg']['block'], data.vocab, data.splits['train']
     if cfg.l2r_states > block:
         raise SystemExit(f"error: --l2r_states={cfg.l2r_states} exceeds the student's block of {block}")
-    print(f"student {cfg.student} (B = {block}), teacher {cfg.teacher}; {cfg.n_prompts} prompts x {cfg.group} rollouts")
+    print(f"student {cfg.student} (B = {block}), teacher {cfg.teacher}; {cfg.n_prompts} prompts x {cfg.group} "
+          f"rollouts of the {cfg.rollouts}")
+    sampler, sample_block = (teacher, 1) if cfg.rollouts == 'teacher' else (student, block)
     noise_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)  # the rollouts' generator stays as it was
     run = OnPolicyRun(student, data, cfg, device, sck, block, 'opd', cfg.student, cfg.weight_decay, noise=noise_gen)
     log, opt, gen, keeper = run.log, run.opt, run.gen, run.keeper
@@ -131,7 +140,7 @@ def main():
             g['lr'] = lr_at(step, cfg.max_steps, cfg)
         rng = np.random.default_rng([cfg.seed, step])  # prompts depend on the step only: a resumed run sees the same
         idx = rng.integers(0, len(train), cfg.n_prompts)
-        batch, res, rows = rollouts(student, data, idx, cfg.group, block, cfg, gen, device)
+        batch, res, rows = rollouts(sampler, data, idx, cfg.group, block, cfg, gen, device, sample_block)
         offsets = sorted(rng.choice(block, cfg.l2r_states, replace=False).tolist()) if cfg.l2r_states else None
         live = distilled_tokens(res, block, offsets)
         n_live = live.sum()

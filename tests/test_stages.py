@@ -1,4 +1,5 @@
 """Each stage runs end to end on the tiny setting, refuses wrong inputs clearly, and the RL pieces behave."""
+import json
 import os
 import re
 import subprocess
@@ -112,6 +113,18 @@ def test_opd_runs_at_the_commit_state(pipeline):
     p = run('train_opd.py', cwd, data, *TINY['train_opd.py'], '--l2r_states=2', '--out=out/opd_2.pt', '--name=opd_2')
     assert p.returncode == 0, p.stderr[-3000:]
     for bad, says in (('--l2r_states=9', 'exceeds the student'), ('--state=commit --l2r_states=2', 'with --state=l2r')):
+        p = run('train_opd.py', cwd, data, *bad.split(), '--max_steps=1', '--out=out/opd_bad.pt')
+        assert p.returncode != 0 and says in p.stderr + p.stdout, bad
+
+
+def test_the_off_policy_control_distils_on_the_teachers_own_samples(pipeline):
+    cwd, data = pipeline
+    p = run('train_opd.py', cwd, data, *TINY['train_opd.py'], '--rollouts=teacher', '--out=out/opd_off.pt',
+            '--name=opd_off')
+    assert p.returncode == 0, p.stderr[-3000:]
+    steps = [json.loads(line) for line in open(os.path.join(cwd, 'out', 'log_opd_off.jsonl')) if 'kl' in line]
+    assert steps and all(s['tok_per_fwd'] == 1.0 for s in steps)  # AR samples: one token per forward
+    for bad, says in (('--rollouts=both', 'student (OPD) or teacher'), ('--rollouts=teacher --state=commit', 'l2r')):
         p = run('train_opd.py', cwd, data, *bad.split(), '--max_steps=1', '--out=out/opd_bad.pt')
         assert p.returncode != 0 and says in p.stderr + p.stdout, bad
 
