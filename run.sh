@@ -28,10 +28,10 @@ D="--data_dir=${DATA_DIR:-data/beauty} --seed=$SEED"
 NAME="--data_name=${DATA_NAME:-Beauty}"   # the AR stages read it; every later one takes it from its parent
 if [ "$MODE" = cpu ]; then
   export RESULTS_DIR=${RESULTS_DIR:-results/cpu}  # never mixed with the GPU numbers in results/
-  BUDGET=${BUDGET:-2700}                           # a control starts only within the first 45 minutes
+  BUDGET=${BUDGET:-3000}                           # a control starts only within the first 50 minutes
   DEV="--device=cpu"
   SIZE="--n_layer=2 --n_embd=128 --n_head=4"
-  AR="$SIZE --batch_size=32 --mid_steps=0 --max_steps=1500 --eval_every=500 --eval_n=600 --eval_batch=300"
+  AR="$SIZE --batch_size=32 --mid_steps=0 --max_steps=1000 --eval_every=500 --eval_n=600 --eval_batch=300"
   DIR="$AR"
   SMALL="--eval_n=256 --eval_batch=128"  # stage evaluations (selection) on the first 256 validation users
   CFT="--batch_size=16 --max_steps=600 --eval_every=200 --lr=5e-4 --judge=False $SMALL"
@@ -96,9 +96,9 @@ core() {  # the recipe's chain, each stage from the previous one's checkpoint
 
 ablations() {  # each answers one question about the chain (the most needed first); needs core's out/*.pt
   TAU=$(chosen_tau)
-  if left; then ev --ckpt=out/cft.pt --name=cft_left --block=$BLOCK --tau=$TAU --from_left=True; fi
-  if left; then stage python train_ar.py $D $NAME $DEV $DIR --trace=False --out=out/ar_direct.pt && ev_ar --ckpt=out/ar_direct.pt --name=ar_direct; fi
   if left; then stage python train_opd.py $D $DEV $OPD --tau=$TAU --rollouts=teacher --out=out/opd_offpolicy.pt --name=opd_offpolicy && ev --ckpt=out/opd_offpolicy.pt --name=opd_offpolicy --block=$BLOCK --tau=$TAU; fi
+  if left; then stage python train_ar.py $D $NAME $DEV $DIR --trace=False --out=out/ar_direct.pt && ev_ar --ckpt=out/ar_direct.pt --name=ar_direct; fi
+  if left; then ev --ckpt=out/cft.pt --name=cft_left --block=$BLOCK --tau=$TAU --from_left=True; fi
   if left; then stage python train_rl.py $D $DEV $RL --policy=out/ar.pt --block=1 --out=out/ar_rl.pt --name=ar_rl && ev_ar --ckpt=out/ar_rl.pt --name=ar_rl --block=1 --tau=$TAU; fi
   if left; then stage python train_cft.py $D $DEV $MORE --parent=out/cft.pt --out=out/cft_more.pt --name=cft_more && ev --ckpt=out/cft_more.pt --name=cft_more --block=$BLOCK --tau=$TAU; fi
   if left; then stage python train_cft.py $D $DEV $CFT --sweep=False --validity_weight=0.0 --out=out/cft_novalid.pt --name=cft_novalid && ev --ckpt=out/cft_novalid.pt --name=cft_novalid --block=$BLOCK --tau=$TAU; fi
