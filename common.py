@@ -93,7 +93,9 @@ def same_file_problem(flag, path, out):
 
 
 def parse_config(cls, argv=None):
-    """Build a dataclass from `--key=value` flags (values parsed with ast.literal_eval), reject unknown keys."""
+    """Build a dataclass from `--key=value` flags (values parsed with ast.literal_eval), reject unknown keys.
+    Where the device is not CUDA, a stage's CPU_SETTING (a small model and short runs that fit a 2-core CPU) fills
+    in the flags not given, so `python train_ar.py` and each later stage run the CPU recipe there as they are."""
     argv = sys.argv[1:] if argv is None else argv
     fields = {f.name: f for f in dataclasses.fields(cls)}
     values = {}
@@ -118,6 +120,12 @@ def parse_config(cls, argv=None):
         if default is not None and not isinstance(value, type(default)):
             raise SystemExit(f"--{key} expects {type(default).__name__}, got {raw!r}")
         values[key] = value
+    small = getattr(cls, 'CPU_SETTING', None)
+    device = values.get('device', fields['device'].default) if small else None
+    if small and not device_problem(device) and pick_device(device).type != 'cuda':
+        print(f"no CUDA device: the CPU setting ({' '.join(f'--{k}={v}' for k, v in small.items() if k not in values)}; "
+              f"a flag given on the command line wins)")
+        values = {**small, **values}
     cfg = cls(**values)
     problem = cfg.problem() if hasattr(cfg, 'problem') else None  # a config may check its values' ranges
     if problem:

@@ -28,18 +28,11 @@ D="--data_dir=${DATA_DIR:-data/beauty} --seed=$SEED"
 NAME="--data_name=${DATA_NAME:-Beauty}"   # the AR stages read it; every later one takes it from its parent
 if [ "$MODE" = cpu ]; then
   export RESULTS_DIR=${RESULTS_DIR:-results/cpu}  # never mixed with the GPU numbers in results/
-  BUDGET=${BUDGET:-3000}                           # a control starts only within the first 50 minutes
-  DEV="--device=cpu"
-  SIZE="--n_layer=2 --n_embd=128 --n_head=4"
-  AR="$SIZE --batch_size=32 --mid_steps=0 --max_steps=1000 --eval_every=500 --eval_n=600 --eval_batch=300"
-  DIR="$AR"
-  SMALL="--eval_n=256 --eval_batch=128"  # stage evaluations (selection) on the first 256 validation users
-  CFT="--batch_size=16 --max_steps=600 --eval_every=200 --lr=5e-4 --judge=False $SMALL"
+  BUDGET=${BUDGET:-3300}                           # a control starts only within the first 55 minutes
+  DEV="--device=cpu"    # each stage then fills in its CPU_SETTING (a small model, short runs: common.parse_config)
+  AR=""; DIR=""; CFT=""; OPD=""; RL=""
   WARM=50
-  # OPD: 16 rollouts a step, 4 offsets of each block distilled (5 replay states, not 24), the CFT loss as anchor
-  OPD="--n_prompts=8 --group=2 --l2r_states=4 --cft_weight=1.0 --lr=1e-4 --max_steps=100 --eval_every=50 $SMALL"
-  MORE="--batch_size=16 --max_steps=100 --eval_every=100 --lr=5e-4 --sweep=False --judge=False $SMALL"
-  RL="--n_prompts=8 --group=8 --max_steps=100 --eval_every=50 $SMALL"
+  MORE="--max_steps=100 --eval_every=100 --sweep=False"
   BENCH=""                              # bench.py picks CPU-sized work by itself
   EVAL="--batch_size=64"                # every row on the whole test set
   EVAL_AR="--batch_size=300"

@@ -1,7 +1,7 @@
 """OPD: on-policy distillation of the block-diffusion student from the frozen AR teacher.
 
     python train_opd.py                                     # one GPU: out/cft.pt + out/ar.pt -> out/opd.pt
-    python train_opd.py --n_prompts=4 --max_steps=20 --eval_n=200 --device=cpu          # CPU
+    python train_opd.py       # without CUDA: the CPU setting (CPU_SETTING: 8 prompts x 2, 100 steps), ~7 min
 
 Per prompt the student decodes G' = 4 rollouts of its own (temperature sampling, the evaluation's B and tau);
 the teacher scores each rollout once by teacher forcing (it conditions on the rollout's prefix o<j); the loss is
@@ -50,6 +50,7 @@ class TrainOPDConfig(StageSettings):  # + min_validity, eval_n, eval_batch, time
     rollouts: str = 'student'    # who samples the trajectories: student (on-policy) or teacher (the control)
     state: str = 'l2r'           # the student's state for the KL: l2r or commit (see the docstring)
     l2r_states: int = 0          # l2r: > 0 distils only this many offsets of each block per step, drawn afresh
+                                 # (the commit state distils every committed token at its own state: unused there)
                                  # (len + 1 stacked states per replay instead of B: cheaper on a CPU); 0 = every one
     max_steps: int = 100
     micro_batch: int = 16        # rollouts per replay forward (memory: l2r stacks B states per rollout)
@@ -59,6 +60,9 @@ class TrainOPDConfig(StageSettings):  # + min_validity, eval_n, eval_batch, time
     grad_clip: float = 1.0
     eval_every: int = 20
     cft_weight: float = 0.0      # > 0: add the CFT loss (the student's own weights) on each step's prompts
+    # without CUDA: 16 rollouts a step, 4 offsets of each block distilled (5 replay states, not 24), the CFT anchor
+    CPU_SETTING = dict(n_prompts=8, group=2, l2r_states=4, cft_weight=1.0, lr=1e-4, max_steps=100, eval_every=50,
+                       eval_n=1024, eval_batch=128)
 
     def problem(self):
         if self.rollouts not in ('student', 'teacher'):
@@ -67,8 +71,8 @@ class TrainOPDConfig(StageSettings):  # + min_validity, eval_n, eval_batch, time
             return "--rollouts=teacher needs --state=l2r (the teacher's samples have no block commit steps)"
         if self.state not in ('commit', 'l2r'):
             return f"--state={self.state}: use commit or l2r"
-        if self.l2r_states < 0 or (self.l2r_states and self.state != 'l2r'):
-            return f"--l2r_states={self.l2r_states}: 0 (every offset) or a count of offsets, with --state=l2r"
+        if self.l2r_states < 0:
+            return f"--l2r_states={self.l2r_states}: 0 (every offset) or a count of offsets"
         return (same_file_problem('student', self.student, self.out)
                 or same_file_problem('teacher', self.teacher, self.out) or super().problem())
 
@@ -123,6 +127,8 @@ def main():
     cfg, _, device, timer = start_stage(TrainOPDConfig)
     student, sck, teacher, data = load_student_and_teacher(cfg, device, ['cft', 'opd'])
     block, vocab, train = sck['run_cfg']['block'], data.vocab, data.splits['train']
+    if cfg.state == 'commit' and cfg.l2r_states:
+        print(f"note: --l2r_states={cfg.l2r_states} is unused at the commit state")
     if cfg.l2r_states > block:
         raise SystemExit(f"error: --l2r_states={cfg.l2r_states} exceeds the student's block of {block}")
     print(f"student {cfg.student} (B = {block}), teacher {cfg.teacher}; {cfg.n_prompts} prompts x {cfg.group} "
@@ -141,7 +147,7 @@ def main():
         rng = np.random.default_rng([cfg.seed, step])  # prompts depend on the step only: a resumed run sees the same
         idx = rng.integers(0, len(train), cfg.n_prompts)
         batch, res, rows = rollouts(sampler, data, idx, cfg.group, block, cfg, gen, device, sample_block)
-        offsets = sorted(rng.choice(block, cfg.l2r_states, replace=False).tolist()) if cfg.l2r_states else None
+        offsets = sorted(rng.choice(block, cfg.l2r_states, replace=False).tolist()) if cfg.l2r_states and cfg.state == 'l2r' else None
         live = distilled_tokens(res, block, offsets)
         n_live = live.sum()
         opt.zero_grad(set_to_none=True)

@@ -2,7 +2,7 @@
 
     python train_rl.py                                              # one GPU: out/opd.pt -> out/rl.pt
     python train_rl.py --policy=out/ar.pt --block=1 --out=out/ar_rl.pt --name=ar_rl   # RL-tuned AR reference
-    python train_rl.py --n_prompts=4 --max_steps=10 --eval_n=200 --device=cpu            # CPU
+    python train_rl.py        # without CUDA: the CPU setting (CPU_SETTING: 8 prompts x 8, 100 steps), ~5 min
 
 Per prompt, G = 8 rollouts sampled with the evaluation's B and tau. Reward = (rank before - rank after) / N
 + 0.2 x format, the format reward paid only when the target's rank improved or it stays first (otherwise
@@ -50,6 +50,8 @@ class TrainRLConfig(StageSettings):  # + min_validity, eval_n, eval_batch, time_
     warmup: int = 5
     grad_clip: float = 1.0
     eval_every: int = 10
+    # without CUDA: 8 prompts x 8 rollouts, 100 steps
+    CPU_SETTING = dict(n_prompts=8, max_steps=100, eval_every=50, eval_n=1024, eval_batch=128)
 
     def problem(self):
         return same_file_problem('policy', self.policy, self.out) or super().problem()

@@ -11,7 +11,7 @@ from common import (JsonlLog, save_checkpoint, plot_curves, git_commit, is_bette
                     device_name, load_resume, save_resume)
 from diffusion import diffusion_loss
 from evaluation import Decoding, evaluate
-from reasoning import loss_weights
+from reasoning import loss_weights, token_roles, ROLES
 from tqdm import tqdm
 
 
@@ -47,7 +47,7 @@ class CFTLoss:
     complementary: bool = True   # each example also with the opposite mask
     suffix_share: float = 0.0    # share of blocks masked from a random cut to the end (diffusion.noise_blocks)
     certainty_weight: float = 0.5  # entropy of the right predictions at masked positions (diffusion_loss)
-    certainty_judgements: bool = True  # the certainty term on the judgements too (False: kind 3 left out)
+    certainty_skip: str = 'judgement'  # roles (reasoning.ROLES) the certainty term leaves out (cft_loss)
     w_trace: float = 0.5
     w_answer: float = 1.0
     w_choice: float = 1.0        # the first ranked item
@@ -57,27 +57,38 @@ class CFTLoss:
 
 WEIGHTING = ('w_trace', 'w_answer', 'w_choice', 'w_judge', 'reject')
 MASKING = ('complementary', 'suffix_share', 'validity_weight', 'certainty_weight')
-SETTINGS = WEIGHTING + MASKING + ('certainty_judgements',)
+SETTINGS = WEIGHTING + MASKING + ('certainty_skip',)
 
 
 def cft_loss_settings(run_cfg, keys=SETTINGS):
     """diffusion_loss's settings of a CFT run (its config or the dict a checkpoint records), CFTLoss's defaults
     where an older record lacks a field: one list, read by training, validation and OPD's anchor."""
     d = run_cfg if isinstance(run_cfg, dict) else asdict(run_cfg)
+    if 'certainty_judgements' in d and 'certainty_skip' not in d:  # a record from before certainty_skip
+        d = {**d, 'certainty_skip': '' if d['certainty_judgements'] else 'judgement'}
     return {k: d.get(k, getattr(CFTLoss, k)) for k in keys}
 
 
 def cft_loss(model, batch, block, vocab, settings, generator=None):
     """diffusion_loss with a CFT run's settings (cft_loss_settings): the per-token weights from the trace's token
-    kinds (reasoning.loss_weights), then the masking and the extra terms among `settings`. Without
-    `certainty_judgements` the certainty term skips the trace's judgements (kind 3, the matches' winners and the
-    conclusion), where "the left one wins" is right on most matches and sureness from that prior is rewarded
-    (FINDINGS.md)."""
+    kinds (reasoning.loss_weights), then the masking and the extra terms among `settings`. The certainty term
+    leaves out the roles named in `certainty_skip` (by default the judgements, the matches' winners and the
+    conclusion: with the scores they compare still masked a first step guesses "the left one wins", right on most
+    matches, and sureness from that prior would be rewarded wherever the guess is right; FINDINGS.md)."""
     weights = loss_weights(batch, **{k: settings[k] for k in WEIGHTING})
     extra = {k: settings[k] for k in MASKING if k in settings}
-    skip = not settings.get('certainty_judgements', True)
     return diffusion_loss(model, batch, block, vocab.mask, weights, vocab=vocab, generator=generator,
-                          certain_at=batch['kind'] != 3 if skip else None, **extra)
+                          certain_at=certainty_positions(batch, vocab, settings.get('certainty_skip', '')), **extra)
+
+
+def certainty_positions(batch, vocab, skip):
+    """(B, R) the response positions the certainty term covers: all but those of the roles in `skip`
+    (comma-separated names from reasoning.ROLES; '' = all)."""
+    role = token_roles(batch['resp'], batch['kind'], vocab)
+    at = torch.ones_like(role, dtype=torch.bool)
+    for name in filter(None, skip.split(',')):
+        at &= role != ROLES.index(name.strip())
+    return at
 
 
 def validate(model, data, cfg, device, block=0, tau=0.9, k=0, split='valid', from_left=False):

@@ -10,7 +10,7 @@ from data_beauty import collate
 from diffusion import (generate_ar, bd3_columns, bd3_hidden, commit_rule, convert, diffusion_loss, generate_block,
                        first_eos_lengths, loss_region, noise_blocks, replay_hidden, left_to_right_steps,
                        token_logprobs, permutation_validity_loss, forward_kl, predicting_columns)
-from reasoning import loss_weights
+from reasoning import loss_weights, token_roles, ROLES
 from train_ar import ar_response_loss
 
 
@@ -394,16 +394,18 @@ def test_certainty_term_is_the_entropy_where_the_prediction_is_right(tiny_data):
                                certainty_weight=2.0, certain_at=~judged)
     torch.testing.assert_close(parts2['entropy_right'], -(logp.exp() * logp).sum(-1)[right & ~judged].mean())
     from training import CFTLoss, cft_loss, cft_loss_settings  # CFT's switch reaches the term
-    got = [cft_loss(model, batch, R, v, cft_loss_settings(CFTLoss(certainty_judgements=on)),
-                    torch.Generator().manual_seed(5))[1]['entropy_right'] for on in (True, False)]
+    scored = token_roles(batch['resp'], batch['kind'], v) == ROLES.index('score')
+    skips = ('', 'judgement', 'score,judgement')
+    got = [cft_loss(model, batch, R, v, cft_loss_settings(CFTLoss(certainty_skip=skip)),
+                    torch.Generator().manual_seed(5))[1]['entropy_right'] for skip in skips]
     settings = cft_loss_settings(CFTLoss())
     weights = loss_weights(batch, *(settings[k] for k in ('w_trace', 'w_answer', 'w_choice')), settings['reject'],
                            settings['w_judge'])
     want = [diffusion_loss(model, batch, R, v.mask, weights, vocab=v, generator=torch.Generator().manual_seed(5),
                            certainty_weight=0.5, certain_at=at, validity_weight=1.0)[1]['entropy_right']
-            for at in (None, ~judged)]
+            for at in (None, ~judged, ~judged & ~scored)]
     torch.testing.assert_close(got, want)
-    assert got[0] != got[1]
+    assert got[0] != got[1] != got[2]
 
 
 def test_complementary_masks_supervise_each_token_once(tiny_data):

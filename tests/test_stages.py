@@ -112,7 +112,9 @@ def test_opd_runs_at_the_commit_state(pipeline):
     assert p.returncode != 0 and 'commit or l2r' in p.stderr + p.stdout
     p = run('train_opd.py', cwd, data, *TINY['train_opd.py'], '--l2r_states=2', '--out=out/opd_2.pt', '--name=opd_2')
     assert p.returncode == 0, p.stderr[-3000:]
-    for bad, says in (('--l2r_states=9', 'exceeds the student'), ('--state=commit --l2r_states=2', 'with --state=l2r')):
+    assert 'unused at the commit state' in run('train_opd.py', cwd, data, *TINY['train_opd.py'], '--state=commit',
+                                                 '--l2r_states=2', '--max_steps=1', '--out=out/opd_c1.pt').stdout
+    for bad, says in (('--l2r_states=9', 'exceeds the student'), ('--l2r_states=-1', 'a count of offsets')):
         p = run('train_opd.py', cwd, data, *bad.split(), '--max_steps=1', '--out=out/opd_bad.pt')
         assert p.returncode != 0 and says in p.stderr + p.stdout, bad
 
@@ -215,6 +217,7 @@ def test_out_of_range_settings_are_refused_before_any_work(tmp_path, script, arg
     ('TrainARConfig', ['--device=gpu'], "use auto, cpu, cuda"),
     ('TrainARConfig', ['--out=/proc/none/ar.pt'], 'cannot write to /proc/none'),
     ('TrainCFTConfig', ['--parent=out/cft.pt'], 'overwrite its own parent'),
+    ('TrainCFTConfig', ['--certainty_skip=scores'], "unknown roles ['scores']"),
     ('TrainOPDConfig', ['--student=out/x.pt', '--out=out/x.pt'], 'overwrite its own parent'),
     ('TrainRLConfig', ['--lr=0'], '--lr=0.0: the learning rate must be > 0'),
     ('DecodeConfig', ['--device=tpu'], "use auto, cpu, cuda"),
@@ -240,6 +243,19 @@ def test_cuda_without_cuda_is_refused():
     from train_ar import TrainARConfig
     with pytest.raises(SystemExit, match='CUDA is not available here; use --device=cpu'):
         parse_config(TrainARConfig, ['--device=cuda'])
+
+
+def test_without_cuda_a_stage_runs_its_cpu_setting():
+    """`python train_ar.py` on a machine without CUDA trains the CPU recipe (run.sh cpu passes no size flags);
+    a flag given on the command line wins over it; with CUDA the defaults stay the GPU setting's."""
+    from common import parse_config
+    from train_ar import TrainARConfig
+    from train_cft import TrainCFTConfig
+    cfg = parse_config(TrainARConfig, ['--device=cpu', '--max_steps=7'])
+    assert (cfg.n_layer, cfg.n_embd, cfg.batch_size, cfg.max_steps) == (2, 128, 32, 7)
+    assert parse_config(TrainCFTConfig, ['--device=cpu']).batch_size == 16
+    expected = TrainARConfig.n_layer if torch.cuda.is_available() else 2
+    assert parse_config(TrainARConfig, []).n_layer == expected
 
 
 def test_a_diffusion_checkpoint_decodes_at_its_own_block(pipeline):
