@@ -123,8 +123,8 @@ def parse_config(cls, argv=None):
     small = getattr(cls, 'CPU_SETTING', None)
     device = values.get('device', fields['device'].default) if small else None
     if small and not device_problem(device) and pick_device(device).type != 'cuda':
-        print(f"no CUDA device: the CPU setting ({' '.join(f'--{k}={v}' for k, v in small.items() if k not in values)}; "
-              f"a flag given on the command line wins)")
+        filled = ' '.join(f'--{k}={v}' for k, v in small.items() if k not in values)
+        print(f"no CUDA device: the CPU setting ({filled}; a flag given on the command line wins)")
         values = {**small, **values}
     cfg = cls(**values)
     problem = cfg.problem() if hasattr(cfg, 'problem') else None  # a config may check its values' ranges

@@ -234,6 +234,11 @@ def encode(hist, cands, target_idx, ev, attrs, vocab, score_w, trace=True):
 ROLES = ('entry slot', 'weight', 'score', 'marker', 'judgement', 'choice', 'answer')
 
 
+def roles_named(text):
+    """The role names of a comma-separated flag ('' = none), as written; the caller checks them against ROLES."""
+    return [name.strip() for name in text.split(',') if name.strip()]
+
+
 def token_roles(resp, kind, vocab):
     """(B, R) each response token's role, an index into ROLES: an entry's slot, a statistic's weight, a running
     score (the entries' and the matches'), a marker (<lead> <best> <answer>), a judgement (kind 3: a match's

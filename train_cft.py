@@ -24,7 +24,7 @@ from common import (StageSettings, start_stage, same_file_problem, autocast, dev
 from data_beauty import DataError, collate
 from evaluation import load_data_for, trace_report
 from diffusion import convert
-from reasoning import ROLES
+from reasoning import ROLES, roles_named
 from training import (CFTLoss, WEIGHTING, cft_loss, cft_loss_settings, make_optimizer, optimizer_step, lr_at,
                       validate, validate_and_keep, finish)
 
@@ -58,7 +58,7 @@ class TrainCFTConfig(StageSettings, CFTLoss):  # + the shared flags, and the los
             return "--block must be >= 1 (1: AR decoding with the CFT loss)"
         if not 0 <= self.suffix_share <= 1:
             return f"--suffix_share={self.suffix_share}: a share of the blocks, in [0, 1]"
-        unknown = [r for r in filter(None, self.certainty_skip.split(',')) if r.strip() not in ROLES]
+        unknown = [r for r in roles_named(self.certainty_skip) if r not in ROLES]
         if unknown:
             return f"--certainty_skip: unknown roles {unknown}; use names from {', '.join(ROLES)} (comma-separated)"
         return same_file_problem('parent', self.parent, self.out) or super().problem()

@@ -50,8 +50,8 @@ class TrainOPDConfig(StageSettings):  # + min_validity, eval_n, eval_batch, time
     rollouts: str = 'student'    # who samples the trajectories: student (on-policy) or teacher (the control)
     state: str = 'l2r'           # the student's state for the KL: l2r or commit (see the docstring)
     l2r_states: int = 0          # l2r: > 0 distils only this many offsets of each block per step, drawn afresh
-                                 # (the commit state distils every committed token at its own state: unused there)
                                  # (len + 1 stacked states per replay instead of B: cheaper on a CPU); 0 = every one
+                                 # (unused at the commit state, which distils each token at its own state)
     max_steps: int = 100
     micro_batch: int = 16        # rollouts per replay forward (memory: l2r stacks B states per rollout)
     lr: float = 2e-4
@@ -147,7 +147,8 @@ def main():
         rng = np.random.default_rng([cfg.seed, step])  # prompts depend on the step only: a resumed run sees the same
         idx = rng.integers(0, len(train), cfg.n_prompts)
         batch, res, rows = rollouts(sampler, data, idx, cfg.group, block, cfg, gen, device, sample_block)
-        offsets = sorted(rng.choice(block, cfg.l2r_states, replace=False).tolist()) if cfg.l2r_states and cfg.state == 'l2r' else None
+        sample = cfg.l2r_states and cfg.state == 'l2r'
+        offsets = sorted(rng.choice(block, cfg.l2r_states, replace=False).tolist()) if sample else None
         live = distilled_tokens(res, block, offsets)
         n_live = live.sum()
         opt.zero_grad(set_to_none=True)

@@ -11,7 +11,7 @@ from common import (JsonlLog, save_checkpoint, plot_curves, git_commit, is_bette
                     device_name, load_resume, save_resume)
 from diffusion import diffusion_loss
 from evaluation import Decoding, evaluate
-from reasoning import loss_weights, token_roles, ROLES
+from reasoning import loss_weights, token_roles, ROLES, roles_named
 from tqdm import tqdm
 
 
@@ -83,12 +83,12 @@ def cft_loss(model, batch, block, vocab, settings, generator=None):
 
 def certainty_positions(batch, vocab, skip):
     """(B, R) the response positions the certainty term covers: all but those of the roles in `skip`
-    (comma-separated names from reasoning.ROLES; '' = all)."""
+    (comma-separated names from reasoning.ROLES), or None where none is skipped."""
+    skipped = [ROLES.index(name) for name in roles_named(skip)]
+    if not skipped:
+        return None  # diffusion_loss: every position
     role = token_roles(batch['resp'], batch['kind'], vocab)
-    at = torch.ones_like(role, dtype=torch.bool)
-    for name in filter(None, skip.split(',')):
-        at &= role != ROLES.index(name.strip())
-    return at
+    return ~torch.isin(role, torch.tensor(skipped, device=role.device))
 
 
 def validate(model, data, cfg, device, block=0, tau=0.9, k=0, split='valid', from_left=False):
