@@ -89,8 +89,8 @@ core() {  # the recipe's chain, each stage from the previous one's checkpoint
 
 ablations() {  # each answers one question about the chain (the most needed first); needs core's out/*.pt
   TAU=$(chosen_tau)
-  if left; then stage python train_opd.py $D $DEV $OPD --tau=$TAU --rollouts=teacher --out=out/opd_offpolicy.pt --name=opd_offpolicy && ev --ckpt=out/opd_offpolicy.pt --name=opd_offpolicy --block=$BLOCK --tau=$TAU; fi
   if left; then stage python train_ar.py $D $NAME $DEV $DIR --trace=False --out=out/ar_direct.pt && ev_ar --ckpt=out/ar_direct.pt --name=ar_direct; fi
+  if left; then stage python train_opd.py $D $DEV $OPD --tau=$TAU --rollouts=teacher --out=out/opd_offpolicy.pt --name=opd_offpolicy && ev --ckpt=out/opd_offpolicy.pt --name=opd_offpolicy --block=$BLOCK --tau=$TAU; fi
   if left; then ev --ckpt=out/cft.pt --name=cft_left --block=$BLOCK --tau=$TAU --from_left=True; fi
   if left; then stage python train_rl.py $D $DEV $RL --policy=out/ar.pt --block=1 --out=out/ar_rl.pt --name=ar_rl && ev_ar --ckpt=out/ar_rl.pt --name=ar_rl --block=1 --tau=$TAU; fi
   if left; then stage python train_cft.py $D $DEV $MORE --parent=out/cft.pt --out=out/cft_more.pt --name=cft_more && ev --ckpt=out/cft_more.pt --name=cft_more --block=$BLOCK --tau=$TAU; fi

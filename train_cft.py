@@ -91,18 +91,24 @@ def validation_loss(model, data, cfg, device, n=256, batch=64):
     return total / n
 
 
-SWEEP = ((0.97, 0, False), (0.9, 0, False), (0.8, 0, False), (0.6, 0, False), (0.4, 0, False), (0.0, 1, False),
-         (0.9, 0, True))  # (tau, k, from_left): the threshold rule, one token per step, and committing from the left
+# (tau, k, from_left): the threshold rule, and committing from the left. One token per step (k = 1) is left out:
+# it costs as much as all the rest on a CPU and read the same R@1 as tau 0.9 (FINDINGS, "The tau sweep").
+SWEEP = ((0.97, 0, False), (0.9, 0, False), (0.8, 0, False), (0.6, 0, False), (0.4, 0, False), (0.9, 0, True))
 
 
-CHOICE = "the threshold with the best validation R@1 among those valid >= 0.99 (ties: more tokens per forward)"
+MARGIN = 0.005  # SPEC's parity margin; on 1,024 validation users one R@1 standard error is about 0.015
+CHOICE = (f"the threshold with the most tokens per forward among those valid >= 0.99 whose validation R@1 is "
+          f"within {MARGIN} of the best of them")
 
 
-def choose_tau(rows, min_validity=0.99):
+def choose_tau(rows, min_validity=0.99, margin=MARGIN):
     """The reported threshold (CHOICE) from the sweep's threshold rows; where none is valid enough, the most
-    valid one. run.sh decodes every diffusion row at it."""
+    valid one. run.sh decodes every diffusion row at it. A threshold that wins on R@1 by a few validation users
+    is noise, while its loss in speed is not: within `margin` of the best R@1 the faster threshold is kept."""
     ok = [r for r in rows if r['validity'] >= min_validity] or [max(rows, key=lambda r: r['validity'])]
-    return max(ok, key=lambda r: (round(r['R@1'], 6), r['tokens_per_forward']))['tau']
+    best = max(r['R@1'] for r in ok)
+    near = [r for r in ok if r['R@1'] >= best - margin - 1e-9]
+    return max(near, key=lambda r: (r['tokens_per_forward'], r['R@1']))['tau']
 
 
 def sweep_decoding(cfg, data, device):

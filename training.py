@@ -98,17 +98,36 @@ def validate(model, data, cfg, device, block=0, tau=0.9, k=0, split='valid', fro
     return res
 
 
-def validate_and_keep(model, data, cfg, device, log, step, best, run_cfg, stage, parent=None, block=0):
-    """Decode validation with the run's decoding settings, log it, and write the checkpoint if it is the best so
-    far (common.is_better). Returns the best record."""
-    res = validate(model, data, cfg, device, block=block, tau=getattr(cfg, 'tau', 0.9), k=getattr(cfg, 'k', 0),
-                   from_left=getattr(cfg, 'from_left', False))
-    m = res['metrics']
-    row = dict(m, validity=res['validity'], tokens_per_forward=res.get('tokens_per_forward'), step=step)
-    log.write(step=step, val_R1=m['R@1'], val_N3=m['N@3'], val_validity=res['validity'],
-              val_tok_per_fwd=res.get('tokens_per_forward'))
-    tqdm.write(f"step {step}: valid R@1 {m['R@1']:.4f} N@3 {m['N@3']:.4f} validity {res['validity']:.4f} "
-               f"tokens/forward {res.get('tokens_per_forward', 0):.2f} (floor R@1 {res['floor']['R@1']:.4f})")
+DECODING = ('tau', 'k', 'from_left', 'eval_n', 'eval_batch', 'seed', 'data_digests')  # what a validation depends on
+VALIDATION = ('R@1', 'R@3', 'R@5', 'N@3', 'N@5', 'MRR', 'validity', 'tokens_per_forward', 'floor_R@1')  # its record
+
+
+def parent_validation(parent_ck, run_cfg, block):
+    """The parent checkpoint's kept validation record where it was decoded exactly as this run decodes (the same
+    block, rule, users, batches, seed and data): the starting model's evaluation, which need not run again."""
+    recorded, default = parent_ck['run_cfg'], {'k': 0, 'from_left': False}
+    same = recorded.get('block') == block and all(recorded.get(key, default.get(key)) == run_cfg.get(key, default.get(key))
+                                                  for key in DECODING)
+    record = (parent_ck.get('metrics') or {}).get('valid') if same else None
+    return {key: value for key, value in record.items() if key in VALIDATION} if record else None
+
+
+def validate_and_keep(model, data, cfg, device, log, step, best, run_cfg, stage, parent=None, block=0, known=None):
+    """Decode validation with the run's decoding settings (or take `known`, the same model's record from an
+    identical decoding: parent_validation), log it, and write the checkpoint if it is the best so far
+    (common.is_better). Returns the best record."""
+    reused = known is not None
+    if not reused:
+        res = validate(model, data, cfg, device, block=block, tau=getattr(cfg, 'tau', 0.9), k=getattr(cfg, 'k', 0),
+                       from_left=getattr(cfg, 'from_left', False))
+        known = dict(res['metrics'], validity=res['validity'], tokens_per_forward=res.get('tokens_per_forward'))
+        known['floor_R@1'] = res['floor']['R@1']
+    row = dict(known, step=step)
+    log.write(step=step, val_R1=row['R@1'], val_N3=row['N@3'], val_validity=row['validity'],
+              val_tok_per_fwd=row.get('tokens_per_forward'))
+    tqdm.write(f"step {step}: valid R@1 {row['R@1']:.4f} N@3 {row['N@3']:.4f} validity {row['validity']:.4f} "
+               f"tokens/forward {row.get('tokens_per_forward') or 0:.2f} (floor R@1 {row.get('floor_R@1', 0):.4f})"
+               + (" (the parent's record: the same model, decoded the same way)" if reused else ""))
     if is_better(row, best, cfg.min_validity):
         best = row
         save_checkpoint(cfg.out, model, run_cfg, stage=stage, parent=parent, step=step, metrics={'valid': best})
@@ -130,12 +149,12 @@ class Keeper:
     that record in keeper.best."""
 
     def __init__(self, model, data, cfg, device, log, run_cfg, stage, parent, block):
-        self.validate = lambda step, best: validate_and_keep(model, data, cfg, device, log, step, best, run_cfg,
-                                                             stage, parent, block)
+        self.validate = lambda step, best, known: validate_and_keep(model, data, cfg, device, log, step, best,
+                                                                    run_cfg, stage, parent, block, known)
         self.best = None
 
-    def __call__(self, step):
-        self.best = self.validate(step, self.best)
+    def __call__(self, step, known=None):
+        self.best = self.validate(step, self.best, known)
 
 
 class OnPolicyRun:
@@ -162,5 +181,5 @@ class OnPolicyRun:
                 g.set_state(resumed['state']['gens'][k])
         else:
             self.start = 0
-            self.keeper(0)
+            self.keeper(0, parent_validation(ck, run_cfg, block))
             self.save(0)

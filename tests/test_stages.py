@@ -131,6 +131,25 @@ def test_the_off_policy_control_distils_on_the_teachers_own_samples(pipeline):
         assert p.returncode != 0 and says in p.stderr + p.stdout, bad
 
 
+def test_a_stage_takes_its_parents_validation_where_decoded_the_same_way(pipeline):
+    """OPD's step 0 is the CFT model it starts from: where CFT validated that model with the same decoding, its
+    record is taken, not decoded again, and it equals a fresh decoding; at another tau the model is decoded."""
+    from common import load_checkpoint
+    from evaluation import Decoding, evaluate, load_data_for
+    cwd, data = pipeline
+    start = next(json.loads(line) for line in open(os.path.join(cwd, 'out', 'log_opd.jsonl')) if 'val_R1' in line)
+    model, ck = load_checkpoint(os.path.join(cwd, 'out', 'cft.pt'))
+    d = load_data_for(ck, data.split('=', 1)[1])
+    fresh, _ = evaluate(model, d, 'valid', Decoding(block=8, tau=0.9), torch.device('cpu'))
+    assert start['step'] == 0 and start['val_R1'] == fresh['metrics']['R@1']
+    assert start['val_validity'] == fresh['validity'] and start['val_tok_per_fwd'] == fresh['tokens_per_forward']
+    args = (*TINY['train_opd.py'], '--max_steps=1', '--out=out/opd_1.pt', '--name=opd_1')
+    p = run('train_opd.py', cwd, data, *args)
+    assert p.returncode == 0 and "step 0: " in p.stdout and "the parent's record" in p.stdout, p.stderr[-2000:]
+    p = run('train_opd.py', cwd, data, *args, '--tau=0.5')
+    assert p.returncode == 0 and "step 0: " in p.stdout and "the parent's record" not in p.stdout, p.stderr[-2000:]
+
+
 def test_wrong_or_missing_parent_is_refused(pipeline, tmp_path):
     cwd, data = pipeline
     p = run('train_cft.py', str(tmp_path), data, '--parent=out/nothing.pt')
@@ -621,12 +640,13 @@ def test_report_headline_reads_speed_from_the_same_checkpoints_batch_one_row(tmp
     assert '| 1.000 | 3.25 | 2.50x | 4 |' in head and '0.40x' not in head
 
 
-def test_the_reported_tau_is_the_best_valid_one_on_validation():
-    """train_cft.choose_tau: the best R@1 among thresholds valid >= 0.99, ties to more tokens per forward; with
-    none valid enough, the most valid."""
+def test_the_reported_tau_is_the_fastest_near_the_best_valid_one_on_validation():
+    """train_cft.choose_tau: among thresholds valid >= 0.99, the most tokens per forward within 0.005 of the best
+    R@1; with none valid enough, the most valid."""
     from train_cft import choose_tau
     row = lambda tau, r1, val, tpf: {'tau': tau, 'R@1': r1, 'validity': val, 'tokens_per_forward': tpf}
     rows = [row(0.97, 0.37, 0.995, 4.0), row(0.9, 0.37, 0.992, 6.0), row(0.8, 0.38, 0.98, 7.0)]
-    assert choose_tau(rows) == 0.9
-    assert choose_tau(rows + [row(0.95, 0.375, 0.99, 5.0)]) == 0.95
+    assert choose_tau(rows) == 0.9                                          # the invalid 0.8 is out
+    assert choose_tau(rows + [row(0.95, 0.38, 0.99, 5.0)]) == 0.95          # 0.9 is 0.01 behind the best
+    assert choose_tau(rows + [row(0.95, 0.374, 0.99, 5.0)]) == 0.9          # within the margin: the faster
     assert choose_tau([row(0.9, 0.3, 0.9, 3.0), row(0.6, 0.4, 0.5, 5.0)]) == 0.9
