@@ -22,6 +22,8 @@ class GPTConfig:
     n_embd: int = 256
     dropout: float = 0.0
     n_resp_pos: int = 0         # learned embeddings of the response index 0 .. n-1 (0 = none; see GPT.forward)
+    slot0: int = 0              # the first list-slot token (Vocab.slot0) and the number of slots: with n_slots > 0
+    n_slots: int = 0            # each prompt token gets an embedding of the candidate entry it is in (GPT.forward)
 
 
 class KVCache:
@@ -103,6 +105,7 @@ class GPT(nn.Module):
         self.config = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.wre = nn.Embedding(cfg.n_resp_pos + 1, cfg.n_embd) if cfg.n_resp_pos else None  # row 0: the prompt
+        self.wee = nn.Embedding(cfg.n_slots + 1, cfg.n_embd) if cfg.n_slots else None  # row 0: outside the list
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.n_embd)
         self.apply(self._init)
@@ -123,11 +126,23 @@ class GPT(nn.Module):
         With n_resp_pos, a response token also gets an embedding of its index in the response. The trace's
         layout is fixed (index j is always, say, the third weight of the second entry), but rotary positions
         only tell distances: a fully masked block of a diffusion model otherwise has to count its way from
-        `<think>` to know what each position holds, and decoded its first block nearly one token per step."""
+        `<think>` to know what each position holds, and decoded its first block nearly one token per step.
+
+        With n_slots, a prompt token also gets an embedding of the candidate entry it is in (the last slot token
+        before it; the prompt lists c1 .. cN in order), as the response index does for the trace. The trace writes
+        each statistic's weight, which is a lookup of that candidate's statistic in the prompt: without the entry
+        embedding a 2-layer model first had to find out from the slot tokens which entry a statistic belongs to,
+        and took a neighbour's statistic for 1.4% of the weights, most of them in entries 2 to 5. With it every
+        weight was right, but the answer wrote its decision twice on a tenth of the lists, so train_ar leaves it
+        off (`--entry_embedding`; FINDINGS)."""
         x = self.wte(idx)
+        at = torch.zeros_like(pos) if start is None else (pos - start[:, None] + 1).clamp(min=0)
         if self.wre is not None:  # start None: no response (mid-training's item sequences), every token row 0
-            at = torch.zeros_like(pos) if start is None else (pos - start[:, None] + 1).clamp(0, self.config.n_resp_pos)
-            x = x + self.wre(at)
+            x = x + self.wre(at.clamp(max=self.config.n_resp_pos))
+        if self.wee is not None:  # a forward that holds prompt tokens holds the whole prompt (the prefill)
+            slot = idx - self.config.slot0 + 1
+            entry = torch.where((slot >= 1) & (slot <= self.config.n_slots), slot, 0).cummax(1).values
+            x = x + self.wee(torch.where(at == 0, entry, 0))
         rope = rotary(pos, self.config.n_embd // self.config.n_head)
         for i, block in enumerate(self.blocks):
             x = block(x, mask, rope, cache, i, cols)

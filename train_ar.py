@@ -37,6 +37,8 @@ class TrainARConfig(StageSettings):  # + min_validity, eval_n, eval_batch, time_
     n_embd: int = 256
     dropout: float = 0.0
     n_resp_pos: int = 192        # learned response-index embeddings (model.GPT.forward); 0 = rotary positions only
+    entry_embedding: bool = False  # each prompt token learns its candidate entry (model.GPT.forward; FINDINGS:
+                                   # every weight right, but the answer then wrote its decision twice)
     full_softmax: bool = True    # SFT's cross-entropy over every token, items and attributes too (FINDINGS)
     # optimisation
     mid_steps: int = 300         # mid-training steps (0 = skip)
@@ -166,7 +168,8 @@ def main():
         raise SystemExit(f"error: {e}")
     train = data.splits['train']
     mcfg = GPTConfig(vocab_size=data.vocab.size, n_out=data.vocab.n_out, n_layer=cfg.n_layer, n_head=cfg.n_head,
-                     n_embd=cfg.n_embd, dropout=cfg.dropout, n_resp_pos=cfg.n_resp_pos)
+                     n_embd=cfg.n_embd, dropout=cfg.dropout, n_resp_pos=cfg.n_resp_pos,
+                     slot0=data.vocab.slot0, n_slots=data.vocab.n_cand if cfg.entry_embedding else 0)
     model = GPT(mcfg).to(device)
     print(f"model {model.num_params() / 1e6:.2f}M parameters on {device_name(device)}; "
           f"{len(train)} train instances, trace={cfg.trace}")

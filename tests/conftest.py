@@ -51,5 +51,7 @@ def tiny_model(vocab, seed=0, n_layer=2, n_embd=32, full_head=False, n_resp_pos=
     response-index embeddings (fewer than a response's tokens: the clamp at the last index is exercised too)."""
     torch.manual_seed(seed)
     cfg = GPTConfig(vocab_size=vocab.size, n_out=0 if full_head else vocab.n_out, n_layer=n_layer, n_head=2,
-                    n_embd=n_embd, dropout=0.0, n_resp_pos=n_resp_pos)
-    return GPT(cfg).eval()
+                    n_embd=n_embd, dropout=0.0, n_resp_pos=n_resp_pos, slot0=vocab.slot0, n_slots=vocab.n_cand)
+    model = GPT(cfg).eval()
+    torch.nn.init.normal_(model.wee.weight, std=0.5)  # large enough to move the argmax: equivalence tests see it
+    return model

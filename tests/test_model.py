@@ -42,7 +42,7 @@ def full_logits(model, prompt, pad, resp):
     P, R = prompt.shape[1], resp.shape[1]
     x = torch.cat([prompt, resp], 1)
     blk, valid = column_blocks(pad, P, R, 1)
-    h = model(x, positions(pad, P + R), attention_mask(blk, valid, torch.arange(P + R)))
+    h = model(x, positions(pad, P + R), attention_mask(blk, valid, torch.arange(P + R)), start=P - pad)
     return model.head(h, fp32=True)
 
 
