@@ -46,12 +46,15 @@ def tiny_data(tiny_dir, tmp_path_factory):
     return BeautyData(DataConfig(data_dir=tiny_dir, cache_dir=str(tmp_path_factory.mktemp('cache'))))
 
 
-def tiny_model(vocab, seed=0, n_layer=2, n_embd=32, full_head=False, n_resp_pos=40):
-    """A tiny GPT over the vocabulary, with the response-sized output head the stages use (or the full one) and
-    response-index embeddings (fewer than a response's tokens: the clamp at the last index is exercised too)."""
+def tiny_model(vocab, seed=0, n_layer=2, n_embd=32, full_head=False, n_resp_pos=40, entries=True):
+    """A tiny GPT over the vocabulary, with the response-sized output head the stages use (or the full one),
+    response-index embeddings (fewer than a response's tokens: the clamp at the last index is exercised too) and
+    candidate-entry embeddings, large enough to move the argmax, so that the equivalence tests see them."""
     torch.manual_seed(seed)
     cfg = GPTConfig(vocab_size=vocab.size, n_out=0 if full_head else vocab.n_out, n_layer=n_layer, n_head=2,
-                    n_embd=n_embd, dropout=0.0, n_resp_pos=n_resp_pos, slot0=vocab.slot0, n_slots=vocab.n_cand)
+                    n_embd=n_embd, dropout=0.0, n_resp_pos=n_resp_pos, slot0=vocab.slot0,
+                    n_slots=vocab.n_cand if entries else 0)
     model = GPT(cfg).eval()
-    torch.nn.init.normal_(model.wee.weight, std=0.5)  # large enough to move the argmax: equivalence tests see it
+    if entries:
+        torch.nn.init.normal_(model.wee.weight, std=0.5)
     return model

@@ -150,7 +150,7 @@ def test_choice_accuracy_equals_a_dense_reference(tiny_data):
     from model import response_hidden
     from train_ar import choice_accuracy
     d = tiny_data
-    model = tiny_model(d.vocab, seed=1)
+    model = tiny_model(d.vocab, seed=1, entries=False)  # at their test scale they make neighbours agree
     sp = d.splits['valid']
     n = min(len(sp), 64)
     b = collate(sp, range(n), d.vocab)
