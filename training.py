@@ -106,8 +106,8 @@ def parent_validation(parent_ck, run_cfg, block):
     """The parent checkpoint's kept validation record where it was decoded exactly as this run decodes (the same
     block, rule, users, batches, seed and data): the starting model's evaluation, which need not run again."""
     recorded, default = parent_ck['run_cfg'], {'k': 0, 'from_left': False}
-    same = recorded.get('block') == block and all(recorded.get(key, default.get(key)) == run_cfg.get(key, default.get(key))
-                                                  for key in DECODING)
+    setting = lambda cfg, key: cfg.get(key, default.get(key))
+    same = recorded.get('block') == block and all(setting(recorded, key) == setting(run_cfg, key) for key in DECODING)
     record = (parent_ck.get('metrics') or {}).get('valid') if same else None
     return {key: value for key, value in record.items() if key in VALIDATION} if record else None
 
