@@ -120,13 +120,14 @@ def validate_and_keep(model, data, cfg, device, log, step, best, run_cfg, stage,
     if not reused:
         res = validate(model, data, cfg, device, block=block, tau=getattr(cfg, 'tau', 0.9), k=getattr(cfg, 'k', 0),
                        from_left=getattr(cfg, 'from_left', False))
-        known = dict(res['metrics'], validity=res['validity'], tokens_per_forward=res.get('tokens_per_forward'))
-        known['floor_R@1'] = res['floor']['R@1']
+        known = dict(res['metrics'], validity=res['validity'], tokens_per_forward=res.get('tokens_per_forward'),
+                     **{'floor_R@1': res['floor']['R@1']})
     row = dict(known, step=step)
     log.write(step=step, val_R1=row['R@1'], val_N3=row['N@3'], val_validity=row['validity'],
               val_tok_per_fwd=row.get('tokens_per_forward'))
+    floor = f" (floor R@1 {row['floor_R@1']:.4f})" if 'floor_R@1' in row else ""  # records before it lack it
     tqdm.write(f"step {step}: valid R@1 {row['R@1']:.4f} N@3 {row['N@3']:.4f} validity {row['validity']:.4f} "
-               f"tokens/forward {row.get('tokens_per_forward') or 0:.2f} (floor R@1 {row.get('floor_R@1', 0):.4f})"
+               f"tokens/forward {row.get('tokens_per_forward') or 0:.2f}{floor}"
                + (" (the parent's record: the same model, decoded the same way)" if reused else ""))
     if is_better(row, best, cfg.min_validity):
         best = row
