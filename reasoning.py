@@ -231,6 +231,25 @@ def encode(hist, cands, target_idx, ev, attrs, vocab, score_w, trace=True):
     return prompt, response + answer, kind + [2] + [1] * (len(answer) - 1)
 
 
+def drill_decisions(batch, share, rng, vocab):
+    """Rewrite the answers of a random `share` of the rows (numpy `rng`) as if their decision were a random slot:
+    that slot, then the other slots in the pre-ranker's order; mark those rows `drilled` (their decision then
+    carries no loss: it is not the target). In a teacher-forced answer the slot written first is always the
+    target, which a model can also guess from the prompt; drilled rows leave the rest of the answer only one rule
+    to learn, leaving out the slot just written, whatever it is (FINDINGS, "The teacher's lookups")."""
+    resp, kind = batch['resp'].clone(), batch['kind']
+    N = vocab.n_cand
+    rows = torch.as_tensor(rng.random(len(resp)) < share, device=resp.device) & (kind == 2).any(1)
+    picks = torch.as_tensor(rng.integers(0, N, len(resp)), device=resp.device)
+    others = torch.arange(N, device=resp.device).expand(len(resp), -1)
+    others = others[others != picks[:, None]].view(len(resp), N - 1)
+    order = vocab.slot0 + torch.cat([picks[:, None], others], 1)                 # (B, N) the drilled answers
+    cols = (kind == 2).long().argmax(1, keepdim=True) + torch.arange(N, device=resp.device)
+    cols = cols.clamp(max=resp.shape[1] - 1)
+    resp[rows] = resp[rows].scatter(1, cols[rows], order[rows])
+    return {**batch, 'resp': resp, 'drilled': rows}
+
+
 ROLES = ('entry slot', 'weight', 'score', 'marker', 'judgement', 'choice', 'answer')
 
 
@@ -270,6 +289,8 @@ def loss_weights(batch, w_trace, w_answer, w_choice, reject=False, w_judge=None)
     that the decision hangs on: at the trace's weight a small model learnt to name the first candidate of a
     comparison whatever the scores said (FINDINGS.md)."""
     w = kind_weights(batch['kind'], w_trace, w_answer, w_choice, w_judge)
+    if 'drilled' in batch:  # drill_decisions: a drilled decision is not the target
+        w = w * ((batch['kind'] != 2) | ~batch['drilled'][:, None])
     if reject:
         w = w * ((batch['kind'] != 2) | batch['follows'][:, None])
     return w

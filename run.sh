@@ -6,8 +6,9 @@
 #   bash run.sh                  # picks the setting from the machine: gpu where CUDA is available, else cpu
 #   bash run.sh cpu              # a 2-core CPU: a small model, results/cpu/
 #   bash run.sh gpu core         # only the chain (data ... rl, bench); `ablations` runs the controls after it
-#   bash run.sh cpu seeds        # the chain for seeds 0, 1, 2 into <results>/seeds/<seed>/, then the tables with
-#                                # the mean and spread over seeds (three chains; out/ keeps the last seed's models)
+#   bash run.sh cpu seeds        # the chain for seeds 1, 2 into <results>/seeds/<seed>/ (and 0, unless the whole
+#                                # run was seed 0: its evaluations are copied to seeds/0), then the tables with the
+#                                # mean and spread over seeds (out/ keeps the last seed's models)
 # Environment: DATA_DIR (default data/beauty), DATA_NAME (default Beauty: the S3-Rec files <name>.txt and
 # <name>_item2attributes.json; later stages read it from the teacher's record), SEED (default 0), BLOCK
 # (default 24), RESULTS_DIR, BUDGET (seconds; optional stages are skipped once it is spent).
@@ -48,7 +49,14 @@ else
 fi
 mkdir -p "$RESULTS_DIR"
 if [ "$PART" = seeds ]; then
-  for s in 0 1 2; do SEED=$s RESULTS_DIR="$RESULTS_DIR/seeds/$s" BUDGET=0 bash "$0" "$MODE" core; done
+  for s in 0 1 2; do
+    if [ $s = 0 ] && python -c 'import json, sys; sys.exit(json.load(open(sys.argv[1]))["seed"] != 0)' \
+         "$RESULTS_DIR/run.json" 2>/dev/null; then  # the whole run was seed 0: its chain is not run again
+      mkdir -p "$RESULTS_DIR/seeds/0" && cp "$RESULTS_DIR"/eval_*.json "$RESULTS_DIR/run.json" "$RESULTS_DIR/seeds/0/"
+      echo "seed 0: the whole run's evaluations ($RESULTS_DIR/run.json)"; continue
+    fi
+    SEED=$s RESULTS_DIR="$RESULTS_DIR/seeds/$s" BUDGET=0 bash "$0" "$MODE" core
+  done
   python report.py "$RESULTS_DIR"
   exit 0
 fi

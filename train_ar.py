@@ -18,7 +18,7 @@ from tqdm import tqdm
 from common import (StageSettings, start_stage, autocast, device_name, load_checkpoint, JsonlLog, save_resume,
                     load_resume, finish_resume, Interrupt)
 from data_beauty import DataConfig, BeautyData, DataError, collate
-from reasoning import loss_weights
+from reasoning import drill_decisions, loss_weights
 from evaluation import trace_report
 from training import make_optimizer, optimizer_step, lr_at, validate_and_keep, finish
 from model import GPT, GPTConfig, response_hidden
@@ -53,6 +53,7 @@ class TrainARConfig(StageSettings):  # + min_validity, eval_n, eval_batch, time_
     w_judge: float = 5.0         # loss weight of the trace's running leaders and conclusion (reasoning.loss_weights)
     trace_sample: float = 0.25   # share of trace tokens that carry the loss each step (ar_response_loss)
     reject: bool = True          # no decision loss where the trace concludes elsewhere (reasoning.loss_weights)
+    drill: float = 0.0           # share of windows answered from a random decision (reasoning.drill_decisions)
     grad_clip: float = 1.0
     # evaluation
     eval_every: int = 250
@@ -63,6 +64,8 @@ class TrainARConfig(StageSettings):  # + min_validity, eval_n, eval_batch, time_
     def problem(self):
         if self.n_embd % self.n_head:
             return f"--n_embd={self.n_embd} is not divisible by --n_head={self.n_head}"
+        if not 0 <= self.drill < 1:
+            return f"--drill={self.drill}: a share of the windows, in [0, 1)"
         if not 0 < self.trace_sample <= 1:
             return f"--trace_sample={self.trace_sample}: a share of the trace tokens, in (0, 1]"
         return super().problem()
@@ -195,6 +198,8 @@ def main():
         model.train()
         idx = rng.integers(0, len(train), cfg.batch_size)
         batch = collate(train, idx, data.vocab, device=device)
+        if cfg.drill > 0:
+            batch = drill_decisions(batch, cfg.drill, rng, data.vocab)
         with autocast(device):
             loss = ar_response_loss(model, batch, cfg.w_trace, cfg.w_answer, cfg.w_choice, cfg.trace_sample,
                                     reject=cfg.reject, w_judge=cfg.w_judge, full_softmax=cfg.full_softmax)

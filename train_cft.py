@@ -24,7 +24,7 @@ from common import (StageSettings, start_stage, same_file_problem, autocast, dev
 from data_beauty import DataError, collate
 from evaluation import load_data_for, trace_report
 from diffusion import convert
-from reasoning import ROLES, roles_named
+from reasoning import ROLES, drill_decisions, roles_named
 from training import (CFTLoss, WEIGHTING, cft_loss, cft_loss_settings, make_optimizer, optimizer_step, lr_at,
                       validate, validate_and_keep, finish)
 
@@ -37,6 +37,7 @@ class TrainCFTConfig(StageSettings, CFTLoss):  # + the shared flags, and the los
     data_dir: str = 'data/beauty'
     block: int = 24              # B: tokens per block (24: the answer opens a block of its own)
     block_warmup: int = 0        # > 0: train with B through the divisors of `block` over these first steps
+    drill: float = 0.0           # share of windows answered from a random decision (reasoning.drill_decisions)
     max_steps: int = 600
     batch_size: int = 64
     lr: float = 5e-4
@@ -56,6 +57,8 @@ class TrainCFTConfig(StageSettings, CFTLoss):  # + the shared flags, and the los
     def problem(self):
         if self.block < 1:
             return "--block must be >= 1 (1: AR decoding with the CFT loss)"
+        if not 0 <= self.drill < 1:
+            return f"--drill={self.drill}: a share of the windows, in [0, 1)"
         if not 0 <= self.suffix_share <= 1:
             return f"--suffix_share={self.suffix_share}: a share of the blocks, in [0, 1]"
         unknown = [r for r in roles_named(self.certainty_skip) if r not in ROLES]
@@ -219,6 +222,8 @@ def main():
             g['lr'] = lr_at(step, cfg.max_steps, cfg)
         rng = np.random.default_rng([cfg.seed, step])  # batches depend on the step only: a resumed run sees the same
         batch = collate(train, rng.integers(0, len(train), cfg.batch_size), vocab, block=cfg.block, device=device)
+        if cfg.drill > 0:
+            batch = drill_decisions(batch, cfg.drill, rng, vocab)
         with autocast(device):
             loss, parts = cft_loss(model, batch, block_at(step, cfg), vocab, cft_loss_settings(cfg), gen)
         optimizer_step(model, opt, loss, cfg.grad_clip, step, cfg.lr)

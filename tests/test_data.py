@@ -335,6 +335,33 @@ def test_reject_drops_only_the_answers_that_contradict_the_trace(tiny_data):
     assert (drop[decision & ~b['follows'][:, None]] == 0).all() and (keep[decision] == 2.0).all()
 
 
+def test_drilled_answers_leave_out_their_written_decision_which_carries_no_loss(tiny_data):
+    """drill_decisions: a drilled row's answer is the picked slot, then every other slot in list order (a valid
+    permutation), its decision weighs nothing, its trace and every other row are untouched."""
+    import torch
+    from data_beauty import collate
+    from reasoning import drill_decisions, loss_weights
+    sp, v = tiny_data.splits['train'], tiny_data.vocab
+    b = collate(sp, range(8), v)
+    d = drill_decisions(b, 0.5, np.random.default_rng(3), v)
+    rng = np.random.default_rng(3)  # the same draws: which rows, then which slots
+    rows, picks = rng.random(8) < 0.5, rng.integers(0, v.n_cand, 8)
+    assert rows.any() and not rows.all()
+    answer = (b['kind'] >= 1) & (b['kind'] <= 2) & v.is_slot(b['resp'])
+    for r in range(8):
+        got = [v.token_str(t) for t in d['resp'][r][answer[r]].tolist()]
+        if rows[r]:
+            p = int(picks[r])
+            assert got == [f"c{p + 1}"] + [f"c{i + 1}" for i in range(v.n_cand) if i != p]
+        else:
+            assert torch.equal(d['resp'][r], b['resp'][r])
+    assert torch.equal(d['resp'][~answer], b['resp'][~answer])
+    w = loss_weights(d, 0.5, 1.0, 2.0)
+    decision = b['kind'] == 2
+    assert (w[decision & d['drilled'][:, None]] == 0).all() and (w[decision & ~d['drilled'][:, None]] == 2.0).all()
+    assert torch.equal(w[~decision], loss_weights(b, 0.5, 1.0, 2.0)[~decision])
+
+
 def test_a_direct_answer_has_no_conclusion_to_contradict(tiny_dir, tmp_path):
     """Without a trace, collate's `concluded` is -1 and every decision `follows` (`reject` drops nothing)."""
     from data_beauty import BeautyData, DataConfig, collate
