@@ -5,7 +5,7 @@
 
 Intervals: 95% bootstrap over test users (10,000 resamples). Stage gains: paired bootstrap of the R@1 and
 N@3 difference between a stage and its predecessor on the same users (SPEC items 9-10). With seed folders
-results/seeds/<seed>/ present, the mean and spread over seeds are reported too.
+<folder>/seeds/<seed>/ present, the mean and spread over seeds are reported too.
 """
 import glob
 import json
@@ -94,8 +94,9 @@ def paired_users(e, other):
 
 
 def over_seeds(folder):
-    """Rows for the systems every seed folder results/seeds/<seed>/ holds: the mean and spread of R@1 and N@3
-    over seeds, and the mean over seeds of the paired difference to the predecessor (SPEC item 10)."""
+    """Rows for the systems every seed folder <folder>/seeds/<seed>/ holds: the mean and spread of R@1 and N@3
+    over seeds, the mean and lowest validity, and the mean over seeds of the paired difference to the predecessor
+    (SPEC item 10)."""
     seeds = [test_evals(d) for d in sorted(glob.glob(os.path.join(folder, 'seeds', '*', '')))]
     rows = []
     for key, label, prev in ROWS if seeds else []:
@@ -105,6 +106,8 @@ def over_seeds(folder):
         for k in ('R@1', 'N@3'):
             vals = [metrics_from_ranks(ev[key]['per_user']['rank'])[k] for ev in seeds]
             row[k] = {'mean': float(np.mean(vals)), 'std': float(np.std(vals))}
+        validity = [np.mean(ev[key]['per_user']['valid']) for ev in seeds]
+        row['validity'] = {'mean': float(np.mean(validity)), 'min': float(np.min(validity))}
         if prev and all(prev in ev and paired_users(ev[key], ev[prev]) for ev in seeds):
             row['vs'] = prev
             for k in ('R@1', 'N@3'):
@@ -169,18 +172,19 @@ def main(folder=None):
             speed_lines.append(f"| {how} | {r['ckpt']} | {r['batch']} | {r1} | {val} | {r['tok_per_s']:.0f} | "
                                f"{r['tokens_per_forward']:.2f} | {r['speedup']:.2f}x |")
     summary['seeds'] = over_seeds(folder)
-    seed_lines = ['| system | seeds | R@1 mean (sd) | N@3 mean (sd) | vs | R@1 diff, mean | N@3 diff, mean |',
-                  '|---' * 7 + '|']
+    seed_lines = ['| system | seeds | R@1 mean (sd) | N@3 mean (sd) | validity mean (min) | vs | R@1 diff, mean | '
+                  'N@3 diff, mean |', '|---' * 8 + '|']
     for r in summary['seeds']:
         diff = (f"| {r['vs']} | {r['R@1_diff_mean']:+.4f} | {r['N@3_diff_mean']:+.4f} |" if 'vs' in r else '| | | |')
         seed_lines.append(f"| {r['label']} | {r['seeds']} | " + ' | '.join(
-            f"{r[k]['mean']:.4f} ({r[k]['std']:.4f})" for k in ('R@1', 'N@3')) + f" {diff}")
+            f"{r[k]['mean']:.4f} ({r[k]['std']:.4f})" for k in ('R@1', 'N@3')) +
+            f" | {r['validity']['mean']:.3f} ({r['validity']['min']:.3f}) {diff}")
     note = ("copy share: share of outputs whose first item is the pre-ranker's first (invalid ones count), on the "
             "users where that item is wrong; conclusion: share of outputs whose decoded <best> is the data's trace's "
             "(blank: no trace, or a file from before the record)")
     text = '\n'.join(['## Headline (test)', ''] + headline(summary, evals, bench['rows']) +
                      ['', '## Accuracy (test)', ''] + lines + ['', note, '', '## Stage gains (paired bootstrap)', ''] +
-                     gain_lines + (['', '## Over seeds (results/seeds/<seed>/)', ''] + seed_lines
+                     gain_lines + (['', '## Over seeds (seeds/<seed>/ beside these files)', ''] + seed_lines
                                    if summary['seeds'] else []) +
                      (['', '## Speed', ''] + speed_lines if speed_lines else [])) + '\n'
     print(text)

@@ -38,7 +38,7 @@ class TrainARConfig(StageSettings):  # + min_validity, eval_n, eval_batch, time_
     dropout: float = 0.0
     n_resp_pos: int = 192        # learned response-index embeddings (model.GPT.forward); 0 = rotary positions only
     entry_embedding: bool = False  # each prompt token learns its candidate entry (model.GPT.forward; FINDINGS:
-                                   # every weight right, but the answer then wrote its decision twice)
+                                   # every weight right, the answer's skip then needs --drill, the student no better)
     full_softmax: bool = True    # SFT's cross-entropy over every token, items and attributes too (FINDINGS)
     # optimisation
     mid_steps: int = 300         # mid-training steps (0 = skip)
