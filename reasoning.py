@@ -244,8 +244,7 @@ def drill_decisions(batch, share, rng, vocab):
     others = torch.arange(N, device=resp.device).expand(len(resp), -1)
     others = others[others != picks[:, None]].view(len(resp), N - 1)
     order = vocab.slot0 + torch.cat([picks[:, None], others], 1)                 # (B, N) the drilled answers
-    cols = (kind == 2).long().argmax(1, keepdim=True) + torch.arange(N, device=resp.device)
-    cols = cols.clamp(max=resp.shape[1] - 1)
+    cols = (kind == 2).long().argmax(1, keepdim=True) + torch.arange(N, device=resp.device)  # the N ranked places
     resp[rows] = resp[rows].scatter(1, cols[rows], order[rows])
     return {**batch, 'resp': resp, 'drilled': rows}
 

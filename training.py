@@ -120,8 +120,8 @@ def validate_and_keep(model, data, cfg, device, log, step, best, run_cfg, stage,
     if not reused:
         res = validate(model, data, cfg, device, block=block, tau=getattr(cfg, 'tau', 0.9), k=getattr(cfg, 'k', 0),
                        from_left=getattr(cfg, 'from_left', False))
-        known = dict(res['metrics'], validity=res['validity'], tokens_per_forward=res.get('tokens_per_forward'),
-                     **{'floor_R@1': res['floor']['R@1']})
+        known = {**res['metrics'], 'validity': res['validity'], 'tokens_per_forward': res.get('tokens_per_forward'),
+                 'floor_R@1': res['floor']['R@1']}
     row = dict(known, step=step)
     log.write(step=step, val_R1=row['R@1'], val_N3=row['N@3'], val_validity=row['validity'],
               val_tok_per_fwd=row.get('tokens_per_forward'))
