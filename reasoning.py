@@ -236,7 +236,8 @@ def drill_decisions(batch, share, rng, vocab):
     that slot, then the other slots in the pre-ranker's order; mark those rows `drilled` (their decision then
     carries no loss: it is not the target). In a teacher-forced answer the slot written first is always the
     target, which a model can also guess from the prompt; drilled rows leave the rest of the answer only one rule
-    to learn, leaving out the slot just written, whatever it is (FINDINGS, "The teacher's lookups")."""
+    to learn, leaving out the slot just written, whatever it is (FINDINGS, "The teacher's lookups"; the causal
+    teacher keeps the target as its decision's label instead: train_ar.drill_answers)."""
     resp, kind = batch['resp'].clone(), batch['kind']
     N = vocab.n_cand
     rows = torch.as_tensor(rng.random(len(resp)) < share, device=resp.device) & (kind == 2).any(1)

@@ -377,6 +377,26 @@ def test_opd_loss_is_zero_for_block_one_student_equal_to_teacher(tiny_data, stat
     assert opd_kl(convert(tiny_model(v, seed=2), v), teacher, batch, res, 1, v, state=state) > 1e-4
 
 
+def test_the_teachers_drill_keeps_the_decisions_label_and_changes_what_follows_it(tiny_data):
+    """train_ar.drill_answers: the decision is predicted before it is written, so a drilled batch's loss on the
+    decision alone is the undrilled one (its label is still the target), and the loss on the rest of the answer
+    is not (it follows the drilled decision)."""
+    from conftest import tiny_model
+    from data_beauty import collate
+    from train_ar import ar_response_loss, drill_answers
+    v = tiny_data.vocab
+    model = tiny_model(v, entries=False)
+    batch = collate(tiny_data.splits['train'], range(8), v)
+    drilled = drill_answers(batch, 1.0, np.random.default_rng(0), v)
+    decision_only = dict(w_trace=0.0, w_answer=0.0, w_choice=1.0)
+    rest_only = dict(w_trace=0.0, w_answer=1.0, w_choice=0.0)
+    with torch.no_grad():
+        assert torch.allclose(ar_response_loss(model, drilled, **decision_only),
+                              ar_response_loss(model, batch, **decision_only))
+        assert not torch.allclose(ar_response_loss(model, drilled, **rest_only),
+                                  ar_response_loss(model, batch, **rest_only))
+
+
 def test_rl_update_is_the_policy_gradient_at_ratio_one(tiny_data):
     """train_rl.clipped_update's first pass, where pi equals pi_old (ratio 1, nothing clipped), is plain SGD on
     -sum_t A(rollout of t) log pi(token t) / (live tokens) over the rows kept: the parameter change equals -lr
