@@ -362,6 +362,25 @@ def test_drilled_answers_leave_out_their_written_decision_which_carries_no_loss(
     assert torch.equal(w[~decision], loss_weights(b, 0.5, 1.0, 2.0)[~decision])
 
 
+def test_skip_report_scores_the_answer_after_each_decision(tiny_data):
+    """evaluation.skip_report on a stand-in model that writes the list without leaving anything out (each slot is
+    followed by the next, the last by <eos>): right after decision c1 only, where nothing needs leaving out."""
+    import torch
+    from evaluation import skip_report
+    v = tiny_data.vocab
+
+    class NextSlot(torch.nn.Module):
+        def forward(self, idx, pos, mask, cache=None, cols=None, start=None):
+            last = v.slot0 + v.n_cand - 1
+            nxt = torch.where(v.is_slot(idx) & (idx < last), idx + 1, v.eos)
+            return torch.nn.functional.one_hot(nxt, v.n_out).float()
+
+        def head(self, h, fp32=False):
+            return h
+
+    assert skip_report(NextSlot(), tiny_data.splits['valid'], v, torch.device('cpu'), n=8) == [1.0] + [0.0] * (v.n_cand - 1)
+
+
 def test_a_direct_answer_has_no_conclusion_to_contradict(tiny_dir, tmp_path):
     """Without a trace, collate's `concluded` is -1 and every decision `follows` (`reject` drops nothing)."""
     from data_beauty import BeautyData, DataConfig, collate
