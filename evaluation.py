@@ -176,7 +176,7 @@ def skip_report(model, split, vocab, device, n=256, batch=32, block=1):
     """Teacher-forced on the gold traces with each slot in turn written as the decision: per decision, the share of
     answers whose rest (the other slots in the pre-ranker's order, then <eos>) the model predicts exactly. The rest
     must leave out the slot written first; a teacher that learnt this only for the decisions it saw often writes
-    an invalid ranking wherever it decides otherwise (FINDINGS, "Three seeds")."""
+    an invalid ranking wherever it decides otherwise (FINDINGS, "The answer's skip")."""
     model.eval()
     right, total = torch.zeros(vocab.n_cand), 0
     for a in range(0, min(n, len(split)), batch):

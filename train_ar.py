@@ -102,8 +102,8 @@ def drill_answers(batch, share, rng, vocab):
     """reasoning.drill_decisions for the causal teacher: a drilled row's answer goes on from a random decision,
     while the decision itself, predicted from the trace before it is written, keeps the target as its label and
     its loss (a block decoder sees the rest of its block when it predicts the decision, so train_cft drops that
-    loss instead). With the label kept every row can be drilled: the rest of the answer then never sees a
-    decision it could have guessed from the prompt, and must read the one written."""
+    loss instead). So a drilled share leaves no decision untaught; drilling every row was worse, the rest of the
+    answer then never seeing the decisions it follows at test time (FINDINGS, "The answer's skip")."""
     drilled = drill_decisions(batch, share, rng, vocab)['resp']
     return {**batch, 'resp': drilled, 'labels': torch.where(batch['kind'] == 2, batch['resp'], drilled)}
 
