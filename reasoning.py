@@ -238,22 +238,21 @@ def drill_decisions(batch, share, rng, vocab):
     target, which a model can also guess from the prompt; drilled rows leave the rest of the answer only one rule
     to learn, leaving out the slot just written, whatever it is (FINDINGS, "The teacher's lookups"; the causal
     teacher keeps the target as its decision's label instead: train_ar.drill_answers)."""
-    rows = torch.as_tensor(rng.random(len(batch['resp'])) < share, device=batch['resp'].device)
-    picks = torch.as_tensor(rng.integers(0, vocab.n_cand, len(rows)), device=rows.device)
-    rows = rows & (batch['kind'] == 2).any(1)
-    return {**batch, 'resp': answers_from(batch['resp'], batch['kind'], picks, rows, vocab), 'drilled': rows}
+    resp, kind = batch['resp'], batch['kind']
+    rows = torch.as_tensor(rng.random(len(resp)) < share, device=resp.device) & (kind == 2).any(1)
+    picks = torch.as_tensor(rng.integers(0, vocab.n_cand, len(resp)), device=resp.device)
+    return {**batch, 'resp': answers_from(resp, kind, picks, rows, vocab), 'drilled': rows}
 
 
 def answers_from(resp, kind, picks, rows, vocab):
     """Responses whose answers, in `rows` (B,) bool, are rewritten as if their decision were the slot index in
     `picks` (B,): that slot, then the other slots in the pre-ranker's order."""
-    resp, N = resp.clone(), vocab.n_cand
-    others = torch.arange(N, device=resp.device).expand(len(resp), -1)
-    others = others[others != picks[:, None]].view(len(resp), N - 1)
+    N = vocab.n_cand
+    rest = torch.arange(N - 1, device=resp.device)
+    others = rest + (rest >= picks[:, None])                                     # (B, N-1) the list, less the pick
     order = vocab.slot0 + torch.cat([picks[:, None], others], 1)                 # (B, N) the rewritten answers
     cols = (kind == 2).long().argmax(1, keepdim=True) + torch.arange(N, device=resp.device)  # the N ranked places
-    resp[rows] = resp[rows].scatter(1, cols[rows], order[rows])
-    return resp
+    return torch.where(rows[:, None], resp.scatter(1, cols, order), resp)  # no boolean indexing: no host sync
 
 
 ROLES = ('entry slot', 'weight', 'score', 'marker', 'judgement', 'choice', 'answer')
