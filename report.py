@@ -4,7 +4,8 @@
     python report.py results/cpu    # the same for another results folder
 
 Intervals: 95% bootstrap over test users (10,000 resamples). Stage gains: paired bootstrap of the R@1 and
-N@3 difference between a stage and its predecessor on the same users (SPEC items 9-10). With seed folders
+N@3 difference between a stage and its predecessor on the same users (SPEC items 9-10), and each system's gap to
+the AR teacher the same way. With seed folders
 <folder>/seeds/<seed>/ present, the mean and spread over seeds are reported too.
 """
 import glob
@@ -121,6 +122,20 @@ def over_seeds(folder):
     return rows
 
 
+def seed_commits(folder):
+    """Which commit ran each seed folder (its run.json), said beside the table: `run.sh cpu seeds` reruns only the
+    seeds, so a folder can predate the run whose tables it sits beside."""
+    def commit(d):
+        try:
+            with open(os.path.join(d, 'run.json')) as f:
+                return json.load(f).get('commit', '?')
+        except (OSError, ValueError):
+            return 'no run.json'
+    runs = sorted(glob.glob(os.path.join(folder, 'seeds', '*', '')))
+    return 'commits: ' + ', '.join(f"seed {os.path.basename(d.rstrip(os.sep))} {commit(d)}" for d in runs) + \
+        f"; this run: {commit(folder)}"
+
+
 def main(folder=None):
     folder = folder or os.path.dirname(results_path('summary.json'))  # RESULTS_DIR, else the setting's folder
     evals = test_evals(folder)
@@ -144,12 +159,13 @@ def main(folder=None):
         tpf = '' if e.get('tokens_per_forward_trace') is None else f"{e['tokens_per_forward']:.2f}"
         lines.append(f"| {label} | " + ' | '.join(f"{m[k]:.4f}" for k in METRICS) +
                      f" | {row['validity']:.3f} | {tpf} | {copies} | {agree} | {len(ranks)} |")
-        n = paired_users(e, evals[prev]) if prev in evals else 0
-        if n:
-            g = {'name': key, 'vs': prev, 'n': n}
-            for k in ('R@1', 'N@3'):
-                g[k] = paired_bootstrap(ranks[:n], evals[prev]['per_user']['rank'][:n], k)
-            summary['gains'].append(g)
+        for vs in dict.fromkeys(v for v in (prev, 'ar') if v and v != key):  # the stage's gain, then its gap to AR
+            n = paired_users(e, evals[vs]) if vs in evals else 0
+            if n:
+                g = {'name': key, 'vs': vs, 'n': n}
+                for k in ('R@1', 'N@3'):
+                    g[k] = paired_bootstrap(ranks[:n], evals[vs]['per_user']['rank'][:n], k)
+                summary['gains'].append(g)
     gain_lines = ['| stage | vs | n | R@1 diff [95% CI] | N@3 diff [95% CI] |', '|---|---|---|---|---|']
     for g in summary['gains']:
         gain_lines.append(f"| {g['name']} | {g['vs']} | {g['n']} | " + ' | '.join(
@@ -183,8 +199,10 @@ def main(folder=None):
             "users where that item is wrong; conclusion: share of outputs whose decoded <best> is the data's trace's "
             "(blank: no trace, or a file from before the record)")
     text = '\n'.join(['## Headline (test)', ''] + headline(summary, evals, bench['rows']) +
-                     ['', '## Accuracy (test)', ''] + lines + ['', note, '', '## Stage gains (paired bootstrap)', ''] +
-                     gain_lines + (['', '## Over seeds (seeds/<seed>/ beside these files)', ''] + seed_lines
+                     ['', '## Accuracy (test)', ''] + lines +
+                     ['', note, '', '## Stage gains and gaps to AR (paired bootstrap)', ''] +
+                     gain_lines + (['', f'## Over seeds (seeds/<seed>/ beside these files; {seed_commits(folder)})', '']
+                                   + seed_lines
                                    if summary['seeds'] else []) +
                      (['', '## Speed', ''] + speed_lines if speed_lines else [])) + '\n'
     print(text)
