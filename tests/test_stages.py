@@ -597,8 +597,10 @@ def test_report_pairs_a_limited_run_on_its_users(tmp_path):
                        'per_user': {'user': users[:len(ranks)], 'rank': ranks, 'valid': [True] * len(ranks)}}, f)
     report.main(str(tmp_path))
     summary = json.load(open(tmp_path / 'summary.json'))
-    (gain,) = summary['gains']
-    assert gain['n'] == 6 and gain['R@1']['diff'] == pytest.approx((5 - 3) / 6)
+    gap, gain = summary['gains']  # the floor's gap to AR, then AR's gain over the floor: the same users
+    assert (gap['name'], gap['vs'], gain['name'], gain['vs']) == ('floor', 'ar', 'ar', 'floor')
+    assert gain['n'] == gap['n'] == 6 and gain['R@1']['diff'] == pytest.approx((5 - 3) / 6)
+    assert gap['R@1']['diff'] == pytest.approx(-gain['R@1']['diff'])
     assert [r['copy_share'] for r in summary['accuracy']] == [None, None]  # files without the copy record
 
 
