@@ -133,8 +133,8 @@ class GPT(nn.Module):
         each statistic's weight, which is a lookup of that candidate's statistic in the prompt: without the entry
         embedding a 2-layer model first had to find out from the slot tokens which entry a statistic belongs to,
         and took a neighbour's statistic for 1.4% of the weights, most of them in entries 2 to 5. With it every
-        weight was right, but the answer wrote its decision twice on a tenth of the lists (what train_ar's drill and
-        answer weight, now on, address), and the student it teaches was no better, so train_ar leaves it off (`--entry_embedding`; FINDINGS)."""
+        weight was right; with train_ar's drill and answer weight every answer is valid too, but neither the teacher
+        nor its student ranks better, so train_ar leaves it off (`--entry_embedding`; FINDINGS, "The answer's skip")."""
         x = self.wte(idx)
         at = torch.zeros_like(pos) if start is None else (pos - start[:, None] + 1).clamp(min=0)
         if self.wre is not None:  # start None: no response (mid-training's item sequences), every token row 0

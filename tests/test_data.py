@@ -378,7 +378,8 @@ def test_skip_report_scores_the_answer_after_each_decision(tiny_data):
         def head(self, h, fp32=False):
             return h
 
-    assert skip_report(NextSlot(), tiny_data.splits['valid'], v, torch.device('cpu'), n=8) == [1.0] + [0.0] * (v.n_cand - 1)
+    report = skip_report(NextSlot(), tiny_data.splits['valid'], v, torch.device('cpu'), n=8)
+    assert report == [1.0] + [0.0] * (v.n_cand - 1)
 
 
 def test_a_direct_answer_has_no_conclusion_to_contradict(tiny_dir, tmp_path):
