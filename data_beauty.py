@@ -29,7 +29,7 @@ from common import project_path
 from metrics import (copies_incoming, copy_share, first_is_floor_first, floor_ranks, metrics_from_ranks, rule_rankings,
                      rule_ranks, target_rank)
 from reasoning import (BUCKETS, EVIDENCE, SPECIALS, Vocab, conclusion, encode, evidence_buckets, evidence_features,
-                       fit_evidence_weights, knockout, running_scores, stat_tokens,
+                       evidence_scores, fit_evidence_weights, knockout, stat_tokens,
                        statistic_weights)
 
 
@@ -549,7 +549,7 @@ class BeautyData:
 
 # everything that writes the cached token sequences: their source is part of the cache key
 ENCODING_CODE = (Vocab, evidence_buckets, stat_tokens, evidence_features, fit_evidence_weights, statistic_weights,
-                 running_scores, knockout,
+                 evidence_scores, knockout,
                  conclusion, encode, BeautyData.history, BeautyData._encode_all, BeautyData._encode_split)
 
 

@@ -1,12 +1,12 @@
 """Decode and evaluate any checkpoint on validation or test under the fixed protocol.
 
     python decode.py --ckpt=out/ar.pt --name=ar                           # AR teacher, greedy, test
-    python decode.py --ckpt=out/cft.pt --name=cft --block=24 --tau=0.9    # block diffusion, threshold rule
-    python decode.py --ckpt=out/ar.pt --name=naive --block=24 --tau=0.9   # naive conversion of the AR model
-    python decode.py --ckpt=out/cft.pt --name=cft_left --block=24 --from_left=True  # commit in position order
-    python decode.py --ckpt=out/cft.pt --block=24 --split=valid --limit=512 --teacher_forced=True
+    python decode.py --ckpt=out/cft.pt --name=cft --block=16 --tau=0.9    # block diffusion, threshold rule
+    python decode.py --ckpt=out/ar.pt --name=naive --block=16 --tau=0.9   # naive conversion of the AR model
+    python decode.py --ckpt=out/cft.pt --name=cft_left --block=16 --from_left=True  # commit in position order
+    python decode.py --ckpt=out/cft.pt --block=16 --split=valid --limit=512 --teacher_forced=True
                                          # + the trace's judgements scored on the gold traces (trace_report)
-    python decode.py --ckpt=out/cft.pt --block=24 --split=valid --limit=512 --first_step=True
+    python decode.py --ckpt=out/cft.pt --block=16 --split=valid --limit=512 --first_step=True
                                          # + what one step commits with the whole block masked, by role
 
 Writes results/eval_<name>.json: metrics, validity, floor, decode settings, and per-user ranks in user order

@@ -10,7 +10,7 @@ References: BD3-LM (Arriola et al. 2025), MDLM (Sahoo et al. 2024), Fast-dLLM (W
 import torch
 import torch.nn.functional as F
 
-from model import CachedForward, positions
+from model import CachedForward, at_least_fp32, positions
 
 
 @torch.no_grad()
@@ -116,7 +116,7 @@ def diffusion_loss(model, batch, block, mask_id, weights, masked=None, complemen
     xt = torch.where(masked, mask_id, resp)
     h = bd3_hidden(model, prompt, pad, xt, resp, block)
     at = masked & region
-    logits = model.head(h[at]).float()                                  # (M, V) at the supervised positions
+    logits = at_least_fp32(model.head(h[at]))                         # (M, V) at the supervised positions
     w = weights[at]
     ce_loss = (F.cross_entropy(logits, resp[at], reduction='none') * w).sum() / w.sum().clamp(min=1)
     parts = {'ce': ce_loss.detach()}
@@ -287,7 +287,7 @@ def generate_block(model, prompt, pad, max_resp, vocab, block, tau=0.9, k=0, tem
             logits[:, vocab.mask] = -float('inf')
             tok_m, conf_m = choose_tokens(logits, temperature, generator)
             tok = cur.index_put((rows, offs), tok_m)
-            conf = torch.zeros(masked.shape, device=dev).index_put((rows, offs), conf_m)
+            conf = torch.zeros(masked.shape, device=dev, dtype=conf_m.dtype).index_put((rows, offs), conf_m)
             commit = commit_rule(conf, masked, tau, k, from_left)
             cur = torch.where(commit, tok, cur)
             steps[:, b * block:(b + 1) * block] += commit * step
@@ -369,13 +369,13 @@ def at_offsets(R, block, offsets, device):
 
 def token_logprobs(logits, tokens, temperature=1.0):
     """log pi(token) under the sampling temperature used by the rollouts."""
-    return (logits.float() / max(temperature, 1e-6)).log_softmax(-1).gather(-1, tokens[..., None]).squeeze(-1)
+    return (at_least_fp32(logits) / max(temperature, 1e-6)).log_softmax(-1).gather(-1, tokens[..., None]).squeeze(-1)
 
 
 def forward_kl(teacher_logits, student_logits, weight):
     """KL(teacher || student) over the full vocabulary at each weighted position, averaged (on-policy distillation)."""
-    t = teacher_logits.float().log_softmax(-1)
-    s = student_logits.float().log_softmax(-1)
+    t = at_least_fp32(teacher_logits).log_softmax(-1)
+    s = at_least_fp32(student_logits).log_softmax(-1)
     kl = torch.where(torch.isfinite(t), t.exp() * (t - s), 0.0).sum(-1)  # tokens neither may emit add 0
     return (kl * weight).sum() / weight.sum().clamp(min=1)
 

@@ -139,7 +139,7 @@ def teacher_forced_logits(model, b, vocab, block=1):
 def trace_report(model, split, vocab, device, n=512, batch=32, block=1):
     """Teacher-forced on the gold traces of a split: the share of trace tokens predicted with probability > 0.99
     (how much of the trace is near-certain restatement rather than inference; reported beside every result), the
-    accuracy of each role of the trace (reasoning.ROLES: the weights it looks up, the running scores it adds,
+    accuracy of each role of the trace (reasoning.ROLES: the weights it looks up, the scores it adds,
     the matches' winners), of the conclusion, and whether the decision (the first ranked slot) is the conclusion
     where that departs from the pre-ranker's first, c1 (the decision's rare case); for a diffusion model at the
     left-to-right state (teacher_forced_logits)."""

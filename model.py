@@ -24,6 +24,8 @@ class GPTConfig:
     n_resp_pos: int = 0         # learned embeddings of the response index 0 .. n-1 (0 = none; see GPT.forward)
     slot0: int = 0              # the first list-slot token (Vocab.slot0) and the number of slots: with n_slots > 0
     n_slots: int = 0            # each prompt token gets an embedding of the candidate entry it is in (GPT.forward)
+    trace_entries: tuple = ()   # the candidate entry (1 .. n_slots, 0 = none) of each response index, so that
+                                # trace tokens get their entry's embedding too (reasoning.trace_entries)
 
 
 class KVCache:
@@ -33,6 +35,11 @@ class KVCache:
         shape = (cfg.n_layer, batch, cfg.n_head, n_cols, cfg.n_embd // cfg.n_head)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
+
+
+def at_least_fp32(x):
+    """x in at least float32: bf16 is raised, float64 kept (the gradient checks in tests/ run in it)."""
+    return x if x.dtype == torch.float64 else x.float()
 
 
 def rotary(pos, head_dim, base=10000.0):
@@ -47,7 +54,7 @@ def rotary(pos, head_dim, base=10000.0):
 
 
 def rotate(x, cos, sin):
-    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    x1, x2 = at_least_fp32(x).unflatten(-1, (-1, 2)).unbind(-1)
     return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1).flatten(-2).to(x.dtype)
 
 
@@ -106,6 +113,7 @@ class GPT(nn.Module):
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.wre = nn.Embedding(cfg.n_resp_pos + 1, cfg.n_embd) if cfg.n_resp_pos else None  # row 0: the prompt
         self.wee = nn.Embedding(cfg.n_slots + 1, cfg.n_embd) if cfg.n_slots else None  # row 0: outside the list
+        self.register_buffer('resp_entry', torch.tensor([0, *cfg.trace_entries, 0]), persistent=False)  # by `at`
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.n_embd)
         self.apply(self._init)
@@ -129,12 +137,12 @@ class GPT(nn.Module):
         `<think>` to know what each position holds, and decoded its first block nearly one token per step.
 
         With n_slots, a prompt token also gets an embedding of the candidate entry it is in (the last slot token
-        before it; the prompt lists c1 .. cN in order), as the response index does for the trace. The trace writes
-        each statistic's weight, which is a lookup of that candidate's statistic in the prompt: without the entry
-        embedding a 2-layer model first had to find out from the slot tokens which entry a statistic belongs to,
-        and took a neighbour's statistic for 1.4% of the weights, most of them in entries 2 to 5. With it every
-        weight was right; with train_ar's drill and answer weight every answer is valid too, but neither the teacher
-        nor its student ranks better, so train_ar leaves it off (`--entry_embedding`; FINDINGS, "The answer's skip")."""
+        before it; the prompt lists c1 .. cN in order), and a trace token the same embedding of the entry it
+        writes (`trace_entries`, one layout for every instance). The trace writes each statistic's weight, a
+        lookup of that candidate's statistic in the prompt: the shared embedding lets a trace token find its
+        candidate's fields without a slot token in the trace naming it. Without the embedding, a 2-layer model
+        found its place from slot tokens and took a neighbour's statistic for 1.4% of the weights; with no slot
+        tokens and no embedding it lost its place (FINDINGS, "One score per entry")."""
         x = self.wte(idx)
         at = torch.zeros_like(pos) if start is None else (pos - start[:, None] + 1).clamp(min=0)
         if self.wre is not None:  # start None: no response (mid-training's item sequences), every token row 0
@@ -142,7 +150,7 @@ class GPT(nn.Module):
         if self.wee is not None:  # a forward that holds prompt tokens holds the whole prompt (the prefill)
             slot = idx - self.config.slot0 + 1
             entry = torch.where((slot >= 1) & (slot <= self.config.n_slots), slot, 0).cummax(1).values
-            x = x + self.wee(torch.where(at == 0, entry, 0))
+            x = x + self.wee(torch.where(at == 0, entry, self.resp_entry[at.clamp(max=len(self.resp_entry) - 1)]))
         rope = rotary(pos, self.config.n_embd // self.config.n_head)
         for i, block in enumerate(self.blocks):
             x = block(x, mask, rope, cache, i, cols)
@@ -157,7 +165,7 @@ class GPT(nn.Module):
         w = self.wte.weight if full or not self.config.n_out else self.wte.weight[:self.config.n_out]
         if fp32:
             with torch.autocast(h.device.type, enabled=False):
-                return F.linear(h.float(), w.float())
+                return F.linear(at_least_fp32(h), at_least_fp32(w))
         return F.linear(h, w)
 
     def new_cache(self, batch, n_cols, device, dtype=torch.float32):

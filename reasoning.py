@@ -2,8 +2,8 @@
 prompt -> trace -> answer, with the per-token loss weights every stage trains with.
 
 GR2's teacher LLM writes free-text reasoning; here the trace is programmatic (a small model learns it from
-scratch): for each candidate the weights of its statistics and a running evidence score, with a knockout of
-pairwise matches between them, then the conclusion. Only the prompt, leave-out statistics and weights fitted on
+scratch): for each candidate the weights of its statistics and its evidence score, with a knockout of pairwise
+matches between them, then the conclusion. Only the prompt, leave-out statistics and weights fitted on
 train windows go into it, never the target. data_beauty.py computes the statistics and calls encode() for every instance.
 """
 import numpy as np
@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 
-SCORE_MAX = 4  # the running evidence score is clipped to [-4, 4] (the sums on Beauty stay within [-3.75, 3.5])
+SCORE_MAX = 4  # the evidence score is clipped to [-4, 4] (the scores on Beauty stay within [-3.75, 3.5])
 WEIGHT_MAX = 2  # a statistic's weight, clipped to [-2, 2] (the fitted weights on Beauty lie within [-1.5, 1.5])
 
 BUCKETS = {  # evidence token families: name -> upper edges of the buckets (the last bucket is open)
@@ -19,7 +19,7 @@ BUCKETS = {  # evidence token families: name -> upper edges of the buckets (the 
     'prev': [0, 1, 2, 4, 8, 16],         # co-occurrence with the history items before the last one
     'link': [0, 0.5, 1, 1.5, 2, 2.5, 3, 4],  # attribute link to the last history item (log lift, link_evidence)
     'pop': [1, 3, 7, 15, 31, 63, 127],   # train interactions (log buckets)
-    'score': [x / 4 for x in range(-4 * SCORE_MAX, 4 * SCORE_MAX)],  # running evidence score: -4 .. 4 in quarters
+    'score': [x / 4 for x in range(-4 * SCORE_MAX, 4 * SCORE_MAX)],  # evidence score: -4 .. 4 in quarters
     'weight': [x / 4 for x in range(-4 * WEIGHT_MAX, 4 * WEIGHT_MAX)],  # one statistic's weight: -2 .. 2 in quarters
 }
 VALUES = {'score': ('s', SCORE_MAX), 'weight': ('w', WEIGHT_MAX)}  # value families: prefix, range
@@ -119,8 +119,8 @@ def evidence_features(ev):
 
 def fit_evidence_weights(features, target, steps=500, lr=0.03, weight_decay=1e-3):
     """Weights of an additive evidence score, fitted on TRAIN windows only: a conditional logit over each list
-    (softmax over its N candidates), rounded to quarters so that the trace's running sums are exact on the grid of
-    its score tokens. It plays the part of GR2's larger teacher LLM, whose traces end in a judgement: the trace
+    (softmax over its N candidates), rounded to quarters so that the trace's scores are exact on the grid of its
+    score tokens. It plays the part of GR2's larger teacher LLM, whose traces end in a judgement: the trace
     states each candidate's score and concludes with the best one, all computable from the prompt without the
     target. features (n, N, F), target (n,) -> (F,) weights."""
     X, y = torch.as_tensor(features, dtype=torch.float64), torch.as_tensor(target)
@@ -144,17 +144,13 @@ def statistic_weights(ev, score_w):
     return np.stack([position] + [score_w[start[f] + b[f]] for f in range(len(EVIDENCE))], 1)
 
 
-def running_scores(ev, score_w):
-    """(N, 4) each candidate's running evidence score after each of its statistics: it starts at the weight of the
-    candidate's list position and adds one statistic's weight per step (clipped to the score tokens' range), so
-    every score token the trace writes is the score before it plus the weight token just before it: an addition
-    of two tokens. A single token for the whole sum was right about half the time for a 2-layer model."""
-    w = statistic_weights(ev, score_w)
-    score, steps = w[:, 0], []
-    for f in range(1, w.shape[1]):
-        score = np.clip(score + w[:, f], -SCORE_MAX, SCORE_MAX)
-        steps.append(score)
-    return np.stack(steps, 1)
+def evidence_scores(ev, score_w):
+    """(N,) each candidate's evidence score: the weight of its list position plus its statistics' weights, clipped
+    to the score tokens' range. The trace writes it as one token after the four weights it adds up; running sums
+    (one token per statistic) made every score wait for the one before it, which a block decoder cannot write
+    in parallel, and the 2-layer teacher writes the whole sum in one token once its entries are in place
+    (FINDINGS, "One score per entry")."""
+    return np.clip(statistic_weights(ev, score_w).sum(1), -SCORE_MAX, SCORE_MAX)
 
 
 def knockout(scores):
@@ -184,23 +180,34 @@ def conclusion(scores):
     return int(np.argmax(scores))
 
 
+def trace_entries(n_cand):
+    """The candidate entry (1 .. n_cand) of each trace index encode() writes, 0 for the knockout's matches: one
+    layout for every instance, since the matches fall after the same candidates whatever the scores."""
+    after = [a for a, _ in knockout(np.zeros(n_cand))]
+    index = []
+    for i in range(n_cand):
+        index += [i + 1] * (len(EVIDENCE) + 1) + [0] * 3 * after.count(i)
+    return index
+
+
 def encode(hist, cands, target_idx, ev, attrs, vocab, score_w, trace=True):
     """Prompt, response and per-token kind (0 trace, 1 answer, 2 the choice: the first ranked item, the one token
     that moves the ranking, 3 the trace's judgements: the winner of each match and the conclusion) for one
     instance.
 
     prompt   = <bos> (item attrs..)*history <cands> (slot last prev link pop item attrs..)*N <think>|<answer>
-    trace    = per candidate an entry: its slot, then for each statistic (EVIDENCE) its weight and the running
-               evidence score (running_scores); and, as soon as two winners cover as many candidates each, their
-               match `<lead> winner score` (knockout); then the conclusion <best> slot (the last winner).
-               Every entry reads only its own candidate's prompt fields (no running leader crosses the list), and
-               each match compares two score tokens already written, so a block decoder can write many entries at
-               once: the longest chain of tokens that each need the one before is an entry's four running scores
-               and the four rounds of the knockout, not the whole list. The statistics come with the prompt, as
-               retrieved item facts do in an LLM re-ranker's prompt (a small model cannot recall pair counts it
-               never sees), right after the slot; the trace writes their weights, not the statistics again
+    trace    = per candidate an entry: the weight of each statistic (EVIDENCE), then the evidence score
+               (evidence_scores); and, as soon as two winners cover as many candidates each, their match
+               `<lead> winner score` (knockout); then the conclusion <best> slot (the last winner).
+               An entry does not name its candidate: the layout is the same for every instance (trace_entries),
+               and the model embeds each entry's place (model.GPT.forward). Every entry reads only its own
+               candidate's prompt fields (no running leader crosses the list), and each match compares two score
+               tokens already written, so a block decoder can write many entries at once: the longest chain of
+               tokens that each need the one before is the four rounds of the knockout, not the whole list. The
+               statistics come with the prompt, as retrieved item facts do in an LLM re-ranker's prompt (a small
+               model cannot recall pair counts it never sees); the trace writes their weights, not the statistics
     answer   = <answer> the target's slot, then the other slots in the pre-ranker's order, <eos>
-    With N = 10 the trace and `<best> c <answer>` are 120 tokens, five blocks of 24: at B = 24 (train_cft's
+    With N = 10 the trace and `<best> c <answer>` are 80 tokens, five blocks of 16: at B = 16 (train_cft's
     default) the answer opens a block of its own, predicted from the clean blocks that hold the conclusion.
     The trace reads only the prompt, leave-out statistics and the train-fitted `score_w`; `target_idx` only
     shapes the answer."""
@@ -213,15 +220,12 @@ def encode(hist, cands, target_idx, ev, attrs, vocab, score_w, trace=True):
     prompt.append(vocab.think if trace else vocab.answer)
     response, kind = [], []
     if trace:
-        weights, sums = statistic_weights(ev, score_w)[:, 1:], running_scores(ev, score_w)
-        final = sums[:, -1]
+        weights, final = statistic_weights(ev, score_w)[:, 1:], evidence_scores(ev, score_w)
         matches = dict()
         for after, winner in knockout(final):
             matches.setdefault(after, []).append(winner)
         for i in range(len(cands)):
-            response.append(vocab.slot(i))
-            for w, s in zip(weights[i], sums[i]):
-                response += [vocab.bucket('weight', w), vocab.bucket('score', s)]
+            response += [vocab.bucket('weight', w) for w in weights[i]] + [vocab.bucket('score', final[i])]
             for winner in matches.get(i, []):
                 response += [vocab.lead, vocab.slot(winner), vocab.bucket('score', final[winner])]
         response += [vocab.best, vocab.slot(conclusion(final)), vocab.answer]
@@ -255,7 +259,7 @@ def answers_from(resp, kind, picks, rows, vocab):
     return torch.where(rows[:, None], resp.scatter(1, cols, order), resp)  # no boolean indexing: no host sync
 
 
-ROLES = ('entry slot', 'weight', 'score', 'marker', 'judgement', 'choice', 'answer')
+ROLES = ('weight', 'score', 'marker', 'judgement', 'choice', 'answer')
 
 
 def roles_named(text):
@@ -264,13 +268,13 @@ def roles_named(text):
 
 
 def token_roles(resp, kind, vocab):
-    """(B, R) each response token's role, an index into ROLES: an entry's slot, a statistic's weight, a running
-    score (the entries' and the matches'), a marker (<lead> <best> <answer>), a judgement (kind 3: a match's
+    """(B, R) each response token's role, an index into ROLES: a statistic's weight, an evidence score (the
+    entries' and the matches'), a marker (<lead> <best> <answer>), a judgement (kind 3: a match's
     winner, the conclusion), the choice (kind 2), the rest of the answer up to <eos> (kind 1)."""
     in_family = lambda f: (resp >= vocab.bucket0[f]) & (resp <= vocab.bucket0[f] + len(BUCKETS[f]))
     trace = kind == 0
     role = torch.full_like(resp, ROLES.index('marker'))
-    for name, where in (('entry slot', trace & vocab.is_slot(resp)), ('weight', trace & in_family('weight')),
+    for name, where in (('weight', trace & in_family('weight')),
                         ('score', trace & in_family('score')), ('judgement', kind == 3), ('choice', kind == 2),
                         ('answer', kind == 1)):
         role = torch.where(where, ROLES.index(name), role)

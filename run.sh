@@ -24,7 +24,7 @@ case "$MODE" in
 esac
 if [ -z "${1:-}" ]; then echo "setting: $MODE (CUDA $( [ $FOUND = gpu ] && echo found || echo not found ); 'bash run.sh cpu|gpu' forces one)"; fi
 SEED=${SEED:-0}
-BLOCK=${BLOCK:-24}  # tokens per block; at 24 the answer opens a block of its own (reasoning.encode)
+BLOCK=${BLOCK:-16}  # tokens per block; at 16 the answer opens a block of its own (reasoning.encode)
 D="--data_dir=${DATA_DIR:-data/beauty} --seed=$SEED"
 NAME="--data_name=${DATA_NAME:-Beauty}"   # the AR stages read it; every later one takes it from its parent
 if [ "$MODE" = cpu ]; then

@@ -18,7 +18,7 @@ from tqdm import tqdm
 from common import (StageSettings, start_stage, autocast, device_name, load_checkpoint, JsonlLog, save_resume,
                     load_resume, finish_resume, Interrupt)
 from data_beauty import DataConfig, BeautyData, DataError, collate
-from reasoning import drill_decisions, loss_weights
+from reasoning import drill_decisions, loss_weights, trace_entries
 from evaluation import skip_report, trace_report
 from training import make_optimizer, optimizer_step, lr_at, validate_and_keep, finish
 from model import GPT, GPTConfig, response_hidden
@@ -37,8 +37,7 @@ class TrainARConfig(StageSettings):  # + min_validity, eval_n, eval_batch, time_
     n_embd: int = 256
     dropout: float = 0.0
     n_resp_pos: int = 192        # learned response-index embeddings (model.GPT.forward); 0 = rotary positions only
-    entry_embedding: bool = False  # each prompt token learns its candidate entry (model.GPT.forward; FINDINGS:
-                                   # every weight right, the student no better)
+    entry_embedding: bool = True  # prompt and trace tokens learn the candidate entry they are in (model.GPT.forward)
     full_softmax: bool = True    # SFT's cross-entropy over every token, items and attributes too (FINDINGS)
     # optimisation
     mid_steps: int = 300         # mid-training steps (0 = skip)
@@ -51,7 +50,7 @@ class TrainARConfig(StageSettings):  # + min_validity, eval_n, eval_batch, time_
     w_answer: float = 5.0        # loss weight of answer tokens (the skip after the decision is learnt one decision
                                  # at a time; at 1.0 some decisions stayed unlearnt on two seeds of three: FINDINGS)
     w_choice: float = 5.0        # loss weight of the first ranked item (the decision: one token, learnt last)
-    w_judge: float = 5.0         # loss weight of the trace's running leaders and conclusion (reasoning.loss_weights)
+    w_judge: float = 5.0         # loss weight of the trace's match winners and conclusion (reasoning.loss_weights)
     trace_sample: float = 0.25   # share of trace tokens that carry the loss each step (ar_response_loss)
     reject: bool = True          # no decision loss where the trace concludes elsewhere (reasoning.loss_weights)
     drill: float = 0.5           # share of windows whose answer goes on from a random decision (drill_answers)
@@ -184,7 +183,8 @@ def main():
     train = data.splits['train']
     mcfg = GPTConfig(vocab_size=data.vocab.size, n_out=data.vocab.n_out, n_layer=cfg.n_layer, n_head=cfg.n_head,
                      n_embd=cfg.n_embd, dropout=cfg.dropout, n_resp_pos=cfg.n_resp_pos,
-                     slot0=data.vocab.slot0, n_slots=data.vocab.n_cand if cfg.entry_embedding else 0)
+                     slot0=data.vocab.slot0, n_slots=data.vocab.n_cand if cfg.entry_embedding else 0,
+                     trace_entries=tuple(trace_entries(data.vocab.n_cand)) if cfg.entry_embedding and cfg.trace else ())
     model = GPT(mcfg).to(device)
     print(f"model {model.num_params() / 1e6:.2f}M parameters on {device_name(device)}; "
           f"{len(train)} train instances, trace={cfg.trace}")
@@ -234,7 +234,7 @@ def main():
         best.update(trace_report(best_model, data.splits['valid'], data.vocab, device))
         best['skip_by_decision'] = skip_report(best_model, data.splits['valid'], data.vocab, device)
         print("the trace, teacher-forced on validation: share of tokens predicted with p > 0.99 {trace_p99_share:.3f}; "
-              "accuracy of the weights {weight_accuracy:.3f}, the running scores {score_accuracy:.3f}, the matches "
+              "accuracy of the weights {weight_accuracy:.3f}, the scores {score_accuracy:.3f}, the matches "
               "{match_accuracy:.3f}, the conclusion {conclusion_accuracy:.3f}, the decision where the conclusion is "
               "not c1 {departure_accuracy:.3f} (of {departures})".format(**best))
         print("the answer's rest after each decision c1 .. cN, teacher-forced (rows exactly right): "

@@ -1,4 +1,4 @@
-"""CFT: conversion fine-tuning of the AR teacher into a block-diffusion re-ranker (block-causal, B = 24).
+"""CFT: conversion fine-tuning of the AR teacher into a block-diffusion re-ranker (block-causal, B = 16).
 
     python train_cft.py                                    # one GPU, about a minute: out/ar.pt -> out/cft.pt
     python train_cft.py --validity_weight=0 --out=out/cft_novalid.pt     # ablation without the validity loss
@@ -35,7 +35,7 @@ class TrainCFTConfig(StageSettings, CFTLoss):  # + the shared flags, and the los
     out: str = 'out/cft.pt'
     name: str = 'cft'
     data_dir: str = 'data/beauty'
-    block: int = 24              # B: tokens per block (24: the answer opens a block of its own)
+    block: int = 16              # B: tokens per block (16: the answer opens a block of its own)
     block_warmup: int = 0        # > 0: train with B through the divisors of `block` over these first steps
     drill: float = 0.0           # share of windows answered from a random decision (reasoning.drill_decisions)
     max_steps: int = 600
@@ -172,12 +172,12 @@ def load_parent(cfg, device):
 
 def log_judgements(model, data, cfg, device, log, step):
     """The trace's judgements teacher-forced at the left-to-right state (evaluation.trace_report): the matches,
-    the running scores, and the decision where the conclusion is not c1, logged and printed."""
+    the scores, and the decision where the conclusion is not c1, logged and printed."""
     judged = trace_report(model, data.splits['valid'], data.vocab, device, n=cfg.judge_n, block=cfg.block)
     log.write(step=step, val_match=judged['match_accuracy'], val_score=judged['score_accuracy'],
               val_departure=judged['departure_accuracy'])
     tqdm.write(f"step {step}: teacher-forced at the left-to-right state: matches {judged['match_accuracy']:.3f}, "
-               f"running scores {judged['score_accuracy']:.3f}, the decision where the conclusion is not c1 "
+               f"scores {judged['score_accuracy']:.3f}, the decision where the conclusion is not c1 "
                f"{judged['departure_accuracy']:.3f} (of {judged['departures']})")
     return judged
 

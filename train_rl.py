@@ -83,7 +83,7 @@ def kl_to_reference(new, ref):
 
 def load_policy(cfg, device):
     """The policy to tune, its data and block size: a diffusion checkpoint at its own block, or the AR teacher
-    (block 1: the RL-tuned AR reference; block 24: its naive conversion)."""
+    (block 1: the RL-tuned AR reference; block 16: its naive conversion)."""
     try:
         policy, ck = load_checkpoint(cfg.policy, stages=['ar', 'cft', 'opd', 'rl'], device=device)
         data = load_data_for(ck, cfg.data_dir)
@@ -93,7 +93,7 @@ def load_policy(cfg, device):
     if ck['stage'] == 'ar':
         if block <= 0:
             raise SystemExit(f"error: {cfg.policy} is an AR model; pass --block=1 (the RL-tuned AR reference) "
-                             f"or --block=24 (naive conversion)")
+                             f"or --block=16 (naive conversion)")
         convert(policy, data.vocab)
     elif block != ck['run_cfg'].get('block'):
         raise SystemExit(f"error: {cfg.policy} decodes with block {ck['run_cfg'].get('block')}, not {block}")

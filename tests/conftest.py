@@ -11,6 +11,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from data_beauty import DataConfig, BeautyData  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
+from reasoning import trace_entries  # noqa: E402
 
 
 def write_synthetic(folder, n_users=120, n_items=40, n_attrs=12, seed=0):
@@ -53,7 +54,8 @@ def tiny_model(vocab, seed=0, n_layer=2, n_embd=32, full_head=False, n_resp_pos=
     torch.manual_seed(seed)
     cfg = GPTConfig(vocab_size=vocab.size, n_out=0 if full_head else vocab.n_out, n_layer=n_layer, n_head=2,
                     n_embd=n_embd, dropout=0.0, n_resp_pos=n_resp_pos, slot0=vocab.slot0,
-                    n_slots=vocab.n_cand if entries else 0)
+                    n_slots=vocab.n_cand if entries else 0,
+                    trace_entries=tuple(trace_entries(vocab.n_cand)) if entries else ())
     model = GPT(cfg).eval()
     if entries:
         torch.nn.init.normal_(model.wee.weight, std=0.5)

@@ -6,7 +6,7 @@ from data_beauty import (DataConfig, BeautyData, DataError, cooc_matrix, prerank
                          attr_transitions, link_evidence, top_n, digest, pre_rank_windows, UNIT)
 from metrics import parse_answer, target_rank, metrics_from_ranks, paired_bootstrap
 from reasoning import (Vocab, encode, fit_evidence_weights, BUCKETS, EVIDENCE, evidence_features, evidence_buckets,
-                       knockout, running_scores)
+                       evidence_scores, knockout, trace_entries)
 
 
 def test_missing_data_dir_names_the_fix(tmp_path):
@@ -184,8 +184,8 @@ def test_knockout_finds_the_first_best_in_pairwise_matches():
 
 def test_encode_writes_its_docstring_on_a_hand_made_instance():
     """Three candidates with hand-set statistics and weights: the whole prompt and response, token by token,
-    worked out by hand from encode's docstring (each entry's weights and running scores, the knockout's two
-    matches, the conclusion, the answer led by the target), and the token kinds."""
+    worked out by hand from encode's docstring (each entry's weights and score, the knockout's two matches, the
+    conclusion, the answer led by the target), the token kinds, and the entry of each trace token."""
     v = Vocab(n_items=5, n_attrs=2, n_cand=3)
     ev = np.array([[0, 1, 3], [0, 0, 0], [0, 0, 0], [1, 1, 1]], dtype=float)  # last, prev, link, pop per candidate
     w = np.zeros(7 + 7 + 9 + 8 + 3)
@@ -197,12 +197,13 @@ def test_encode_writes_its_docstring_on_a_hand_made_instance():
     assert v.decode(prompt) == ('<bos> i1 a1 i2 <cands> c1 last0 prev0 link0 pop0 i3 a2 c2 last1 prev0 link0 pop0 i4 '
                                 'c3 last3 prev0 link0 pop0 i5 a1 a2 <think>')
     assert v.decode(resp) == (
-        'c1 w-1.00 s-0.50 w-0.25 s-0.75 w+0.00 s-0.75 w+0.00 s-0.75 '   # 0.5 (position) - 1 - 0.25
-        'c2 w+0.25 s+0.25 w-0.25 s+0.00 w+0.00 s+0.00 w+0.00 s+0.00 '   # 0 + 0.25 - 0.25
-        '<lead> c2 s+0.00 '                                             # c1 against c2
-        'c3 w+1.00 s+1.00 w-0.25 s+0.75 w+0.00 s+0.75 w+0.00 s+0.75 '
-        '<lead> c3 s+0.75 <best> c3 <answer> '                          # c2 against c3; the conclusion
-        'c2 c1 c3 <eos>')                                               # the target (c2), then list order
+        'w-1.00 w-0.25 w+0.00 w+0.00 s-0.75 '     # c1: 0.5 (position) - 1 - 0.25
+        'w+0.25 w-0.25 w+0.00 w+0.00 s+0.00 '     # c2: 0 + 0.25 - 0.25
+        '<lead> c2 s+0.00 '                       # c1 against c2
+        'w+1.00 w-0.25 w+0.00 w+0.00 s+0.75 '     # c3
+        '<lead> c3 s+0.75 <best> c3 <answer> '    # c2 against c3; the conclusion
+        'c2 c1 c3 <eos>')                         # the target (c2), then list order
+    assert trace_entries(3) == [1] * 5 + [2] * 5 + [0] * 3 + [3] * 5 + [0] * 3 and resp[21] == v.best
     judged = [j for j, k in enumerate(kind) if k == 3]
     assert [v.token_str(resp[j - 1]) for j in judged] == ['<lead>', '<lead>', '<best>']
     assert kind[len(resp) - 4:] == [2, 1, 1, 1] and set(kind[:len(resp) - 4]) <= {0, 3}
@@ -211,16 +212,17 @@ def test_encode_writes_its_docstring_on_a_hand_made_instance():
 
 
 def test_conclusion_follows_the_score_tokens(tiny_data):
-    """Every match `<lead> slot score` names the better of two earlier winners, with its final score as the
-    entry wrote it, and <best> names the last winner, the first candidate with the highest final score: all
+    """Every match `<lead> slot score` names the better of two earlier winners, with its score as the entry
+    (trace_entries) wrote it, and <best> names the last winner, the first candidate with the highest score: all
     computable from the trace. Those slots, and only those, are the trace's judgements (kind 3)."""
     v = tiny_data.vocab
     sp = tiny_data.splits['valid']
     n = tiny_data.cfg.n_cand
+    entry = np.array(trace_entries(n))
     for i in range(len(sp)):
         r = list(sp.responses[i])
-        starts = [r.index(v.slot(c)) for c in range(n)]                   # each entry opens with its slot
-        final = [r[j + 8] for j in starts]                               # the entry's last running score
+        final = [r[np.flatnonzero(entry == c + 1)[-1]] for c in range(n)]  # each entry's last token: its score
+        assert all(v.bucket0['score'] <= t <= v.bucket0['score'] + len(BUCKETS['score']) for t in final)
         at = [j for j, t in enumerate(r) if t == v.lead]
         assert len(at) == n - 1
         for j in at:
@@ -231,22 +233,20 @@ def test_conclusion_follows_the_score_tokens(tiny_data):
         assert judged == [j + 1 for j in at] + [r.index(v.best) + 1]
 
 
-def test_running_scores_add_one_statistic_per_step():
-    """Each running score is the previous one plus the weight of one statistic's bucket, starting from the list
-    position's weight, and the last one is the full additive score (no clip reached here)."""
+def test_evidence_scores_add_up_the_position_and_each_statistic():
+    """A candidate's score is the weight of its list position plus the weight of each statistic's bucket (no clip
+    reached here), on the quarter grid of the score tokens; a sum past the range is clipped to its end."""
     rng = np.random.default_rng(0)
     ev = np.stack([rng.integers(0, 20, 10), rng.integers(0, 20, 10), rng.uniform(0, 5, 10), rng.integers(0, 200, 10)])
     F_ = evidence_features(ev).shape[1]
     w = np.round(rng.normal(0, 0.2, F_) * 4) / 4
-    steps = running_scores(ev, w)
-    np.testing.assert_array_equal(steps[:, -1], evidence_features(ev) @ w)
+    scores = evidence_scores(ev, w)
     b = evidence_buckets(ev)
-    start = 0
-    prev = w[F_ - 10:]
-    for f, fam in enumerate(EVIDENCE):
-        np.testing.assert_array_equal(steps[:, f], prev + w[start + b[f]])
-        prev, start = steps[:, f], start + len(BUCKETS[fam]) + 1
-    assert np.all(steps * 4 == np.round(steps * 4))  # quarters: every value is one score token
+    start = np.cumsum([0] + [len(BUCKETS[fam]) + 1 for fam in EVIDENCE])
+    by_hand = w[F_ - 10:] + sum(w[start[f] + b[f]] for f in range(len(EVIDENCE)))
+    np.testing.assert_array_equal(scores, by_hand)
+    assert np.all(scores * 4 == np.round(scores * 4))  # quarters: every value is one score token
+    assert np.all(evidence_scores(ev, w + 3.0) == 4.0)  # far past the top
 
 
 def test_trace_length_and_no_target_in_prompt(tiny_data):

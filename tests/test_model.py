@@ -197,16 +197,16 @@ def test_trace_agreement_by_hand(tiny_data):
     for t in texts:
         t[t.index(v.answer) + 1] = t[at]                                  # every answer starts with its conclusion
     roles = token_roles(torch.as_tensor(sp.responses[0][:at + 1]), torch.as_tensor(sp.kinds[0][:at + 1]), v)
-    n_role = {r: int((roles == ROLES.index(r)).sum()) for r in ('entry slot', 'weight', 'score', 'marker', 'judgement')}
+    n_role = {r: int((roles == ROLES.index(r)).sum()) for r in ('weight', 'score', 'marker', 'judgement')}
     agree = trace_agreement(texts, sp, v)
     assert agree.pop('roles') == {r: 1.0 for r in n_role}
     assert agree == {'trace': 1.0, 'conclusion': 1.0, 'follows': 1.0}
-    texts[1][0] = v.lead                                                  # a trace token off (slots start a trace)
+    texts[1][0] = v.lead                                                  # a trace token off (a weight starts it)
     texts[2][at] = v.slot(0) if texts[2][at] != v.slot(0) else v.slot(1)  # another conclusion, not followed
     texts[3] = texts[3][:at]                                              # cut before the conclusion
     agree = trace_agreement(texts, sp, v)
-    assert agree.pop('roles') == pytest.approx({'entry slot': 1 - 1 / (4 * n_role['entry slot']), 'weight': 1.0,
-                                                'score': 1.0, 'marker': 1.0, 'judgement': 1 - 2 / (4 * n_role['judgement'])})
+    assert agree.pop('roles') == pytest.approx({'weight': 1 - 1 / (4 * n_role['weight']), 'score': 1.0,
+                                                'marker': 1.0, 'judgement': 1 - 2 / (4 * n_role['judgement'])})
     assert agree == {'trace': 0.25, 'conclusion': 0.5, 'follows': 0.5}
 
 
