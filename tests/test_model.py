@@ -11,7 +11,7 @@ from data_beauty import collate
 from diffusion import generate_ar
 from evaluation import trace_agreement
 from model import attention_mask, column_blocks, positions
-from reasoning import ROLES, token_roles
+from reasoning import ROLES, token_roles, trace_entries
 from train_ar import ar_response_loss
 from training import make_optimizer
 
@@ -270,3 +270,25 @@ def test_a_run_of_another_config_is_set_aside(tiny_data, tmp_path):
     save_resume(out, model, opt, {'lr': 1.0}, 3, {})
     assert load_resume(out, model, opt, {'lr': 2.0}) is None                              # another config
     assert sorted(os.listdir(tmp_path)) == ['cft.prev.json', 'cft.prev.pt', 'cft.prev.pt.resume']
+
+
+def test_a_candidates_prompt_fields_and_its_trace_entry_share_one_embedding(tiny_data):
+    """With the entry embedding, the tokens of candidate 3's prompt entry (from its slot up to the next one) and
+    the trace tokens of its entry (reasoning.trace_entries) get one learned vector, and no other token does: read
+    from a model without layers, where each output is that token's own input embedding."""
+    v, sp = tiny_data.vocab, tiny_data.splits['test']
+    b = collate(sp, [0], v)
+    x = torch.cat([b['prompt'], b['resp']], 1)
+    P, S = b['prompt'].shape[1], x.shape[1]
+    model = tiny_model(v, n_layer=0)
+    blk, valid = column_blocks(b['pad'], P, S - P, 1)
+    forward = lambda: model(x, positions(b['pad'], S), attention_mask(blk, valid, torch.arange(S)), start=P - b['pad'])
+    with torch.no_grad():
+        model.wee.weight.zero_()
+        base = forward()
+        model.wee.weight[3] = 1.0
+        moved = ((forward() - base).abs().sum(-1)[0] > 0).nonzero().flatten().tolist()
+    prompt = x[0, :P].tolist()
+    in_prompt = list(range(prompt.index(v.slot(2)), prompt.index(v.slot(3))))
+    in_trace = [P + j for j, e in enumerate(trace_entries(v.n_cand)) if e == 3]
+    assert moved == in_prompt + in_trace and len(in_trace) == 5
