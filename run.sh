@@ -115,7 +115,6 @@ case "$PART" in
   ablations) ablations ;;
   *) echo "error: unknown part '$PART' (all, core, ablations or seeds)"; exit 2 ;;
 esac
-python report.py "$RESULTS_DIR"
 python - "$RESULTS_DIR" "$MODE" "$SEED" <<'PY'
 import json, sys
 from common import git_commit, write_json
@@ -125,3 +124,4 @@ write_json(f"{folder}/run.json", {'commit': git_commit(), 'setting': mode, 'seed
                                   'seconds': sum(s['seconds'] for s in stages)})
 PY
 rm -f "$LOG"
+python report.py "$RESULTS_DIR"  # after run.json: the tables name this run's commit
