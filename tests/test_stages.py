@@ -568,9 +568,9 @@ def test_opd_anchor_uses_the_students_own_cft_loss():
     an older record lacks a field), so the anchor is the loss it was selected under."""
     from dataclasses import asdict
     from training import cft_loss_settings
-    trained = asdict(TrainCFTConfig(suffix_share=0.5, complementary=False, w_judge=2.0))
+    trained = asdict(TrainCFTConfig(suffix_share=0.5, complementary=False, w_judge=3.0))
     got = cft_loss_settings(trained)
-    assert (got['suffix_share'], got['complementary'], got['w_judge']) == (0.5, False, 2.0)
+    assert (got['suffix_share'], got['complementary'], got['w_judge']) == (0.5, False, 3.0)
     old = {k: v for k, v in trained.items() if k != 'suffix_share'}
     assert cft_loss_settings(old)['suffix_share'] == TrainCFTConfig.suffix_share
 
