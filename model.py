@@ -113,7 +113,8 @@ class GPT(nn.Module):
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.wre = nn.Embedding(cfg.n_resp_pos + 1, cfg.n_embd) if cfg.n_resp_pos else None  # row 0: the prompt
         self.wee = nn.Embedding(cfg.n_slots + 1, cfg.n_embd) if cfg.n_slots else None  # row 0: outside the list
-        self.register_buffer('resp_entry', torch.tensor([0, *cfg.trace_entries, 0]), persistent=False)  # by `at`
+        # the entry of each `at` (forward): 0 the prompt, j + 1 trace index j, the last row (0) past the trace
+        self.register_buffer('resp_entry', torch.tensor([0, *cfg.trace_entries, 0]), persistent=False)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.n_embd)
         self.apply(self._init)
