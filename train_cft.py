@@ -3,7 +3,7 @@
     python train_cft.py                                    # one GPU, about a minute: out/ar.pt -> out/cft.pt
     python train_cft.py --validity_weight=0 --out=out/cft_novalid.pt     # ablation without the validity loss
     python train_cft.py --parent=out/cft.pt --out=out/cft_more.pt --max_steps=200   # more off-policy CFT
-    python train_cft.py       # without CUDA: the CPU setting (CPU_SETTING: batch 16), ~12 min on 2 cores
+    python train_cft.py       # without CUDA: the CPU setting (CPU_SETTING: batch 16), ~14 min on 2 cores
 
 The model learns to denoise its own trace and answer block by block (BD3-LM loss over [noised ; clean]) and,
 through the permutation-validity loss, to land its answer on a valid permutation of the candidates without
@@ -38,7 +38,7 @@ class TrainCFTConfig(StageSettings, CFTLoss):  # + the shared flags, and the los
     block: int = 16              # B: tokens per block (16: the answer opens a block of its own)
     block_warmup: int = 0        # > 0: train with B through the divisors of `block` over these first steps
     drill: float = 0.0           # share of windows answered from a random decision (reasoning.drill_decisions)
-    max_steps: int = 600
+    max_steps: int = 1000        # on the CPU, validation R@1 holds from step 600 on while tokens per forward rise
     batch_size: int = 64
     lr: float = 5e-4
     weight_decay: float = 0.1
@@ -51,7 +51,7 @@ class TrainCFTConfig(StageSettings, CFTLoss):  # + the shared flags, and the los
     judge_n: int = 512           # on this many validation lists: `block` forwards each, slow on a CPU)
     sweep: bool = True           # at the end: validation R@1 and speed by confidence and from the left
     eval_every: int = 200
-    # without CUDA: batch 16 (about 10 minutes on 2 cores), selection on the first 1,024 validation users
+    # without CUDA: batch 16 (about 12 minutes on 2 cores), selection on the first 1,024 validation users
     CPU_SETTING = dict(batch_size=16, judge=False, eval_n=1024, eval_batch=128)
 
     def problem(self):

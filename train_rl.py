@@ -50,8 +50,8 @@ class TrainRLConfig(StageSettings):  # + min_validity, eval_n, eval_batch, time_
     warmup: int = 5
     grad_clip: float = 1.0
     eval_every: int = 10
-    # without CUDA: 8 prompts x 8 rollouts, 100 steps
-    CPU_SETTING = dict(n_prompts=8, max_steps=100, eval_every=50, eval_n=1024, eval_batch=128)
+    # without CUDA: 8 prompts x 8 rollouts, 100 steps, each step kept or not on every validation user (train_opd)
+    CPU_SETTING = dict(n_prompts=8, max_steps=100, eval_every=50, eval_n=0, eval_batch=128)
 
     def problem(self):
         return same_file_problem('policy', self.policy, self.out) or super().problem()
