@@ -11,7 +11,7 @@
 #                                # mean and spread over seeds (out/ keeps the last seed's models)
 # Environment: DATA_DIR (default data/beauty), DATA_NAME (default Beauty: the S3-Rec files <name>.txt and
 # <name>_item2attributes.json; later stages read it from the teacher's record), SEED (default 0), BLOCK
-# (default 24), RESULTS_DIR, BUDGET (seconds; optional stages are skipped once it is spent).
+# (default 16), RESULTS_DIR, BUDGET (seconds; a control starts only if it would end within it).
 # Writes run.json beside the results: the commit, the setting, and each stage's command, wall time and exit.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -29,7 +29,7 @@ D="--data_dir=${DATA_DIR:-data/beauty} --seed=$SEED"
 NAME="--data_name=${DATA_NAME:-Beauty}"   # the AR stages read it; every later one takes it from its parent
 if [ "$MODE" = cpu ]; then
   export RESULTS_DIR=${RESULTS_DIR:-results/cpu}  # never mixed with the GPU numbers in results/
-  BUDGET=${BUDGET:-3300}                           # a control starts only within the first 55 minutes
+  BUDGET=${BUDGET:-3600}                           # the whole recipe within the hour
   DEV="--device=cpu"    # each stage then fills in its CPU_SETTING (a small model, short runs: common.parse_config)
   AR=""; DIR=""; CFT=""; OPD=""; RL=""
   WARM=50
@@ -72,7 +72,7 @@ stage() {  # run one command, log its wall time and exit status
     $((SECONDS - t0)) $rc "$@" >> "$LOG"
   return $rc
 }
-left() { [ "$SECONDS" -lt "$BUDGET" ]; }
+left() { [ $((SECONDS + $1)) -lt "$BUDGET" ]; }  # $1: the control's seconds in the CPU setting (run.json)
 ev() { stage python decode.py $D $DEV $EVAL --split=test "$@"; }
 ev_ar() { stage python decode.py $D $DEV $EVAL_AR --split=test "$@"; }
 
@@ -97,16 +97,16 @@ core() {  # the recipe's chain, each stage from the previous one's checkpoint
 
 ablations() {  # each answers one question about the chain (the most needed first); needs core's out/*.pt
   TAU=$(chosen_tau)
-  if left; then stage python train_ar.py $D $NAME $DEV $DIR --trace=False --out=out/ar_direct.pt && ev_ar --ckpt=out/ar_direct.pt --name=ar_direct; fi
-  if left; then stage python train_opd.py $D $DEV $OPD --tau=$TAU --rollouts=teacher --out=out/opd_offpolicy.pt --name=opd_offpolicy && ev --ckpt=out/opd_offpolicy.pt --name=opd_offpolicy --block=$BLOCK --tau=$TAU; fi
-  if left; then ev --ckpt=out/cft.pt --name=cft_left --block=$BLOCK --tau=$TAU --from_left=True; fi
-  if left; then stage python train_rl.py $D $DEV $RL --policy=out/ar.pt --block=1 --out=out/ar_rl.pt --name=ar_rl && ev_ar --ckpt=out/ar_rl.pt --name=ar_rl --block=1 --tau=$TAU; fi
-  if left; then stage python train_cft.py $D $DEV $MORE --parent=out/cft.pt --out=out/cft_more.pt --name=cft_more && ev --ckpt=out/cft_more.pt --name=cft_more --block=$BLOCK --tau=$TAU; fi
-  if left; then stage python train_cft.py $D $DEV $CFT --sweep=False --validity_weight=0.0 --out=out/cft_novalid.pt --name=cft_novalid && ev --ckpt=out/cft_novalid.pt --name=cft_novalid --block=$BLOCK --tau=$TAU; fi
-  if left; then stage python train_ar.py $D $NAME $DEV $AR --reject=False --out=out/ar_noreject.pt --name=ar_noreject && ev_ar --ckpt=out/ar_noreject.pt --name=ar_noreject; fi
-  if left; then stage python train_rl.py $D $DEV $RL --kl_weight=1.0 --out=out/rl_kl.pt --name=rl_kl && ev --ckpt=out/rl_kl.pt --name=rl_kl --block=$BLOCK --tau=$TAU; fi
-  if left; then stage python train_cft.py $D $DEV $CFT --sweep=False --block_warmup=$WARM --out=out/cft_warmup.pt --name=cft_warmup && ev --ckpt=out/cft_warmup.pt --name=cft_warmup --block=$BLOCK --tau=$TAU; fi
-  if left; then stage python train_cft.py $D $DEV $CFT --sweep=False --suffix_share=0.5 --out=out/cft_suffix.pt --name=cft_suffix && ev --ckpt=out/cft_suffix.pt --name=cft_suffix --block=$BLOCK --tau=$TAU; fi
+  if left 250; then stage python train_ar.py $D $NAME $DEV $DIR --trace=False --out=out/ar_direct.pt && ev_ar --ckpt=out/ar_direct.pt --name=ar_direct; fi
+  if left 300; then stage python train_opd.py $D $DEV $OPD --tau=$TAU --rollouts=teacher --out=out/opd_offpolicy.pt --name=opd_offpolicy && ev --ckpt=out/opd_offpolicy.pt --name=opd_offpolicy --block=$BLOCK --tau=$TAU; fi
+  if left 30; then ev --ckpt=out/cft.pt --name=cft_left --block=$BLOCK --tau=$TAU --from_left=True; fi
+  if left 180; then stage python train_rl.py $D $DEV $RL --policy=out/ar.pt --block=1 --out=out/ar_rl.pt --name=ar_rl && ev_ar --ckpt=out/ar_rl.pt --name=ar_rl --block=1 --tau=$TAU; fi
+  if left 100; then stage python train_cft.py $D $DEV $MORE --parent=out/cft.pt --out=out/cft_more.pt --name=cft_more && ev --ckpt=out/cft_more.pt --name=cft_more --block=$BLOCK --tau=$TAU; fi
+  if left 520; then stage python train_cft.py $D $DEV $CFT --sweep=False --validity_weight=0.0 --out=out/cft_novalid.pt --name=cft_novalid && ev --ckpt=out/cft_novalid.pt --name=cft_novalid --block=$BLOCK --tau=$TAU; fi
+  if left 810; then stage python train_ar.py $D $NAME $DEV $AR --reject=False --out=out/ar_noreject.pt --name=ar_noreject && ev_ar --ckpt=out/ar_noreject.pt --name=ar_noreject; fi
+  if left 180; then stage python train_rl.py $D $DEV $RL --kl_weight=1.0 --out=out/rl_kl.pt --name=rl_kl && ev --ckpt=out/rl_kl.pt --name=rl_kl --block=$BLOCK --tau=$TAU; fi
+  if left 560; then stage python train_cft.py $D $DEV $CFT --sweep=False --block_warmup=$WARM --out=out/cft_warmup.pt --name=cft_warmup && ev --ckpt=out/cft_warmup.pt --name=cft_warmup --block=$BLOCK --tau=$TAU; fi
+  if left 560; then stage python train_cft.py $D $DEV $CFT --sweep=False --suffix_share=0.5 --out=out/cft_suffix.pt --name=cft_suffix && ev --ckpt=out/cft_suffix.pt --name=cft_suffix --block=$BLOCK --tau=$TAU; fi
 }
 
 case "$PART" in
