@@ -143,7 +143,8 @@ def test_a_stage_takes_its_parents_validation_where_decoded_the_same_way(pipelin
     fresh, _ = evaluate(model, d, 'valid', Decoding(block=8, tau=0.9), torch.device('cpu'))
     assert start['step'] == 0 and start['val_R1'] == fresh['metrics']['R@1']
     assert start['val_validity'] == fresh['validity'] and start['val_tok_per_fwd'] == fresh['tokens_per_forward']
-    args = (*TINY['train_opd.py'], '--max_steps=1', '--out=out/opd_1.pt', '--name=opd_1')
+    # CFT validates on its CPU setting's first 1,024 users, OPD on every one: the same users only when asked
+    args = (*TINY['train_opd.py'], '--max_steps=1', '--eval_n=1024', '--out=out/opd_1.pt', '--name=opd_1')
     p = run('train_opd.py', cwd, data, *args)
     assert p.returncode == 0 and "step 0: " in p.stdout and "the parent's record" in p.stdout, p.stderr[-2000:]
     p = run('train_opd.py', cwd, data, *args, '--tau=0.5')
