@@ -2,7 +2,7 @@
 
     python train_rl.py                                              # one GPU: out/opd.pt -> out/rl.pt
     python train_rl.py --policy=out/ar.pt --block=1 --out=out/ar_rl.pt --name=ar_rl   # RL-tuned AR reference
-    python train_rl.py        # without CUDA: the CPU setting (CPU_SETTING: 8 prompts x 8, 100 steps), ~5 min
+    python train_rl.py        # without CUDA: the CPU setting (CPU_SETTING: 8 prompts x 8, 100 steps), ~2 min
 
 Per prompt, G = 8 rollouts sampled with the evaluation's B and tau. Reward = (rank before - rank after) / N
 + 0.2 x format, the format reward paid only when the target's rank improved or it stays first (otherwise
