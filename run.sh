@@ -72,7 +72,7 @@ stage() {  # run one command, log its wall time and exit status
     $((SECONDS - t0)) $rc "$@" >> "$LOG"
   return $rc
 }
-left() { [ $((SECONDS + $1)) -lt "$BUDGET" ]; }  # $1: the control's seconds in the CPU setting (run.json)
+left() { [ $((SECONDS + $1)) -lt "$BUDGET" ]; }  # $1: a control's CPU seconds with its test decode (run.json)
 ev() { stage python decode.py $D $DEV $EVAL --split=test "$@"; }
 ev_ar() { stage python decode.py $D $DEV $EVAL_AR --split=test "$@"; }
 
@@ -97,8 +97,8 @@ core() {  # the recipe's chain, each stage from the previous one's checkpoint
 
 ablations() {  # each answers one question about the chain (the most needed first); needs core's out/*.pt
   TAU=$(chosen_tau)
-  if left 350; then stage python train_ar.py $D $NAME $DEV $DIR --trace=False --out=out/ar_direct.pt && ev_ar --ckpt=out/ar_direct.pt --name=ar_direct; fi
-  if left 420; then stage python train_opd.py $D $DEV $OPD --tau=$TAU --rollouts=teacher --out=out/opd_offpolicy.pt --name=opd_offpolicy && ev --ckpt=out/opd_offpolicy.pt --name=opd_offpolicy --block=$BLOCK --tau=$TAU; fi
+  if left 360; then stage python train_ar.py $D $NAME $DEV $DIR --trace=False --out=out/ar_direct.pt && ev_ar --ckpt=out/ar_direct.pt --name=ar_direct; fi
+  if left 500; then stage python train_opd.py $D $DEV $OPD --tau=$TAU --rollouts=teacher --out=out/opd_offpolicy.pt --name=opd_offpolicy && ev --ckpt=out/opd_offpolicy.pt --name=opd_offpolicy --block=$BLOCK --tau=$TAU; fi
   if left 30; then ev --ckpt=out/cft.pt --name=cft_left --block=$BLOCK --tau=$TAU --from_left=True; fi
   if left 180; then stage python train_rl.py $D $DEV $RL --policy=out/ar.pt --block=1 --out=out/ar_rl.pt --name=ar_rl && ev_ar --ckpt=out/ar_rl.pt --name=ar_rl --block=1 --tau=$TAU; fi
   if left 100; then stage python train_cft.py $D $DEV $MORE --parent=out/cft.pt --out=out/cft_more.pt --name=cft_more && ev --ckpt=out/cft_more.pt --name=cft_more --block=$BLOCK --tau=$TAU; fi
