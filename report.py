@@ -97,7 +97,7 @@ def paired_users(e, other):
 def over_seeds(folder):
     """Rows for the systems every seed folder <folder>/seeds/<seed>/ holds: the mean and spread of R@1 and N@3
     over seeds, the mean and lowest validity, and the mean over seeds of the paired difference to the predecessor
-    (SPEC item 10)."""
+    (SPEC item 10) and to AR (the stage table's bar is read against the teacher)."""
     seeds = [test_evals(d) for d in sorted(glob.glob(os.path.join(folder, 'seeds', '*', '')))]
     rows = []
     for key, label, prev in ROWS if seeds else []:
@@ -109,17 +109,24 @@ def over_seeds(folder):
             row[k] = {'mean': float(np.mean(vals)), 'std': float(np.std(vals))}
         validity = [np.mean(ev[key]['per_user']['valid']) for ev in seeds]
         row['validity'] = {'mean': float(np.mean(validity)), 'min': float(np.min(validity))}
-        if prev and all(prev in ev and paired_users(ev[key], ev[prev]) for ev in seeds):
+        if prev and (gain := mean_paired_diffs(seeds, key, prev)):
             row['vs'] = prev
-            for k in ('R@1', 'N@3'):
-                diffs = []
-                for ev in seeds:
-                    n = paired_users(ev[key], ev[prev])
-                    diffs.append(per_rank_metric(ev[key]['per_user']['rank'][:n], k).mean() -
-                                 per_rank_metric(ev[prev]['per_user']['rank'][:n], k).mean())
-                row[f'{k}_diff_mean'] = float(np.mean(diffs))
+            row.update({f'{k}_diff_mean': d for k, d in gain.items()})
+        if key != 'ar' and (gap := mean_paired_diffs(seeds, key, 'ar')):
+            row.update({f'{k}_vs_ar_mean': d for k, d in gap.items()})
         rows.append(row)
     return rows
+
+
+def mean_paired_diffs(seeds, key, vs):
+    """{metric: mean over seeds of the paired R@1 / N@3 difference key - vs}, or None where a seed lacks a pair."""
+    if not all(vs in ev and paired_users(ev[key], ev[vs]) for ev in seeds):
+        return None
+    def diff(ev, k):
+        n = paired_users(ev[key], ev[vs])
+        return (per_rank_metric(ev[key]['per_user']['rank'][:n], k).mean() -
+                per_rank_metric(ev[vs]['per_user']['rank'][:n], k).mean())
+    return {k: float(np.mean([diff(ev, k) for ev in seeds])) for k in ('R@1', 'N@3')}
 
 
 def seed_commits(folder):
@@ -189,9 +196,10 @@ def main(folder=None):
                                f"{r['tokens_per_forward']:.2f} | {r['speedup']:.2f}x |")
     summary['seeds'] = over_seeds(folder)
     seed_lines = ['| system | seeds | R@1 mean (sd) | N@3 mean (sd) | validity mean (min) | vs | R@1 diff, mean | '
-                  'N@3 diff, mean |', '|---' * 8 + '|']
+                  'N@3 diff, mean | R@1 - AR, mean | N@3 - AR, mean |', '|---' * 10 + '|']
     for r in summary['seeds']:
         diff = (f"| {r['vs']} | {r['R@1_diff_mean']:+.4f} | {r['N@3_diff_mean']:+.4f} |" if 'vs' in r else '| | | |')
+        diff += (f" {r['R@1_vs_ar_mean']:+.4f} | {r['N@3_vs_ar_mean']:+.4f} |" if 'R@1_vs_ar_mean' in r else ' | |')
         seed_lines.append(f"| {r['label']} | {r['seeds']} | " + ' | '.join(
             f"{r[k]['mean']:.4f} ({r[k]['std']:.4f})" for k in ('R@1', 'N@3')) +
             f" | {r['validity']['mean']:.3f} ({r['validity']['min']:.3f}) {diff}")

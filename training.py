@@ -54,12 +54,14 @@ class CFTLoss:
     w_choice: float = 1.0        # the first ranked item
     w_judge: float = 2.0         # the trace's judgements: at 0.5 the student's matches were right 0.895, at 2 0.922
                                  # (FINDINGS, "One score per entry"); train_ar's 5 cost validity on a CPU
+    w_score: float = 0.5         # the trace's evidence scores (w_trace: the rest of the trace), the one trace token that
+                                 # adds; at 2 the student's scores rose and its judgements fell (FINDINGS, "capacity")
     reject: bool = True          # no decision loss where the trace concludes elsewhere (reasoning.loss_weights)
 
 
 WEIGHTING = ('w_trace', 'w_answer', 'w_choice', 'w_judge', 'reject')
 MASKING = ('complementary', 'suffix_share', 'validity_weight', 'certainty_weight')
-SETTINGS = WEIGHTING + MASKING + ('certainty_skip',)
+SETTINGS = WEIGHTING + MASKING + ('certainty_skip', 'w_score')
 
 
 def cft_loss_settings(run_cfg, keys=SETTINGS):
@@ -68,6 +70,8 @@ def cft_loss_settings(run_cfg, keys=SETTINGS):
     d = run_cfg if isinstance(run_cfg, dict) else asdict(run_cfg)
     if 'certainty_judgements' in d and 'certainty_skip' not in d:  # a record from before certainty_skip
         d = {**d, 'certainty_skip': '' if d['certainty_judgements'] else 'judgement'}
+    if 'w_trace' in d and 'w_score' not in d:  # a record from before w_score: its scores weighed as the trace
+        d = {**d, 'w_score': d['w_trace']}
     return {k: d.get(k, getattr(CFTLoss, k)) for k in keys}
 
 
@@ -78,6 +82,9 @@ def cft_loss(model, batch, block, vocab, settings, generator=None):
     conclusion: with the scores they compare still masked a first step guesses "the left one wins", right on most
     matches, and sureness from that prior would be rewarded wherever the guess is right; FINDINGS.md)."""
     weights = loss_weights(batch, **{k: settings[k] for k in WEIGHTING})
+    if settings.get('w_score', settings['w_trace']) != settings['w_trace']:  # the scores apart from the trace
+        scores = token_roles(batch['resp'], batch['kind'], vocab) == ROLES.index('score')
+        weights = torch.where(scores, settings['w_score'], weights)
     extra = {k: settings[k] for k in MASKING if k in settings}
     return diffusion_loss(model, batch, block, vocab.mask, weights, vocab=vocab, generator=generator,
                           certain_at=certainty_positions(batch, vocab, settings.get('certainty_skip', '')), **extra)

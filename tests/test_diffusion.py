@@ -409,6 +409,23 @@ def test_certainty_term_is_the_entropy_where_the_prediction_is_right(tiny_data):
     assert got[0] != got[1] != got[2]
 
 
+def test_score_weight_reaches_the_score_tokens_only(tiny_data):
+    """CFT's `w_score` weighs the trace's evidence scores apart from the rest of the trace: the loss is the
+    diffusion loss with those tokens, and no others, at w_score."""
+    d, model, batch = setup(tiny_data, block=4)
+    v = d.vocab
+    from training import CFTLoss, cft_loss, cft_loss_settings
+    scored = token_roles(batch['resp'], batch['kind'], v) == ROLES.index('score')
+    assert scored.any() and (~scored & (batch['kind'] == 0)).any()
+    settings = cft_loss_settings(CFTLoss(w_score=3.0, certainty_weight=0.0, validity_weight=0.0))
+    got, _ = cft_loss(model, batch, 4, v, settings, torch.Generator().manual_seed(2))
+    base = loss_weights(batch, *(settings[k] for k in ('w_trace', 'w_answer', 'w_choice')), settings['reject'],
+                        settings['w_judge'])
+    loss = lambda w: diffusion_loss(model, batch, 4, v.mask, w, vocab=v, generator=torch.Generator().manual_seed(2))[0]
+    torch.testing.assert_close(got, loss(torch.where(scored, 3.0, base)))
+    assert (got - loss(base)).abs() > 1e-4                     # the weight moves the loss, so the test can fail
+
+
 def test_complementary_masks_supervise_each_token_once(tiny_data):
     """With complementary masks (CFT's default) the loss is the weighted mean over the union of the two
     single-mask losses: each example once with its mask and once with the opposite one, so every token of the

@@ -638,6 +638,7 @@ def test_report_averages_paired_differences_over_seeds(tmp_path):
     assert set(rows) == {'floor', 'ar'} and rows['ar']['vs'] == 'floor'
     assert rows['ar']['R@1']['mean'] == pytest.approx(0.625) and rows['ar']['R@1']['std'] == pytest.approx(0.125)
     assert rows['ar']['R@1_diff_mean'] == pytest.approx(0.375)
+    assert rows['floor']['R@1_vs_ar_mean'] == pytest.approx(-0.375) and 'R@1_vs_ar_mean' not in rows['ar']
     assert rows['ar']['validity'] == {'mean': 1.0, 'min': 1.0}
     assert 'Over seeds' in (tmp_path / 'tables.md').read_text()
 
