@@ -424,6 +424,7 @@ def test_score_weight_reaches_the_score_tokens_only(tiny_data):
     loss = lambda w: diffusion_loss(model, batch, 4, v.mask, w, vocab=v, generator=torch.Generator().manual_seed(2))[0]
     torch.testing.assert_close(got, loss(torch.where(scored, 3.0, base)))
     assert (got - loss(base)).abs() > 1e-4                     # the weight moves the loss, so the test can fail
+    assert cft_loss_settings({'w_trace': 1.0})['w_score'] == 1.0  # a record from before w_score: as its trace
 
 
 def test_complementary_masks_supervise_each_token_once(tiny_data):
