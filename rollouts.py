@@ -18,8 +18,9 @@ def rollouts(model, data, idx, group, block, cfg, gen, device, sample_block=None
     max_r = -(-(batch['resp'].shape[1] + block) // block) * block
     model.eval()
     with torch.no_grad(), autocast(device):
-        res = generate_block(model, batch['prompt'], batch['pad'], max_r, data.vocab, block=sample_block or block, tau=cfg.tau,
-                             k=cfg.k, temperature=cfg.temperature, generator=gen, from_left=cfg.from_left)
+        res = generate_block(model, batch['prompt'], batch['pad'], max_r, data.vocab, block=sample_block or block,
+                             tau=cfg.tau, k=cfg.k, temperature=cfg.temperature, generator=gen,
+                             from_left=cfg.from_left)
     return batch, res, rows
 
 

@@ -47,8 +47,9 @@ class TrainCFTConfig(StageSettings, CFTLoss):  # + the shared flags, and the los
     tau: float = 0.9             # evaluation decoding (greedy, threshold rule)
     k: int = 0
     from_left: bool = False      # evaluation commits in position order (diffusion.commit_rule)
-    judge: bool = True           # at each evaluation, score the trace's judgements teacher-forced (evaluation.trace_report;
-    judge_n: int = 512           # on this many validation lists: `block` forwards each, slow on a CPU)
+    judge: bool = True           # at each evaluation, score the trace's judgements teacher-forced
+    judge_n: int = 512           # on this many validation lists (evaluation.trace_report: `block` forwards each, slow
+                                 # on a CPU)
     sweep: bool = True           # at the end: validation R@1 and speed by confidence and from the left
     eval_every: int = 200
     # without CUDA: batch 16 (about 9 minutes on 2 cores with the sweep), selection on the first 1,024 validation users
