@@ -287,7 +287,7 @@ def kind_weights(kind, w_trace, w_answer, w_choice, w_judge=None):
     return torch.tensor([w_trace, w_answer, w_choice, w_judge], device=kind.device)[kind]
 
 
-def loss_weights(batch, w_trace, w_answer, w_choice, reject=False, w_judge=None):
+def loss_weights(batch, w_trace, w_answer, w_choice, reject=False, w_judge=None, w_score=None, vocab=None):
     """(B, R) loss weights by token kind. With `reject`, the decision (the first ranked slot) of a window whose
     trace concludes on another candidate than its target carries no loss: GR2 kept only the teacher traces that
     reach the target (rejection sampling). Here the programmatic trace is sound reasoning either way, so its
@@ -296,8 +296,12 @@ def loss_weights(batch, w_trace, w_answer, w_choice, reject=False, w_judge=None)
     from the first candidate on 11% of train windows and is then the target 30% of the time.
     `w_judge` weighs the trace's judgements (kind 3: the matches' winners and the conclusion), the few tokens
     that the decision hangs on: at the trace's weight a small model learnt to name the first candidate of a
-    comparison whatever the scores said (FINDINGS.md)."""
+    comparison whatever the scores said (FINDINGS.md). `w_score` (needs `vocab`) weighs the evidence scores apart
+    from the rest of the trace: the one trace token that adds (the weights before it are lookups)."""
     w = kind_weights(batch['kind'], w_trace, w_answer, w_choice, w_judge)
+    if w_score is not None and w_score != w_trace:
+        scores = token_roles(batch['resp'], batch['kind'], vocab) == ROLES.index('score')
+        w = torch.where(scores, w_score, w)
     if 'drilled' in batch:  # drill_decisions: a drilled decision is not the target
         w = w * ((batch['kind'] != 2) | ~batch['drilled'][:, None])
     if reject:

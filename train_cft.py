@@ -90,7 +90,7 @@ def validation_loss(model, data, cfg, device, n=256, batch=64):
     for a in range(0, n, batch):
         b = collate(sp, range(a, min(n, a + batch)), data.vocab, block=cfg.block, device=device)
         with autocast(device):
-            _, parts = cft_loss(model, b, cfg.block, data.vocab, cft_loss_settings(cfg, WEIGHTING + ('w_score',)), gen)
+            _, parts = cft_loss(model, b, cfg.block, data.vocab, cft_loss_settings(cfg, WEIGHTING), gen)
         total += parts['ce'].item() * len(b['pad'])
     return total / n
 

@@ -59,9 +59,9 @@ class CFTLoss:
     reject: bool = True          # no decision loss where the trace concludes elsewhere (reasoning.loss_weights)
 
 
-WEIGHTING = ('w_trace', 'w_answer', 'w_choice', 'w_judge', 'reject')
+WEIGHTING = ('w_trace', 'w_answer', 'w_choice', 'w_judge', 'w_score', 'reject')
 MASKING = ('complementary', 'suffix_share', 'validity_weight', 'certainty_weight')
-SETTINGS = WEIGHTING + MASKING + ('certainty_skip', 'w_score')
+SETTINGS = WEIGHTING + MASKING + ('certainty_skip',)
 
 
 def cft_loss_settings(run_cfg, keys=SETTINGS):
@@ -81,10 +81,7 @@ def cft_loss(model, batch, block, vocab, settings, generator=None):
     leaves out the roles named in `certainty_skip` (by default the judgements, the matches' winners and the
     conclusion: with the scores they compare still masked a first step guesses "the left one wins", right on most
     matches, and sureness from that prior would be rewarded wherever the guess is right; FINDINGS.md)."""
-    weights = loss_weights(batch, **{k: settings[k] for k in WEIGHTING})
-    if settings.get('w_score', settings['w_trace']) != settings['w_trace']:  # the scores apart from the trace
-        scores = token_roles(batch['resp'], batch['kind'], vocab) == ROLES.index('score')
-        weights = torch.where(scores, settings['w_score'], weights)
+    weights = loss_weights(batch, **{k: settings[k] for k in WEIGHTING}, vocab=vocab)
     extra = {k: settings[k] for k in MASKING if k in settings}
     return diffusion_loss(model, batch, block, vocab.mask, weights, vocab=vocab, generator=generator,
                           certain_at=certainty_positions(batch, vocab, settings.get('certainty_skip', '')), **extra)

@@ -420,7 +420,7 @@ def test_score_weight_reaches_the_score_tokens_only(tiny_data):
     settings = cft_loss_settings(CFTLoss(w_score=3.0, certainty_weight=0.0, validity_weight=0.0))
     got, _ = cft_loss(model, batch, 4, v, settings, torch.Generator().manual_seed(2))
     base = loss_weights(batch, *(settings[k] for k in ('w_trace', 'w_answer', 'w_choice')), settings['reject'],
-                        settings['w_judge'])
+                        settings['w_judge'])                   # no w_score: the scores weigh as the trace
     loss = lambda w: diffusion_loss(model, batch, 4, v.mask, w, vocab=v, generator=torch.Generator().manual_seed(2))[0]
     torch.testing.assert_close(got, loss(torch.where(scored, 3.0, base)))
     assert (got - loss(base)).abs() > 1e-4                     # the weight moves the loss, so the test can fail
