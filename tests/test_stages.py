@@ -273,7 +273,7 @@ def test_without_cuda_a_stage_runs_its_cpu_setting():
     from train_cft import TrainCFTConfig
     cfg = parse_config(TrainARConfig, ['--device=cpu', '--max_steps=7'])
     assert (cfg.n_layer, cfg.n_embd, cfg.batch_size, cfg.max_steps) == (2, 128, 32, 7)
-    assert parse_config(TrainCFTConfig, ['--device=cpu']).batch_size == 16
+    assert parse_config(TrainCFTConfig, ['--device=cpu']).batch_size == 32
     expected = TrainARConfig.n_layer if torch.cuda.is_available() else 2
     assert parse_config(TrainARConfig, []).n_layer == expected
 
