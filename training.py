@@ -54,7 +54,7 @@ class CFTLoss:
     w_choice: float = 1.0        # the first ranked item
     w_judge: float = 2.0         # the trace's judgements: at 0.5 the student's matches were right 0.895, at 2 0.922
                                  # (FINDINGS, "One score per entry"); train_ar's 5 cost validity on a CPU
-    w_score: float = 0.5         # the trace's evidence scores (w_trace: the rest), the one trace token that adds; at 2
+    w_score: float = None        # the trace's evidence scores, the one trace token that adds; None: as w_trace. At 2
                                  # the student's sums rose and its judgements fell (FINDINGS, "the first two entries")
     reject: bool = True          # no decision loss where the trace concludes elsewhere (reasoning.loss_weights)
 

@@ -425,6 +425,9 @@ def test_score_weight_reaches_the_score_tokens_only(tiny_data):
     torch.testing.assert_close(got, loss(torch.where(scored, 3.0, base)))
     assert (got - loss(base)).abs() > 1e-4                     # the weight moves the loss, so the test can fail
     assert cft_loss_settings({'w_trace': 1.0})['w_score'] == 1.0  # a record from before w_score: as its trace
+    trace_only = cft_loss_settings(CFTLoss(w_trace=3.0, certainty_weight=0.0, validity_weight=0.0))
+    got, _ = cft_loss(model, batch, 4, v, trace_only, torch.Generator().manual_seed(2))
+    torch.testing.assert_close(got, loss(torch.where(batch['kind'] == 0, 3.0, base)))  # --w_trace moves the scores too
 
 
 def test_complementary_masks_supervise_each_token_once(tiny_data):
