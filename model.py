@@ -198,7 +198,10 @@ class CachedForward:
         self.start.copy_(self.P - pad)
 
     def run(self, idx, qcols):
-        ctx = torch.autocast('cuda', dtype=self.dtype) if self.dtype is not None else nullcontext()
+        # No autocast weight cache under graphs: a graph captured reading the cache's bf16 weight copies would
+        # replay on freed memory once the caller's autocast ends and the cache is cleared (bench's second call).
+        ctx = (torch.autocast('cuda', dtype=self.dtype, cache_enabled=not self.graphs) if self.dtype is not None
+               else nullcontext())
         with ctx:
             return self.model(idx, self.pos[:, qcols], attention_mask(self.blk, self.valid, qcols), self.cache, qcols,
                               self.start)
