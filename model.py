@@ -198,8 +198,9 @@ class CachedForward:
         self.start.copy_(self.P - pad)
 
     def run(self, idx, qcols):
-        # No autocast weight cache under graphs: a graph captured reading the cache's bf16 weight copies would
-        # replay on freed memory once the caller's autocast ends and the cache is cleared (bench's second call).
+        # No autocast weight cache under graphs: the cache's bf16 weight copies are freed when the caller's autocast
+        # ends, so a graph captured reading them replays on memory that is reused or, after the next capture
+        # empties CUDA's cache, released (bench captures every runner before it replays any).
         ctx = (torch.autocast('cuda', dtype=self.dtype, cache_enabled=not self.graphs) if self.dtype is not None
                else nullcontext())
         with ctx:
