@@ -43,10 +43,11 @@ HEADLINE = ('floor', 'ar', 'ar_direct', 'naive', 'cft', 'opd', 'rl', 'ar_rl')  #
 
 def headline(summary, evals, bench_rows):
     """The paper's form: per system R@1 and N@3 with their intervals, validity, tokens per forward (1 for AR
-    decoding), the batch-1 speedup over AR from bench.json where that checkpoint was timed, and n."""
+    decoding), the batch-1 speedup over AR from bench.json where that checkpoint was timed, and n; with the copy
+    share beside them, since a re-ranker can reach the floor's numbers by handing the pre-ranker's order back."""
     speed = {r['accuracy_from']: r['speedup'] for r in bench_rows if r['batch'] == 1}
-    lines = ['| system | R@1 [95% CI] | N@3 [95% CI] | validity | tokens/forward | speedup (batch 1) | n |',
-             '|---' * 7 + '|']
+    lines = ['| system | R@1 [95% CI] | N@3 [95% CI] | validity | tokens/forward | speedup (batch 1) | copy share | n |',
+             '|---' * 8 + '|']
     for row in summary['accuracy']:
         if row['name'] not in HEADLINE:
             continue
@@ -56,8 +57,13 @@ def headline(summary, evals, bench_rows):
         up = speed.get(f"eval_{row['name']}.json")
         lines.append(f"| {row['label']} | " + ' | '.join(f"{m[k]:.4f} [{ci[k][0]:.4f}, {ci[k][1]:.4f}]"
                                                         for k in ('R@1', 'N@3')) +
-                     f" | {row['validity']:.3f} | {tpf} | {'' if up is None else f'{up:.2f}x'} | {row['n']} |")
+                     f" | {row['validity']:.3f} | {tpf} | {'' if up is None else f'{up:.2f}x'} | {share(row['copy_share'])} | "
+                     f"{row['n']} |")
     return lines
+
+
+def share(x):
+    return '' if x is None else f"{x:.3f}"
 
 
 def interval(ranks, metric, n_boot=10000, seed=0):
@@ -161,11 +167,10 @@ def main(folder=None):
                'trace_agreement': e.get('trace_agreement'), 'device': e.get('device'),
                'commit': e.get('commit')}
         summary['accuracy'].append(row)
-        copies = '' if row['copy_share'] is None else f"{row['copy_share']:.3f}"
-        agree = '' if not row['trace_agreement'] else f"{row['trace_agreement']['conclusion']:.3f}"
+        agree = '' if not row['trace_agreement'] else share(row['trace_agreement']['conclusion'])
         tpf = '' if e.get('tokens_per_forward_trace') is None else f"{e['tokens_per_forward']:.2f}"
         lines.append(f"| {label} | " + ' | '.join(f"{m[k]:.4f}" for k in METRICS) +
-                     f" | {row['validity']:.3f} | {tpf} | {copies} | {agree} | {len(ranks)} |")
+                     f" | {row['validity']:.3f} | {tpf} | {share(row['copy_share'])} | {agree} | {len(ranks)} |")
         for vs in dict.fromkeys(v for v in (prev, 'ar') if v and v != key):  # the stage's gain, then its gap to AR
             n = paired_users(e, evals[vs]) if vs in evals else 0
             if n:

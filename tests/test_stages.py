@@ -653,14 +653,16 @@ def test_report_averages_paired_differences_over_seeds(tmp_path):
 
 def test_report_headline_reads_speed_from_the_same_checkpoints_batch_one_row(tmp_path):
     """The headline table in the paper's form: AR decodes 1 token per forward, a diffusion row shows its own
-    tokens per forward, and the speedup is bench.json's batch-1 row of that evaluation (not batch 16's)."""
+    tokens per forward, and the speedup is bench.json's batch-1 row of that evaluation (not batch 16's); the copy
+    share sits beside them."""
     import json
     import report
     users = list(range(4))
     for name, decode, tpf in (('floor', None, None), ('ar', {'mode': 'ar'}, None), ('cft', {'mode': 'diffusion'}, 3.25)):
         with open(tmp_path / f'eval_{name}.json', 'w') as f:
             json.dump({'split': 'test', 'decode': decode, 'tokens_per_forward': tpf,
-                       'per_user': {'user': users, 'rank': [1, 2, 1, 3], 'valid': [True] * 4}}, f)
+                       'per_user': {'user': users, 'rank': [1, 2, 1, 3], 'valid': [True] * 4,
+                                    'first_is_floor_first': [True, True, True, name != 'cft']}}, f)
     rows = [{'accuracy_from': 'eval_cft.json', 'batch': b, 'speedup': up, 'block': 8, 'tau': 0.9, 'mode': 'diffusion',
              'ckpt': 'out/cft.pt', 'R@1': 0.5, 'validity': 1.0, 'tok_per_s': 1.0, 'tokens_per_forward': 3.25}
             for b, up in ((1, 2.5), (16, 0.4))]
@@ -669,8 +671,8 @@ def test_report_headline_reads_speed_from_the_same_checkpoints_batch_one_row(tmp
     report.main(str(tmp_path))
     text = (tmp_path / 'tables.md').read_text()
     head = text[text.index('## Headline'):text.index('## Accuracy')]
-    assert '| AR teacher (GR2-style) | 0.5000 [' in head and '| 1.000 | 1.00 |  | 4 |' in head
-    assert '| 1.000 | 3.25 | 2.50x | 4 |' in head and '0.40x' not in head
+    assert '| AR teacher (GR2-style) | 0.5000 [' in head and '| 1.000 | 1.00 |  | 1.000 | 4 |' in head
+    assert '| 1.000 | 3.25 | 2.50x | 0.500 | 4 |' in head and '0.40x' not in head  # users 1 and 3: the floor is wrong
 
 
 def test_the_reported_tau_is_the_fastest_near_the_best_valid_one_on_validation():
