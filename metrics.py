@@ -71,7 +71,12 @@ def paired_bootstrap(ranks_a, ranks_b, metric='R@1', n_boot=10000, seed=0):
     """Mean difference a - b of a metric over the same users, with a 95% interval from resampling users."""
     a, b = per_rank_metric(ranks_a, metric), per_rank_metric(ranks_b, metric)
     assert len(a) == len(b), "paired bootstrap needs the same users in the same order"
-    d = a - b
+    return bootstrap_mean(a - b, n_boot, seed)
+
+
+def bootstrap_mean(per_user, n_boot=10000, seed=0):
+    """The mean of a per-user quantity with a 95% interval from resampling users."""
+    d = np.asarray(per_user, float)
     rng = np.random.default_rng(seed)
     boots = d[rng.integers(0, len(d), size=(n_boot, len(d)))].mean(1)
     return {'diff': float(d.mean()), 'lo': float(np.percentile(boots, 2.5)), 'hi': float(np.percentile(boots, 97.5))}

@@ -16,7 +16,7 @@ import sys
 import numpy as np
 
 from common import results_path, write_json
-from metrics import copy_share, per_rank_metric, paired_bootstrap, metrics_from_ranks
+from metrics import copy_share, per_rank_metric, paired_bootstrap, bootstrap_mean, metrics_from_ranks
 
 ROWS = [  # (file name, label, predecessor for the paired gain)
     ('floor', 'pre-rank floor', None),
@@ -120,6 +120,8 @@ def over_seeds(folder):
             row.update({f'{k}_diff_mean': d for k, d in gain.items()})
         if key != 'ar' and (gap := mean_paired_diffs(seeds, key, 'ar')):
             row.update({f'{k}_vs_ar_mean': d for k, d in gap.items()})
+            if (ci := seed_mean_interval(seeds, key, 'ar')):
+                row.update({f'{k}_vs_ar_ci95': lo_hi for k, lo_hi in ci.items()})
         rows.append(row)
     return rows
 
@@ -133,6 +135,30 @@ def mean_paired_diffs(seeds, key, vs):
         return (per_rank_metric(ev[key]['per_user']['rank'][:n], k).mean() -
                 per_rank_metric(ev[vs]['per_user']['rank'][:n], k).mean())
     return {k: float(np.mean([diff(ev, k) for ev in seeds])) for k in ('R@1', 'N@3')}
+
+
+def seed_mean_interval(seeds, key, vs):
+    """{metric: 95% interval of the mean over seeds of the paired difference key - vs}, from resampling users (the
+    same users in every seed: the split is fixed), or None where the seeds' users differ. It is the interval of
+    these runs on these users: the seeds are fixed, not drawn."""
+    users = [ev[key]['per_user']['user'] for ev in seeds] + [ev[vs]['per_user']['user'] for ev in seeds]
+    if any(u != users[0] for u in users):
+        return None
+    out = {}
+    for k in ('R@1', 'N@3'):
+        per_user = np.mean([per_rank_metric(ev[key]['per_user']['rank'], k) -
+                            per_rank_metric(ev[vs]['per_user']['rank'], k) for ev in seeds], axis=0)
+        b = bootstrap_mean(per_user)
+        out[k] = [b['lo'], b['hi']]
+    return out
+
+
+def gap_to_ar(row, k):
+    """A seeds row's mean paired difference to AR, with its interval where there is one."""
+    if f'{k}_vs_ar_mean' not in row:
+        return ''
+    ci = row.get(f'{k}_vs_ar_ci95')
+    return f"{row[f'{k}_vs_ar_mean']:+.4f}" + (f" [{ci[0]:+.4f}, {ci[1]:+.4f}]" if ci else '')
 
 
 def seed_commits(folder):
@@ -201,10 +227,10 @@ def main(folder=None):
                                f"{r['tokens_per_forward']:.2f} | {r['speedup']:.2f}x |")
     summary['seeds'] = over_seeds(folder)
     seed_lines = ['| system | seeds | R@1 mean (sd) | N@3 mean (sd) | validity mean (min) | vs | R@1 diff, mean | '
-                  'N@3 diff, mean | R@1 - AR, mean | N@3 - AR, mean |', '|---' * 10 + '|']
+                  'N@3 diff, mean | R@1 - AR, mean [95% CI] | N@3 - AR, mean [95% CI] |', '|---' * 10 + '|']
     for r in summary['seeds']:
         diff = (f"| {r['vs']} | {r['R@1_diff_mean']:+.4f} | {r['N@3_diff_mean']:+.4f} |" if 'vs' in r else '| | | |')
-        diff += (f" {r['R@1_vs_ar_mean']:+.4f} | {r['N@3_vs_ar_mean']:+.4f} |" if 'R@1_vs_ar_mean' in r else ' | |')
+        diff += f" {gap_to_ar(r, 'R@1')} | {gap_to_ar(r, 'N@3')} |"
         seed_lines.append(f"| {r['label']} | {r['seeds']} | " + ' | '.join(
             f"{r[k]['mean']:.4f} ({r[k]['std']:.4f})" for k in ('R@1', 'N@3')) +
             f" | {r['validity']['mean']:.3f} ({r['validity']['min']:.3f}) {diff}")

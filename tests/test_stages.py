@@ -629,7 +629,8 @@ def test_report_copy_share_counts_users_whose_target_is_not_first(tmp_path):
 
 
 def test_report_averages_paired_differences_over_seeds(tmp_path):
-    """SPEC item 10 reads the mean over seeds of the paired difference; a system missing in one seed is left out."""
+    """SPEC item 10 reads the mean over seeds of the paired difference, with an interval from resampling the users
+    every seed shares; a system missing in one seed is left out."""
     import json
     import report
     users, floor = list(range(4)), [2, 2, 1, 3]
@@ -647,6 +648,15 @@ def test_report_averages_paired_differences_over_seeds(tmp_path):
     assert rows['ar']['R@1']['mean'] == pytest.approx(0.625) and rows['ar']['R@1']['std'] == pytest.approx(0.125)
     assert rows['ar']['R@1_diff_mean'] == pytest.approx(0.375)
     assert rows['floor']['R@1_vs_ar_mean'] == pytest.approx(-0.375) and 'R@1_vs_ar_mean' not in rows['ar']
+    # the interval resamples users, each with its mean difference over the seeds: -1, -0.5, 0, 0
+    from metrics import bootstrap_mean
+    expected = bootstrap_mean([-1, -0.5, 0, 0])
+    assert rows['floor']['R@1_vs_ar_ci95'] == [expected['lo'], expected['hi']]
+    # on 40 users the seeds' mean is resolved: seed 0 loses R@1 on users 0-9, seed 1 on users 0-19
+    rec = lambda ranks: {'per_user': {'user': list(range(40)), 'rank': ranks}}
+    seeds = [{'x': rec([2] * m + [1] * (40 - m)), 'ar': rec([1] * 40)} for m in (10, 20)]
+    per_user = [-1.0] * 10 + [-0.5] * 10 + [0.0] * 20
+    assert report.seed_mean_interval(seeds, 'x', 'ar')['R@1'] == [bootstrap_mean(per_user)[k] for k in ('lo', 'hi')]
     assert rows['ar']['validity'] == {'mean': 1.0, 'min': 1.0}
     assert 'Over seeds' in (tmp_path / 'tables.md').read_text()
 
