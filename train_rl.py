@@ -9,7 +9,8 @@ Per prompt, G = 8 rollouts sampled with the evaluation's B and tau. Reward = (ra
 copying the incoming order pays: GR2's reward hacking); invalid output gets -1 and stays in its group.
 Advantages are group-normalised; zero-variance groups are dropped. A trajectory's log-probability is the sum
 over its committed tokens at the states in which they were committed (replay); pi_old is that replay before
-the update, without gradients; the ratio is clipped at 0.2 per token.
+the update, without gradients; the ratio is clipped at 0.2 per token. `--credit=differing` gives the advantage
+only to the tokens in which a group's rollouts differ (differing_tokens).
 """
 import copy
 from dataclasses import dataclass
@@ -43,6 +44,7 @@ class TrainRLConfig(StageSettings):  # + min_validity, eval_n, eval_batch, time_
     clip: float = 0.2
     format_weight: float = 0.2
     kl_weight: float = 0.0       # > 0: a per-token KL penalty to the start policy (GRPO's beta; 0 = the SPEC recipe)
+    credit: str = 'all'          # 'differing': the advantage only on tokens that differ within their group
     updates: int = 1             # policy updates per batch of rollouts
     max_steps: int = 60
     micro_batch: int = 32
@@ -54,6 +56,8 @@ class TrainRLConfig(StageSettings):  # + min_validity, eval_n, eval_batch, time_
     CPU_SETTING = dict(n_prompts=8, max_steps=100, eval_every=50, eval_n=0, eval_batch=128)
 
     def problem(self):
+        if self.credit not in ('all', 'differing'):
+            return f"--credit={self.credit}: 'all' (every committed token) or 'differing'"
         return same_file_problem('policy', self.policy, self.out) or super().problem()
 
 
@@ -72,6 +76,15 @@ def group_advantages(rewards, group):
     keep = std[:, 0] > 1e-8
     adv = np.where(keep[:, None], (r - r.mean(1, keepdims=True)) / np.maximum(std, 1e-8), 0.0)
     return adv.reshape(-1), np.repeat(keep, group)
+
+
+def differing_tokens(tokens, group):
+    """(rows, R) bool: where a rollout's token differs from another rollout of its prompt at the same position.
+    A token all G rollouts share cannot explain their rewards' spread. Decoded left to right its gradients would
+    cancel over the group (same state, advantages summing to zero); under parallel commits each rollout commits it
+    in another state, so they do not, and what is left is noise on every token of the trace."""
+    t = tokens.view(-1, group, tokens.shape[1])
+    return (t != t[:, :1]).any(1, keepdim=True).expand_as(t).reshape(tokens.shape)
 
 
 def kl_to_reference(new, ref):
@@ -109,7 +122,9 @@ def clipped_update(policy, reference, opt, batch, res, rows_kept, adv, cfg, bloc
     sub = {k: v[sel] for k, v in res.items()}
     prompt, pad, lv = batch['prompt'][sel], batch['pad'][sel], live_tokens(res)[sel]
     A = torch.as_tensor(adv[rows_kept], dtype=torch.float32, device=device)
-    n_live = lv.sum()
+    credited = (differing_tokens(res['tokens'], cfg.group)[sel] if cfg.credit == 'differing'
+                else torch.ones_like(lv))
+    n_live = lv.sum()  # the token mean over every live token either way: --credit only drops terms
     logprobs = lambda model, sl, part: token_logprobs(replay_logits(model, prompt[sl], pad[sl], part, block, vocab,
                                                                     lv[sl]), part['tokens'][lv[sl]], cfg.temperature)
     parts = [(sl, {k: v[sl] for k, v in sub.items()}) for sl in chunks(len(sel), cfg.micro_batch)]
@@ -117,6 +132,7 @@ def clipped_update(policy, reference, opt, batch, res, rows_kept, adv, cfg, bloc
         old = [logprobs(policy, sl, part) for sl, part in parts]
         ref = [logprobs(reference, sl, part) for sl, part in parts]
     stats = {'kl_to_start': (torch.cat(old) - torch.cat(ref)).mean().item(),
+             'credited': credited[lv].float().mean().item(),
              'replay_gap': (torch.cat(old) - sub['logp'][lv]).abs().max().item()}
     for _ in range(cfg.updates):
         opt.zero_grad(set_to_none=True)
@@ -124,7 +140,7 @@ def clipped_update(policy, reference, opt, batch, res, rows_kept, adv, cfg, bloc
         for ci, (sl, part) in enumerate(parts):
             with autocast(device):
                 new = logprobs(policy, sl, part)
-            a = A[sl][:, None].expand_as(lv[sl])[lv[sl]]          # each token gets its rollout's advantage
+            a = (A[sl][:, None] * credited[sl])[lv[sl]]          # each token gets its rollout's advantage
             ratio = (new - old[ci]).exp()
             obj = torch.minimum(ratio * a, ratio.clamp(1 - cfg.clip, 1 + cfg.clip) * a)
             loss = -obj.sum() / n_live                            # token-level mean (DAPO)

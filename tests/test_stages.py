@@ -221,6 +221,7 @@ def test_unknown_flag_is_refused(tmp_path):
     ('train_cft.py', ['--block=0'], '--block must be >= 1'),
     ('train_cft.py', ['--suffix_share=2'], 'in [0, 1]'),
     ('train_rl.py', ['--k=-2'], 'must be >= 0'),
+    ('train_rl.py', ['--credit=some'], "'all' (every committed token) or 'differing'"),
 ])
 def test_out_of_range_settings_are_refused_before_any_work(tmp_path, script, args, says):
     p = run(script, str(tmp_path), *args)  # no data, no checkpoint here: the check comes first
@@ -398,12 +399,14 @@ def test_the_teachers_drill_keeps_the_decisions_label_and_changes_what_follows_i
                                   ar_response_loss(model, batch, **rest_only))
 
 
-def test_rl_update_is_the_policy_gradient_at_ratio_one(tiny_data):
+@pytest.mark.parametrize('credit', ['all', 'differing'])
+def test_rl_update_is_the_policy_gradient_at_ratio_one(tiny_data, credit):
     """train_rl.clipped_update's first pass, where pi equals pi_old (ratio 1, nothing clipped), is plain SGD on
     -sum_t A(rollout of t) log pi(token t) / (live tokens) over the rows kept: the parameter change equals -lr
     times that gradient, from an independent replay here (a flipped sign, an advantage on the wrong row, a
-    per-row mean instead of DAPO's token mean each fail). Zero advantages move nothing; the start policy as
-    reference logs KL 0, and the replay reproduces the sampler's log-probs."""
+    per-row mean instead of DAPO's token mean each fail); with --credit=differing, the sum runs over the tokens
+    that differ within their group only. Zero advantages move nothing; the start policy as reference logs KL 0,
+    and the replay reproduces the sampler's log-probs."""
     import copy
     from conftest import tiny_model
     from data_beauty import collate
@@ -416,7 +419,7 @@ def test_rl_update_is_the_policy_gradient_at_ratio_one(tiny_data):
     res = generate_block(model, batch['prompt'], batch['pad'], 24, d.vocab, block=4, tau=0.5, temperature=1.0,
                          generator=torch.Generator().manual_seed(0))
     adv, kept = np.array([1.0, -1.0, 0.5, -0.5]), [0, 1, 3]
-    cfg = TrainRLConfig(updates=1, micro_batch=2, grad_clip=1e9, kl_weight=0.0)
+    cfg = TrainRLConfig(updates=1, micro_batch=2, grad_clip=1e9, kl_weight=0.0, group=2, credit=credit)
     lr = 0.05
     live = live_tokens(res)
     sel = torch.tensor(kept)
@@ -426,6 +429,11 @@ def test_rl_update_is_the_policy_gradient_at_ratio_one(tiny_data):
                                       {k: v[sel] for k, v in res.items()}, 4, d.vocab, live[sel]),
                         res['tokens'][sel][live[sel]], 1.0)
     a = torch.tensor(adv[kept], dtype=torch.float32)[:, None].expand_as(live[sel])[live[sel]]
+    if credit == 'differing':  # by hand: a position counts where the two rollouts of its prompt disagree
+        t = res['tokens']
+        differ = torch.stack([t[0] != t[1], t[0] != t[1], t[2] != t[3], t[2] != t[3]])[sel][live[sel]]
+        assert 0 < differ.sum() < len(differ)
+        a = a * differ
     (-(a * lp).sum() / live[sel].sum()).backward()
     with torch.no_grad():
         for p in expected.parameters():
@@ -436,6 +444,7 @@ def test_rl_update_is_the_policy_gradient_at_ratio_one(tiny_data):
         torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-4)
     assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), reference.parameters()))
     assert stats['kl_to_start'] == 0.0 and stats['replay_gap'] < 1e-4
+    assert (stats['credited'] < 1) == (credit == 'differing')
     frozen = copy.deepcopy(model)
     clipped_update(model, reference, torch.optim.SGD(model.parameters(), lr=lr), batch, res, kept, 0 * adv, cfg, 4,
                    d.vocab, torch.device('cpu'), 1)
