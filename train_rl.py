@@ -10,7 +10,8 @@ copying the incoming order pays: GR2's reward hacking); invalid output gets -1 a
 Advantages are group-normalised; zero-variance groups are dropped. A trajectory's log-probability is the sum
 over its committed tokens at the states in which they were committed (replay); pi_old is that replay before
 the update, without gradients; the ratio is clipped at 0.2 per token. `--credit=differing` gives the advantage
-only to the tokens in which a group's rollouts differ (differing_tokens).
+only to the tokens in which a group's rollouts differ (differing_tokens); `--min_groups` draws more prompts
+until that many groups carry signal (DAPO's dynamic sampling), so that one update averages over them.
 """
 import copy
 from dataclasses import dataclass
@@ -45,6 +46,8 @@ class TrainRLConfig(StageSettings):  # + min_validity, eval_n, eval_batch, time_
     format_weight: float = 0.2
     kl_weight: float = 0.0       # > 0: a per-token KL penalty to the start policy (GRPO's beta; 0 = the SPEC recipe)
     credit: str = 'all'          # 'differing': the advantage only on tokens that differ within their group
+    min_groups: int = 0          # > 0: draw n_prompts more until this many groups carry signal (DAPO's dynamic
+    max_draws: int = 1           # sampling), at most max_draws draws a step; 0 / 1: one draw, as SPEC's recipe
     updates: int = 1             # policy updates per batch of rollouts
     max_steps: int = 60
     micro_batch: int = 32
@@ -56,6 +59,10 @@ class TrainRLConfig(StageSettings):  # + min_validity, eval_n, eval_batch, time_
     CPU_SETTING = dict(n_prompts=8, max_steps=100, eval_every=50, eval_n=0, eval_batch=128)
 
     def problem(self):
+        if self.max_draws < 1 or self.min_groups < 0:
+            return f"--max_draws={self.max_draws} must be >= 1 and --min_groups={self.min_groups} >= 0"
+        if self.min_groups and self.max_draws == 1:
+            return f"--min_groups={self.min_groups} draws more prompts only with --max_draws > 1 (e.g. 16)"
         if self.credit not in ('all', 'differing'):
             return f"--credit={self.credit}: 'all' (every committed token) or 'differing'"
         return same_file_problem('policy', self.policy, self.out) or super().problem()
@@ -113,39 +120,49 @@ def load_policy(cfg, device):
     return policy, ck, data, block
 
 
-def clipped_update(policy, reference, opt, batch, res, rows_kept, adv, cfg, block, vocab, device, step):
-    """The clipped policy-gradient update on the rollouts of the groups kept: pi_old and the start policy replayed
-    once (no gradient), then `cfg.updates` passes over micro-batches with the token-level mean of DAPO and the
-    optional KL penalty to the start policy. Returns the step's stats: the KL to the start policy, the largest gap
-    between the sampler's log-probs and the replay's (0 when the replay is exact), the loss."""
+def micro_batches(batch, res, rows_kept, adv, cfg, device):
+    """The rollouts of the groups kept from one draw, cut into micro-batches: each with its prompts, padding, live
+    tokens, trajectory (tokens, commit steps, sampler log-probs), advantages and credited tokens."""
     sel = torch.as_tensor(rows_kept, device=device)
-    sub = {k: v[sel] for k, v in res.items()}
-    prompt, pad, lv = batch['prompt'][sel], batch['pad'][sel], live_tokens(res)[sel]
-    A = torch.as_tensor(adv[rows_kept], dtype=torch.float32, device=device)
+    live = live_tokens(res)[sel]
     credited = (differing_tokens(res['tokens'], cfg.group)[sel] if cfg.credit == 'differing'
-                else torch.ones_like(lv))
-    n_live = lv.sum()  # the token mean over every live token either way: --credit only drops terms
-    logprobs = lambda model, sl, part: token_logprobs(replay_logits(model, prompt[sl], pad[sl], part, block, vocab,
-                                                                    lv[sl]), part['tokens'][lv[sl]], cfg.temperature)
-    parts = [(sl, {k: v[sl] for k, v in sub.items()}) for sl in chunks(len(sel), cfg.micro_batch)]
+                else torch.ones_like(live))
+    A = torch.as_tensor(adv[rows_kept], dtype=torch.float32, device=device)
+    prompt, pad, traj = batch['prompt'][sel], batch['pad'][sel], {k: v[sel] for k, v in res.items()}
+    return [dict(prompt=prompt[sl], pad=pad[sl], live=live[sl], traj={k: v[sl] for k, v in traj.items()},
+                 adv=A[sl], credited=credited[sl]) for sl in chunks(len(sel), cfg.micro_batch)]
+
+
+def clipped_update(policy, reference, opt, pieces, cfg, block, vocab, device, step):
+    """The clipped policy-gradient update on the micro-batches of kept rollouts (of one draw or several): pi_old
+    and the start policy replayed once (no gradient), then `cfg.updates` passes with the token-level mean of
+    DAPO over all of them and the optional KL penalty to the start policy. Returns the step's stats: the KL to
+    the start policy, the share of live tokens credited, the largest gap between the sampler's log-probs and
+    the replay's (0 when the replay is exact), the loss."""
+    n_live = sum(p['live'].sum() for p in pieces)  # the token mean over every live token: --credit only drops terms
+    logprobs = lambda model, p: token_logprobs(replay_logits(model, p['prompt'], p['pad'], p['traj'], block, vocab,
+                                                             p['live']), p['traj']['tokens'][p['live']],
+                                               cfg.temperature)
     with torch.no_grad(), autocast(device):  # pi_old (and the start policy) from the replay path
-        old = [logprobs(policy, sl, part) for sl, part in parts]
-        ref = [logprobs(reference, sl, part) for sl, part in parts]
+        old = [logprobs(policy, p) for p in pieces]
+        ref = [logprobs(reference, p) for p in pieces]
+    cat = lambda key: torch.cat([p[key][p['live']] for p in pieces])
     stats = {'kl_to_start': (torch.cat(old) - torch.cat(ref)).mean().item(),
-             'credited': credited[lv].float().mean().item(),
-             'replay_gap': (torch.cat(old) - sub['logp'][lv]).abs().max().item()}
+             'credited': cat('credited').float().mean().item(),
+             'replay_gap': (torch.cat(old) - torch.cat([p['traj']['logp'][p['live']] for p in pieces])).abs().max()
+             .item()}
     for _ in range(cfg.updates):
         opt.zero_grad(set_to_none=True)
         total = 0.0
-        for ci, (sl, part) in enumerate(parts):
+        for p, old_p, ref_p in zip(pieces, old, ref):
             with autocast(device):
-                new = logprobs(policy, sl, part)
-            a = (A[sl][:, None] * credited[sl])[lv[sl]]          # each token gets its rollout's advantage
-            ratio = (new - old[ci]).exp()
+                new = logprobs(policy, p)
+            a = (p['adv'][:, None] * p['credited'])[p['live']]    # each token gets its rollout's advantage
+            ratio = (new - old_p).exp()
             obj = torch.minimum(ratio * a, ratio.clamp(1 - cfg.clip, 1 + cfg.clip) * a)
             loss = -obj.sum() / n_live                            # token-level mean (DAPO)
             if cfg.kl_weight > 0:
-                loss = loss + cfg.kl_weight * kl_to_reference(new, ref[ci]).sum() / n_live
+                loss = loss + cfg.kl_weight * kl_to_reference(new, ref_p).sum() / n_live
             loss.backward()
             total += loss.item()
         if not np.isfinite(total):
@@ -170,19 +187,27 @@ def main():
     for step in pbar:
         for g in opt.param_groups:
             g['lr'] = lr_at(step, cfg.max_steps, cfg)
-        rng = np.random.default_rng([cfg.seed, step])  # prompts depend on the step only: a resumed run sees the same
-        idx = rng.integers(0, len(train), cfg.n_prompts)
-        batch, res, rows = rollouts(policy, data, idx, cfg.group, block, cfg, gen, device)
-        ranks, valid, copies = score_rollouts(res, data, rows)
-        before = train.target[rows] + 1
-        rewards = rank_reward(before, ranks, valid, N, cfg.format_weight)
-        adv, keep = group_advantages(rewards, cfg.group)
+        pieces, scored = [], []
+        for draw in range(cfg.max_draws):  # with --min_groups, draw prompts until that many groups carry signal
+            # prompts depend on the step (and draw) only: a resumed run sees the same
+            rng = np.random.default_rng([cfg.seed, step] + ([draw] if draw else []))
+            idx = rng.integers(0, len(train), cfg.n_prompts)
+            batch, res, rows = rollouts(policy, data, idx, cfg.group, block, cfg, gen, device)
+            ranks, valid, copies = score_rollouts(res, data, rows)
+            before = train.target[rows] + 1
+            rewards = rank_reward(before, ranks, valid, N, cfg.format_weight)
+            adv, keep = group_advantages(rewards, cfg.group)
+            if keep.any():
+                pieces += micro_batches(batch, res, np.where(keep)[0], adv, cfg, device)
+            scored.append((before, ranks, valid, copies, rewards, keep))
+            if sum(k.sum() for *_, k in scored) >= cfg.min_groups * cfg.group:
+                break
+        before, ranks, valid, copies, rewards, keep = map(np.concatenate, zip(*scored))
         stats = dict(step=step + 1, reward=rewards.mean(), validity=valid.mean(), rank_change=(before - ranks).mean(),
                      copy_share=float(copies[before > 1].mean()) if (before > 1).any() else None,
-                     groups_kept=keep.reshape(-1, cfg.group)[:, 0].mean())
-        if keep.any():
-            stats.update(clipped_update(policy, reference, opt, batch, res, np.where(keep)[0], adv, cfg, block,
-                                        vocab, device, step))
+                     groups_kept=keep.reshape(-1, cfg.group)[:, 0].mean(), draws=len(scored))
+        if pieces:
+            stats.update(clipped_update(policy, reference, opt, pieces, cfg, block, vocab, device, step))
         log.write(**stats)
         pbar.set_postfix(reward=f"{rewards.mean():.3f}", valid=f"{valid.mean():.2f}")
         evaluate_now, stop = cfg.evaluation_due(step, timer)

@@ -20,7 +20,7 @@ TINY = {
                      '--suffix_share=0.5'],
     'train_opd.py': ['--n_prompts=2', '--group=2', '--max_steps=2', '--eval_every=2', '--cft_weight=0.5'],
     'train_rl.py': ['--n_prompts=2', '--group=4', '--max_steps=2', '--eval_every=2',
-                    '--kl_weight=0.5'],  # the KL penalty's code path runs end to end
+                    '--kl_weight=0.5', '--min_groups=1', '--max_draws=2'],  # the KL penalty and dynamic sampling
 }
 
 
@@ -222,6 +222,7 @@ def test_unknown_flag_is_refused(tmp_path):
     ('train_cft.py', ['--suffix_share=2'], 'in [0, 1]'),
     ('train_rl.py', ['--k=-2'], 'must be >= 0'),
     ('train_rl.py', ['--credit=some'], "'all' (every committed token) or 'differing'"),
+    ('train_rl.py', ['--min_groups=4'], 'only with --max_draws > 1'),
 ])
 def test_out_of_range_settings_are_refused_before_any_work(tmp_path, script, args, says):
     p = run(script, str(tmp_path), *args)  # no data, no checkpoint here: the check comes first
@@ -411,7 +412,7 @@ def test_rl_update_is_the_policy_gradient_at_ratio_one(tiny_data, credit):
     from conftest import tiny_model
     from data_beauty import collate
     from diffusion import convert, generate_block, live_tokens, replay_logits, token_logprobs
-    from train_rl import TrainRLConfig, clipped_update
+    from train_rl import TrainRLConfig, clipped_update, micro_batches
     d = tiny_data
     torch.manual_seed(0)
     model = convert(tiny_model(d.vocab), d.vocab)
@@ -438,16 +439,23 @@ def test_rl_update_is_the_policy_gradient_at_ratio_one(tiny_data, credit):
     with torch.no_grad():
         for p in expected.parameters():
             p -= lr * p.grad
+    two_draws = copy.deepcopy(model)  # the same rows from two draws (--min_groups): one token mean over both
+    pieces = [p for rows in ([0, 1], [3]) for p in micro_batches(batch, res, rows, adv, cfg, torch.device('cpu'))]
+    clipped_update(two_draws, reference, torch.optim.SGD(two_draws.parameters(), lr=lr), pieces, cfg, 4, d.vocab,
+                   torch.device('cpu'), 0)
     opt = torch.optim.SGD(model.parameters(), lr=lr)
-    stats = clipped_update(model, reference, opt, batch, res, kept, adv, cfg, 4, d.vocab, torch.device('cpu'), 0)
-    for p, q in zip(model.parameters(), expected.parameters()):
+    stats = clipped_update(model, reference, opt, micro_batches(batch, res, kept, adv, cfg, torch.device('cpu')), cfg,
+                           4, d.vocab, torch.device('cpu'), 0)
+    for p, q, r in zip(model.parameters(), expected.parameters(), two_draws.parameters()):
         torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-4)
+        torch.testing.assert_close(r, q, atol=1e-6, rtol=1e-4)
     assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), reference.parameters()))
     assert stats['kl_to_start'] == 0.0 and stats['replay_gap'] < 1e-4
     assert (stats['credited'] < 1) == (credit == 'differing')
     frozen = copy.deepcopy(model)
-    clipped_update(model, reference, torch.optim.SGD(model.parameters(), lr=lr), batch, res, kept, 0 * adv, cfg, 4,
-                   d.vocab, torch.device('cpu'), 1)
+    clipped_update(model, reference, torch.optim.SGD(model.parameters(), lr=lr),
+                   micro_batches(batch, res, kept, 0 * adv, cfg, torch.device('cpu')), cfg, 4, d.vocab,
+                   torch.device('cpu'), 1)
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), frozen.parameters()))
 
 
