@@ -46,8 +46,8 @@ def headline(summary, evals, bench_rows):
     decoding), the batch-1 speedup over AR from bench.json where that checkpoint was timed, and n; with the copy
     share beside them, since a re-ranker can reach the floor's numbers by handing the pre-ranker's order back."""
     speed = {r['accuracy_from']: r['speedup'] for r in bench_rows if r['batch'] == 1}
-    lines = ['| system | R@1 [95% CI] | N@3 [95% CI] | validity | tokens/forward | speedup (batch 1) | copy share | n |',
-             '|---' * 8 + '|']
+    lines = ['| system | R@1 [95% CI] | N@3 [95% CI] | validity | tokens/forward | speedup (batch 1) | copy share '
+             '| n |', '|---' * 8 + '|']
     for row in summary['accuracy']:
         if row['name'] not in HEADLINE:
             continue
@@ -57,20 +57,19 @@ def headline(summary, evals, bench_rows):
         up = speed.get(f"eval_{row['name']}.json")
         lines.append(f"| {row['label']} | " + ' | '.join(f"{m[k]:.4f} [{ci[k][0]:.4f}, {ci[k][1]:.4f}]"
                                                         for k in ('R@1', 'N@3')) +
-                     f" | {row['validity']:.3f} | {tpf} | {'' if up is None else f'{up:.2f}x'} | {share(row['copy_share'])} | "
-                     f"{row['n']} |")
+                     f" | {row['validity']:.3f} | {tpf} | {'' if up is None else f'{up:.2f}x'} | "
+                     f"{share(row['copy_share'])} | {row['n']} |")
     return lines
 
 
 def share(x):
+    """A share to three places, blank where there is none."""
     return '' if x is None else f"{x:.3f}"
 
 
-def interval(ranks, metric, n_boot=10000, seed=0):
-    v = per_rank_metric(ranks, metric)
-    rng = np.random.default_rng(seed)
-    boots = v[rng.integers(0, len(v), size=(n_boot, len(v)))].mean(1)
-    return [float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))]
+def interval(ranks, metric):
+    b = bootstrap_mean(per_rank_metric(ranks, metric))
+    return [b['lo'], b['hi']]
 
 
 def copy_share_of(e, floor):
@@ -126,29 +125,29 @@ def over_seeds(folder):
     return rows
 
 
+def paired_diff(ev, key, vs, k):
+    """Per user, metric k of `key` minus that of `vs`, over the users both files decoded."""
+    n = paired_users(ev[key], ev[vs])
+    return per_rank_metric(ev[key]['per_user']['rank'][:n], k) - per_rank_metric(ev[vs]['per_user']['rank'][:n], k)
+
+
 def mean_paired_diffs(seeds, key, vs):
     """{metric: mean over seeds of the paired R@1 / N@3 difference key - vs}, or None where a seed lacks a pair."""
     if not all(vs in ev and paired_users(ev[key], ev[vs]) for ev in seeds):
         return None
-    def diff(ev, k):
-        n = paired_users(ev[key], ev[vs])
-        return (per_rank_metric(ev[key]['per_user']['rank'][:n], k).mean() -
-                per_rank_metric(ev[vs]['per_user']['rank'][:n], k).mean())
-    return {k: float(np.mean([diff(ev, k) for ev in seeds])) for k in ('R@1', 'N@3')}
+    return {k: float(np.mean([paired_diff(ev, key, vs, k).mean() for ev in seeds])) for k in ('R@1', 'N@3')}
 
 
 def seed_mean_interval(seeds, key, vs):
     """{metric: 95% interval of the mean over seeds of the paired difference key - vs}, from resampling users (the
     same users in every seed: the split is fixed), or None where the seeds' users differ. It is the interval of
     these runs on these users: the seeds are fixed, not drawn."""
-    users = [ev[key]['per_user']['user'] for ev in seeds] + [ev[vs]['per_user']['user'] for ev in seeds]
+    users = [ev[key]['per_user']['user'][:paired_users(ev[key], ev[vs])] for ev in seeds]
     if any(u != users[0] for u in users):
         return None
     out = {}
     for k in ('R@1', 'N@3'):
-        per_user = np.mean([per_rank_metric(ev[key]['per_user']['rank'], k) -
-                            per_rank_metric(ev[vs]['per_user']['rank'], k) for ev in seeds], axis=0)
-        b = bootstrap_mean(per_user)
+        b = bootstrap_mean(np.mean([paired_diff(ev, key, vs, k) for ev in seeds], axis=0))
         out[k] = [b['lo'], b['hi']]
     return out
 

@@ -47,7 +47,7 @@ class TrainRLConfig(StageSettings):  # + min_validity, eval_n, eval_batch, time_
     kl_weight: float = 0.0       # > 0: a per-token KL penalty to the start policy (GRPO's beta; 0 = the SPEC recipe)
     credit: str = 'all'          # 'differing': the advantage only on tokens that differ within their group
     min_groups: int = 0          # > 0: draw n_prompts more until this many groups carry signal (DAPO's dynamic
-    max_draws: int = 1           # sampling), at most max_draws draws a step; 0 / 1: one draw, as SPEC's recipe
+    max_draws: int = 1           # sampling), at most max_draws draws a step; the defaults: one draw, SPEC's recipe
     updates: int = 1             # policy updates per batch of rollouts
     max_steps: int = 60
     micro_batch: int = 32
@@ -146,11 +146,10 @@ def clipped_update(policy, reference, opt, pieces, cfg, block, vocab, device, st
     with torch.no_grad(), autocast(device):  # pi_old (and the start policy) from the replay path
         old = [logprobs(policy, p) for p in pieces]
         ref = [logprobs(reference, p) for p in pieces]
-    cat = lambda key: torch.cat([p[key][p['live']] for p in pieces])
-    stats = {'kl_to_start': (torch.cat(old) - torch.cat(ref)).mean().item(),
-             'credited': cat('credited').float().mean().item(),
-             'replay_gap': (torch.cat(old) - torch.cat([p['traj']['logp'][p['live']] for p in pieces])).abs().max()
-             .item()}
+    old_all, sampled = torch.cat(old), torch.cat([p['traj']['logp'][p['live']] for p in pieces])
+    stats = {'kl_to_start': (old_all - torch.cat(ref)).mean().item(),
+             'credited': torch.cat([p['credited'][p['live']] for p in pieces]).float().mean().item(),
+             'replay_gap': (old_all - sampled).abs().max().item()}
     for _ in range(cfg.updates):
         opt.zero_grad(set_to_none=True)
         total = 0.0
