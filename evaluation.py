@@ -9,7 +9,7 @@ import torch
 
 from common import autocast, Timer, CheckpointError
 from data_beauty import DataConfig, BeautyData, collate
-from reasoning import ROLES, answers_from, token_roles
+from reasoning import ROLES, answers_from, token_roles, trace_hits
 from metrics import (parse_answer, target_rank, metrics_from_ranks, floor_ranks, copies_incoming, first_is_floor_first,
                      copy_share)
 from diffusion import bd3_hidden, generate_ar, generate_block, replay_hidden, left_to_right_steps
@@ -84,9 +84,9 @@ def trace_agreement(texts, split, vocab):
         best = toks[at] if at < len(toks) else None
         answer = toks.index(vocab.answer) + 1 if vocab.answer in toks else len(toks)
         first = toks[answer] if answer < len(toks) else None
-        counts += [toks[:end + 2] == gold[:end + 2], best == gold[end + 1], best is not None and first == best]
+        same = trace_hits(toks, gold, vocab)
+        counts += [same.all(), best == gold[end + 1], best is not None and first == best]
         roles = token_roles(torch.as_tensor(gold[:end + 2]), torch.as_tensor(kind[:end + 2]), vocab).numpy()
-        same = np.array([j < len(toks) and toks[j] == g for j, g in enumerate(gold[:end + 2])])
         np.add.at(role_hits, roles, same)
         np.add.at(role_n, roles, 1)
     out = dict(zip(('trace', 'conclusion', 'follows'), (counts / len(texts)).tolist()))

@@ -235,6 +235,15 @@ def encode(hist, cands, target_idx, ev, attrs, vocab, score_w, trace=True):
     return prompt, response + answer, kind + [2] + [1] * (len(answer) - 1)
 
 
+def trace_hits(toks, gold, vocab):
+    """(T,) bool: which of the data's trace tokens (`gold`'s, up to and including the conclusion's slot) a
+    decoded response `toks` holds at the same position. The layout is fixed, so position j is the same role in
+    every trace; the trace is computed from the prompt alone, so this checks the reasoning, not the target."""
+    gold = [int(t) for t in gold]
+    end = gold.index(vocab.best) + 2
+    return np.array([j < len(toks) and toks[j] == g for j, g in enumerate(gold[:end])])
+
+
 def drill_decisions(batch, share, rng, vocab):
     """Rewrite the answers of a random `share` of the rows (numpy `rng`) as if their decision were a random slot:
     that slot, then the other slots in the pre-ranker's order; mark those rows `drilled` (their decision then

@@ -7,6 +7,7 @@ from common import autocast
 from data_beauty import collate
 from diffusion import generate_block
 from metrics import parse_answer, target_rank, copies_incoming
+from reasoning import trace_hits
 
 
 def rollouts(model, data, idx, group, block, cfg, gen, device, sample_block=None):
@@ -25,18 +26,21 @@ def rollouts(model, data, idx, group, block, cfg, gen, device, sample_block=None
 
 
 def score_rollouts(res, data, rows):
-    """Parse each rollout: its target rank after re-ranking (invalid = the pre-ranker's), validity, and
-    whether a valid output copies the incoming order."""
+    """Parse each rollout: its target rank after re-ranking (invalid = the pre-ranker's), validity, whether a
+    valid output copies the incoming order, and the share of the data's trace tokens it writes right (0 where
+    the data has no trace; reasoning.trace_hits)."""
     sp, vocab = data.splits['train'], data.vocab
     tokens, lengths = res['tokens'].cpu(), res['lengths'].cpu()  # one copy, not one sync per rollout
-    ranks, valid, copies = [], [], []
+    has_trace = vocab.best in sp.responses[0]
+    ranks, valid, copies, trace = [], [], [], []
     for r, i in enumerate(rows):
         toks = tokens[r, :int(lengths[r])].tolist()
         ranking = parse_answer(toks, vocab)
         ranks.append(target_rank(ranking, sp.target[i]))
         valid.append(ranking is not None)
         copies.append(copies_incoming(ranking))
-    return np.array(ranks), np.array(valid), np.array(copies)
+        trace.append(trace_hits(toks, sp.responses[i], vocab).mean() if has_trace else 0.0)
+    return np.array(ranks), np.array(valid), np.array(copies), np.array(trace)
 
 
 def chunks(n, size):

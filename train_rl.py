@@ -12,6 +12,9 @@ over its committed tokens at the states in which they were committed (replay); p
 the update, without gradients; the ratio is clipped at 0.2 per token. `--credit=differing` gives the advantage
 only to the tokens in which a group's rollouts differ (differing_tokens); `--min_groups` draws more prompts
 until that many groups carry signal (DAPO's dynamic sampling), so that one update averages over them.
+`--trace_weight` adds a process reward to a valid rollout: that weight x the share of its trace tokens that
+are the data's (reasoning.trace_hits). The trace is computed from the prompt, so this checks the reasoning
+against the prompt, never the target: a verifier of the trace, where the rank reward judges only its answer.
 """
 import copy
 from dataclasses import dataclass
@@ -44,6 +47,7 @@ class TrainRLConfig(StageSettings):  # + min_validity, eval_n, eval_batch, time_
     from_left: bool = False      # the evaluation's commit order (diffusion.commit_rule)
     clip: float = 0.2
     format_weight: float = 0.2
+    trace_weight: float = 0.0    # > 0: + this x the share of the trace written right (a process reward; 0 = SPEC)
     kl_weight: float = 0.0       # > 0: a per-token KL penalty to the start policy (GRPO's beta; 0 = the SPEC recipe)
     credit: str = 'all'          # 'differing': the advantage only on tokens that differ within their group
     min_groups: int = 0          # > 0: draw n_prompts more until this many groups carry signal (DAPO's dynamic
@@ -63,6 +67,8 @@ class TrainRLConfig(StageSettings):  # + min_validity, eval_n, eval_batch, time_
             return f"--max_draws={self.max_draws} must be >= 1 and --min_groups={self.min_groups} >= 0"
         if self.min_groups and self.max_draws == 1:
             return f"--min_groups={self.min_groups} draws more prompts only with --max_draws > 1 (e.g. 16)"
+        if self.trace_weight < 0:
+            return f"--trace_weight={self.trace_weight} must be >= 0 (0: the rank and format reward only)"
         if self.credit not in ('all', 'differing'):
             return f"--credit={self.credit}: 'all' (every committed token) or 'differing'"
         return same_file_problem('policy', self.policy, self.out) or super().problem()
@@ -192,19 +198,19 @@ def main():
             rng = np.random.default_rng([cfg.seed, step] + ([draw] if draw else []))
             idx = rng.integers(0, len(train), cfg.n_prompts)
             batch, res, rows = rollouts(policy, data, idx, cfg.group, block, cfg, gen, device)
-            ranks, valid, copies = score_rollouts(res, data, rows)
+            ranks, valid, copies, trace = score_rollouts(res, data, rows)
             before = train.target[rows] + 1
-            rewards = rank_reward(before, ranks, valid, N, cfg.format_weight)
+            rewards = rank_reward(before, ranks, valid, N, cfg.format_weight) + cfg.trace_weight * valid * trace
             adv, keep = group_advantages(rewards, cfg.group)
             if keep.any():
                 pieces += micro_batches(batch, res, np.where(keep)[0], adv, cfg, device)
-            scored.append((before, ranks, valid, copies, rewards, keep))
+            scored.append((before, ranks, valid, copies, trace, rewards, keep))
             if sum(k.sum() for *_, k in scored) >= cfg.min_groups * cfg.group:
                 break
-        before, ranks, valid, copies, rewards, keep = map(np.concatenate, zip(*scored))
+        before, ranks, valid, copies, trace, rewards, keep = map(np.concatenate, zip(*scored))
         stats = dict(step=step + 1, reward=rewards.mean(), validity=valid.mean(), rank_change=(before - ranks).mean(),
                      copy_share=float(copies[before > 1].mean()) if (before > 1).any() else None,
-                     groups_kept=keep.reshape(-1, cfg.group)[:, 0].mean(), draws=len(scored))
+                     trace_right=trace.mean(), groups_kept=keep.reshape(-1, cfg.group)[:, 0].mean(), draws=len(scored))
         if pieces:
             stats.update(clipped_update(policy, reference, opt, pieces, cfg, block, vocab, device, step))
         log.write(**stats)
@@ -218,7 +224,7 @@ def main():
             break
     finish_resume(cfg.out)
     finish(cfg, cfg.name, f"RL ({cfg.name})", log, keeper.best, timer, device,
-           ['reward', 'validity', 'rank_change', 'copy_share', 'kl_to_start', 'val_R1'])
+           ['reward', 'validity', 'rank_change', 'copy_share', 'trace_right', 'kl_to_start', 'val_R1'])
 
 
 if __name__ == '__main__':

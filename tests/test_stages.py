@@ -11,6 +11,7 @@ import torch
 
 from train_cft import TrainCFTConfig, block_at
 from train_rl import rank_reward, group_advantages, kl_to_reference
+from rollouts import score_rollouts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = {
@@ -20,7 +21,8 @@ TINY = {
                      '--suffix_share=0.5'],
     'train_opd.py': ['--n_prompts=2', '--group=2', '--max_steps=2', '--eval_every=2', '--cft_weight=0.5'],
     'train_rl.py': ['--n_prompts=2', '--group=4', '--max_steps=2', '--eval_every=2',
-                    '--kl_weight=0.5', '--min_groups=1', '--max_draws=2'],  # the KL penalty and dynamic sampling
+                    '--kl_weight=0.5', '--min_groups=1', '--max_draws=2',  # the KL penalty, dynamic sampling
+                    '--trace_weight=0.5'],                                   # and the process reward
 }
 
 
@@ -316,6 +318,24 @@ def test_rank_reward_by_hand():
     valid = [True, True, True, True, False]
     r = rank_reward(before, after, valid, n_cand=10)
     np.testing.assert_allclose(r, [0.2 + 0.2, 0.0 + 0.2, 0.0, -0.1, -1.0])  # improved, stays 1st, same, worse, invalid
+
+
+def test_score_rollouts_by_hand(tiny_data):
+    """Rollouts planted from the data's responses: each one's rank, validity, copy and the share of its trace
+    written right (one token off: one fewer; cut before the conclusion: none of what is missing)."""
+    v, sp = tiny_data.vocab, tiny_data.splits['train']
+    rows = np.array([0, 0, 1, 1])
+    texts = [[int(t) for t in sp.responses[i]] for i in rows]
+    n_trace = texts[0].index(v.best) + 2                                  # up to and including the conclusion
+    texts[1][0] = v.lead                                                  # a weight off
+    texts[3] = texts[3][:n_trace - 1]                                     # no conclusion, no answer: invalid
+    width = max(map(len, texts))
+    res = {'tokens': torch.tensor([t + [v.eos] * (width - len(t)) for t in texts]),
+           'lengths': torch.tensor([len(t) for t in texts])}
+    ranks, valid, copies, trace = score_rollouts(res, tiny_data, rows)
+    assert ranks.tolist() == [1, 1, 1, int(sp.target[1]) + 1]            # the data's answer ranks the target first
+    assert valid.tolist() == [True, True, True, False]
+    np.testing.assert_allclose(trace, [1, 1 - 1 / n_trace, 1, 1 - 1 / n_trace])
 
 
 def test_group_advantages_drop_zero_variance():
