@@ -244,6 +244,7 @@ def test_out_of_range_settings_are_refused_before_any_work(tmp_path, script, arg
     ('TrainCFTConfig', ['--certainty_skip=scores'], "unknown roles ['scores']"),
     ('TrainOPDConfig', ['--student=out/x.pt', '--out=out/x.pt'], 'overwrite its own parent'),
     ('TrainRLConfig', ['--lr=0'], '--lr=0.0: the learning rate must be > 0'),
+    ('TrainRLConfig', ['--trace_weight=-1'], '--trace_weight=-1.0 must be >= 0'),
     ('DecodeConfig', ['--device=tpu'], "use auto, cpu, cuda"),
     ('BenchConfig', ['--repeats=0'], '>= 1'),
 ])
