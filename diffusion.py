@@ -232,7 +232,7 @@ def generate_ar(model, prompt, pad, max_new, vocab, runner=None):
 
 @torch.no_grad()
 def generate_block(model, prompt, pad, max_resp, vocab, block, tau=0.9, k=0, temperature=0.0, generator=None,
-                   runner=None, from_left=False, one_by_one=None):
+                   runner=None, from_left=False):
     """Block-by-block decoding over a KV cache of the prompt and finished blocks.
 
     Inside a block, each step predicts every masked position at once and commits some of them (commit_rule).
@@ -241,9 +241,7 @@ def generate_block(model, prompt, pad, max_resp, vocab, block, tau=0.9, k=0, tem
     block's first token). A row stops as soon as every position left of a committed <eos> is committed (the
     rest of that block stays masked); the batch, once every row has. Returns tokens (B, R), lengths (up to
     <eos>), steps (B, R: the step of its block at which each token was committed, 1-based; 0 = not decoded),
-    logp (its log-probability then) and per-row forward and token counts (total, trace blocks, answer blocks).
-    `one_by_one` (B,) bool: rows that commit only their leftmost masked position each step, whatever the rule
-    (RL's --left_share: rollouts that write every token after the ones before it)."""
+    logp (its log-probability then) and per-row forward and token counts (total, trace blocks, answer blocks)."""
     B, P = prompt.shape
     R, dev = max_resp, prompt.device
     assert R % block == 0, "the response length must be a multiple of the block size"
@@ -291,8 +289,6 @@ def generate_block(model, prompt, pad, max_resp, vocab, block, tau=0.9, k=0, tem
             tok = cur.index_put((rows, offs), tok_m)
             conf = torch.zeros(masked.shape, device=dev, dtype=conf_m.dtype).index_put((rows, offs), conf_m)
             commit = commit_rule(conf, masked, tau, k, from_left)
-            if one_by_one is not None:
-                commit = torch.where(one_by_one[:, None], masked & (masked.cumsum(1) == 1), commit)
             cur = torch.where(commit, tok, cur)
             steps[:, b * block:(b + 1) * block] += commit * step
             logp[:, b * block:(b + 1) * block] += commit * conf.clamp(min=1e-30).log()

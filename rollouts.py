@@ -10,10 +10,9 @@ from metrics import parse_answer, target_rank, copies_incoming
 from reasoning import trace_hits
 
 
-def rollouts(model, data, idx, group, block, cfg, gen, device, sample_block=None, n_left=0):
+def rollouts(model, data, idx, group, block, cfg, gen, device, sample_block=None):
     """`group` sampled decodings of each prompt in idx (rows grouped prompt by prompt), `block` tokens a block
-    (`sample_block` if given: 1 for the AR teacher's own rollouts, padded to `block`'s response length); the
-    first `n_left` of each group commit one token a step from the left (diffusion.generate_block's one_by_one)."""
+    (`sample_block` if given: 1 for the AR teacher's own rollouts, padded to `block`'s response length)."""
     sp = data.splits['train']
     rows = np.repeat(np.asarray(idx), group)
     batch = collate(sp, rows, data.vocab, block=block, device=device)
@@ -22,13 +21,8 @@ def rollouts(model, data, idx, group, block, cfg, gen, device, sample_block=None
     with torch.no_grad(), autocast(device):
         res = generate_block(model, batch['prompt'], batch['pad'], max_r, data.vocab, block=sample_block or block,
                              tau=cfg.tau, k=cfg.k, temperature=cfg.temperature, generator=gen,
-                             from_left=cfg.from_left, one_by_one=left_rows(len(rows), group, n_left, device))
+                             from_left=cfg.from_left)
     return batch, res, rows
-
-
-def left_rows(n_rows, group, n_left, device):
-    """(n_rows,) bool: the first n_left rollouts of each group; None when there are none."""
-    return (torch.arange(n_rows, device=device) % group < n_left) if n_left else None
 
 
 def score_rollouts(res, data, rows):

@@ -15,9 +15,6 @@ until that many groups carry signal (DAPO's dynamic sampling), so that one updat
 `--trace_weight` adds a process reward to a valid rollout: that weight x the share of its trace tokens that
 are the data's (reasoning.trace_hits). The trace is computed from the prompt, so this checks the reasoning
 against the prompt, never the target: a verifier of the trace, where the rank reward judges only its answer.
-`--left_share` commits that share of each group's rollouts one token a step from the left: the student's wrong
-trace tokens are sure ones, written alike by every rollout of the evaluation's sampler (FINDINGS.md), and a
-rollout that writes each score after its weights gives the group the other outcome to compare with.
 """
 import copy
 from dataclasses import dataclass
@@ -51,7 +48,6 @@ class TrainRLConfig(StageSettings):  # + min_validity, eval_n, eval_batch, time_
     clip: float = 0.2
     format_weight: float = 0.2
     trace_weight: float = 0.0    # > 0: + this x the share of the trace written right (a process reward; 0 = SPEC)
-    left_share: float = 0.0      # > 0: this share of each group commits one token a step from the left
     kl_weight: float = 0.0       # > 0: a per-token KL penalty to the start policy (GRPO's beta; 0 = the SPEC recipe)
     credit: str = 'all'          # 'differing': the advantage only on tokens that differ within their group
     min_groups: int = 0          # > 0: draw n_prompts more until this many groups carry signal (DAPO's dynamic
@@ -71,8 +67,6 @@ class TrainRLConfig(StageSettings):  # + min_validity, eval_n, eval_batch, time_
             return f"--max_draws={self.max_draws} must be >= 1 and --min_groups={self.min_groups} >= 0"
         if self.min_groups and self.max_draws == 1:
             return f"--min_groups={self.min_groups} draws more prompts only with --max_draws > 1 (e.g. 16)"
-        if not 0 <= self.left_share < 1:
-            return f"--left_share={self.left_share} must be in [0, 1): a share of each group's rollouts"
         if self.trace_weight < 0:
             return f"--trace_weight={self.trace_weight} must be >= 0 (0: the rank and format reward only)"
         if self.credit not in ('all', 'differing'):
@@ -189,9 +183,7 @@ def main():
     policy, ck, data, block = load_policy(cfg, device)
     vocab, train, N = data.vocab, data.splits['train'], data.cfg.n_cand
     reference = copy.deepcopy(policy).eval().requires_grad_(False)  # the start policy: the KL we log (and penalise)
-    n_left = round(cfg.left_share * cfg.group)
-    print(f"policy {cfg.policy} (B = {block}); {cfg.n_prompts} prompts x {cfg.group} rollouts"
-          + (f", {n_left} of each committed one token a step from the left" if n_left else ""))
+    print(f"policy {cfg.policy} (B = {block}); {cfg.n_prompts} prompts x {cfg.group} rollouts")
     run = OnPolicyRun(policy, data, cfg, device, ck, block, 'rl', cfg.policy, 0.0)
     log, opt, gen, keeper = run.log, run.opt, run.gen, run.keeper
     pbar = tqdm(range(run.start, cfg.max_steps), desc=cfg.name, dynamic_ncols=True, initial=run.start,
@@ -205,7 +197,7 @@ def main():
             # prompts depend on the step (and draw) only: a resumed run sees the same
             rng = np.random.default_rng([cfg.seed, step] + ([draw] if draw else []))
             idx = rng.integers(0, len(train), cfg.n_prompts)
-            batch, res, rows = rollouts(policy, data, idx, cfg.group, block, cfg, gen, device, n_left=n_left)
+            batch, res, rows = rollouts(policy, data, idx, cfg.group, block, cfg, gen, device)
             ranks, valid, copies, trace = score_rollouts(res, data, rows)
             before = train.target[rows] + 1
             rewards = rank_reward(before, ranks, valid, N, cfg.format_weight) + cfg.trace_weight * valid * trace
@@ -216,11 +208,9 @@ def main():
             if sum(k.sum() for *_, k in scored) >= cfg.min_groups * cfg.group:
                 break
         before, ranks, valid, copies, trace, rewards, keep = map(np.concatenate, zip(*scored))
-        by_rule = np.arange(len(trace)) % cfg.group >= n_left  # the rollouts decoded as the evaluation decodes
         stats = dict(step=step + 1, reward=rewards.mean(), validity=valid.mean(), rank_change=(before - ranks).mean(),
                      copy_share=float(copies[before > 1].mean()) if (before > 1).any() else None,
-                     trace_right=trace[by_rule].mean(),
-                     trace_right_left=trace[~by_rule].mean() if n_left else None, groups_kept=keep.reshape(-1, cfg.group)[:, 0].mean(), draws=len(scored))
+                     trace_right=trace.mean(), groups_kept=keep.reshape(-1, cfg.group)[:, 0].mean(), draws=len(scored))
         if pieces:
             stats.update(clipped_update(policy, reference, opt, pieces, cfg, block, vocab, device, step))
         log.write(**stats)
