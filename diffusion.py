@@ -214,7 +214,8 @@ def generate_ar(model, prompt, pad, max_new, vocab, runner=None):
     """Greedy AR decoding with the KV cache; head and softmax in fp32. Returns tokens (B, max_new), lengths."""
     B, P = prompt.shape
     run = runner or CachedForward(model, pad, P, max_new, 1)
-    h = run(prompt, torch.arange(P, device=prompt.device))
+    col = torch.arange(P + max_new, device=prompt.device).expand(B, -1)   # every row writes column P + j at step j
+    h = run(prompt, col[:, :P], P)
     logits = model.head(h[:, -1], fp32=True)
     out = torch.full((B, max_new), vocab.eos, dtype=torch.long, device=prompt.device)
     done = torch.zeros(B, dtype=torch.bool, device=prompt.device)
@@ -223,9 +224,9 @@ def generate_ar(model, prompt, pad, max_new, vocab, runner=None):
         tok = torch.where(done, vocab.eos, logits.argmax(-1))
         out[:, j] = tok
         done |= tok == vocab.eos
-        if bool(done.all()) or j == max_new - 1:  # one host sync per step
+        if j == max_new - 1 or bool(done.all()):  # one host sync per step
             break
-        h = run(tok[:, None], torch.tensor([P + j], device=prompt.device))
+        h = run(tok[:, None], col[:, P + j:P + j + 1], P + j + 1)
         logits = model.head(h[:, -1], fp32=True)
     return out, first_eos_lengths(out, vocab)
 
@@ -233,73 +234,98 @@ def generate_ar(model, prompt, pad, max_new, vocab, runner=None):
 @torch.no_grad()
 def generate_block(model, prompt, pad, max_resp, vocab, block, tau=0.9, k=0, temperature=0.0, generator=None,
                    runner=None, from_left=False):
-    """Block-by-block decoding over a KV cache of the prompt and finished blocks.
+    """Block-by-block decoding over a KV cache of the prompt and finished blocks, each row at its own pace.
 
     Inside a block, each step predicts every masked position at once and commits some of them (commit_rule).
     A finished block's keys/values are written by one more pass, fused with the next block's first step
     ([finished block ; masked block] in one forward: the finished block's last position also predicts the new
-    block's first token). A row stops as soon as every position left of a committed <eos> is committed (the
-    rest of that block stays masked); the batch, once every row has. Returns tokens (B, R), lengths (up to
-    <eos>), steps (B, R: the step of its block at which each token was committed, 1-based; 0 = not decoded),
-    logp (its log-probability then) and per-row forward and token counts (total, trace blocks, answer blocks)."""
+    block's first token). A row's block is done once every position left of a committed <eos> is committed (the
+    rest of that block stays masked); the row then moves to its next block at the next step, whatever the other
+    rows are doing, and a row whose <eos> block is done leaves the batch. So a row writes, step for step, what it
+    writes decoded alone. In a step where some rows flush a finished block the batch forward is 2B wide; the
+    other rows feed their own block twice (both copies write the same keys and values; the first is not read).
+
+    Returns tokens (B, R), lengths (up to <eos>), steps (B, R: the step of its block at which each token was
+    committed, 1-based; 0 = not decoded), logp (its log-probability then), per-row forward and token counts
+    (total, trace blocks, answer blocks), and `carried`: the forwards the batch ran while each row was in it
+    (its own forwards, and under CUDA graphs those after its end too; their sum is what the batch paid for)."""
     B, P = prompt.shape
     R, dev = max_resp, prompt.device
     assert R % block == 0, "the response length must be a multiple of the block size"
+    n_blocks = R // block
     run = runner or CachedForward(model, pad, P, R, block)              # the KV cache (and CUDA graphs)
-    first_h = run(prompt, torch.arange(P, device=dev))[:, -1]          # predicts response token 0
-    x = torch.full((B, R), vocab.mask, dtype=torch.long, device=dev)
-    steps = torch.zeros((B, R), dtype=torch.long, device=dev)
-    logp = torch.zeros((B, R), device=dev)                              # log-prob of each token when committed
-    forwards = torch.ones(B, dtype=torch.long, device=dev)              # the prefill
-    block_steps = torch.zeros((B, R // block), dtype=torch.long, device=dev)
-    done = torch.zeros(B, dtype=torch.bool, device=dev)
-    pos = torch.arange(block, device=dev)
-    for b in range(R // block):
-        s0 = P + b * block                                              # first column of this block
-        cur = torch.where(done[:, None], vocab.eos, x[:, b * block:(b + 1) * block])
-        pending = b > 0                                                 # previous block not yet in the cache
-        step = 0
-        while True:
-            # positions after a committed <eos> are never read: a row is done once everything left of it is
-            masked = (cur == vocab.mask) & (pos[None, :] < first_eos_lengths(cur, vocab)[:, None])
-            rows, offs = masked.nonzero(as_tuple=True)                  # the one host sync per step
-            if len(rows) == 0:
+    first_h = run(prompt, torch.arange(P, device=dev).expand(B, -1), P)[:, -1]   # predicts response token 0
+    # the outputs (conf: each token's probability when committed), and the same for the rows still decoding
+    # (`row`: which output row each of them is)
+    out = dict(tokens=torch.full((B, R), vocab.mask, dtype=torch.long, device=dev),
+               steps=torch.zeros((B, R), dtype=torch.long, device=dev),
+               conf=torch.zeros((B, R), device=dev, dtype=torch.promote_types(first_h.dtype, torch.float32)),
+               carried=torch.ones(B, dtype=torch.long, device=dev))     # forwards that carried the row (prefill: 1)
+    state, row = {key: value.clone() for key, value in out.items()}, torch.arange(B, device=dev)
+    blk = torch.zeros(B, dtype=torch.long, device=dev)                  # the block each row is decoding
+    cur = torch.full((B, block), vocab.mask, dtype=torch.long, device=dev)   # its tokens
+    open_ = torch.ones((B, block), dtype=torch.bool, device=dev)        # its masked positions left of any <eos>
+    flush = torch.zeros(B, dtype=torch.bool, device=dev)                # its previous block is not cached yet
+    step = torch.zeros(B, dtype=torch.long, device=dev)                 # steps taken in that block
+    offs = torch.arange(block, device=dev)
+    any_flush, top_blk = False, 0
+    while True:
+        cols = blk[:, None] * block + offs                              # (n, block) response indices
+        n_keys = P + (top_blk + 1) * block                              # no query sees past its own block
+        # the token shift: offset 0 is predicted by the previous block's last column, offset j by column j - 1,
+        # so a forward returns only those columns' hidden states (rows=)
+        if any_flush:   # [previous block ; this block]: rows with nothing to flush feed their own block twice
+            before = cols - flush[:, None] * block
+            h = run(torch.cat([state['tokens'].gather(1, before), cur], 1), P + torch.cat([before, cols], 1), n_keys,
+                    rows=slice(block - 1, 2 * block - 1))               # (n, block, C)
+            first_h = torch.where(flush[:, None], h[:, 0], first_h)
+            pred = torch.cat([first_h[:, None], h[:, 1:]], 1)
+        elif block > 1:
+            pred = torch.cat([first_h[:, None], run(cur, P + cols, n_keys, rows=slice(0, block - 1))], 1)
+        else:
+            pred = first_h[:, None]                                     # B = 1, first block: the prefill predicted it
+        if any_flush or block > 1:
+            state['carried'] += 1
+        logits = model.head(pred, fp32=True)                            # (n, block, V)
+        logits[..., vocab.mask] = -float('inf')
+        tok, conf = choose_tokens(logits, temperature, generator)
+        commit = commit_rule(conf, open_, tau, k, from_left)
+        step += 1
+        cur = torch.where(commit, tok, cur)
+        state['tokens'].scatter_(1, cols, cur)
+        state['steps'].scatter_add_(1, cols, commit * step[:, None])
+        state['conf'].scatter_add_(1, cols, commit * conf)
+        # a row whose block has no open position left moves to its next block, or ends: after its <eos> block
+        open_ = (cur == vocab.mask) & ((cur == vocab.eos).cumsum(1) == 0)
+        done = ~open_.any(1)
+        ends = done & ((cur == vocab.eos).any(1) | (blk == n_blocks - 1))
+        flush = done & ~ends
+        blk += flush
+        step *= ~done
+        cur = torch.where(flush[:, None], vocab.mask, cur)
+        open_ |= flush[:, None]
+        n_ended, any_flush, top_blk = torch.stack([ends.sum(), flush.any(), blk.max()]).tolist()  # one host sync
+        if n_ended:   # rows that ended leave the batch (under CUDA graphs, which fix its shape, they idle to the end)
+            gone = ~open_.any(1)
+            if run.graphs and not bool(gone.all()):
+                continue
+            for key in out:
+                out[key].index_copy_(0, row[gone], state[key][gone])
+            if bool(gone.all()):
                 break
-            active = masked.any(1)
-            step += 1
-            if pending:
-                qcols = torch.arange(s0 - block, s0 + block, device=dev)
-                h = run(torch.cat([x[:, (b - 1) * block:b * block], cur], 1), qcols)
-                first_h = h[:, block - 1]
-                h = h[:, block:]
-                pending = False
-            elif block > 1:
-                qcols = torch.arange(s0, s0 + block, device=dev)
-                h = run(cur, qcols)
-            else:
-                h = None                                                # B = 1, first block: the prefill predicted it
-            if h is not None:
-                forwards += active
-            # the token shift: offset 0 is predicted by the previous block's last column, offset j by column j - 1
-            pred = first_h[:, None] if block == 1 else torch.cat([first_h[:, None], h[:, :block - 1]], 1)
-            # pred: (B, block, C), the hidden state that predicts each position of the block
-            logits = model.head(pred[rows, offs], fp32=True)            # (M, V): only where a token is read
-            logits[:, vocab.mask] = -float('inf')
-            tok_m, conf_m = choose_tokens(logits, temperature, generator)
-            tok = cur.index_put((rows, offs), tok_m)
-            conf = torch.zeros(masked.shape, device=dev, dtype=conf_m.dtype).index_put((rows, offs), conf_m)
-            commit = commit_rule(conf, masked, tau, k, from_left)
-            cur = torch.where(commit, tok, cur)
-            steps[:, b * block:(b + 1) * block] += commit * step
-            logp[:, b * block:(b + 1) * block] += commit * conf.clamp(min=1e-30).log()
-            block_steps[:, b] += active
-        x[:, b * block:(b + 1) * block] = cur
-        done |= (cur == vocab.eos).any(1)
-        if bool(done.all()):
-            break
-    lengths = first_eos_lengths(x, vocab)
-    return dict(tokens=x, lengths=lengths, steps=steps, logp=logp,
-                **count_by_kind(x, lengths, block_steps, forwards, block, vocab))
+            stay = (~gone).nonzero().squeeze(1)
+            run.keep(stay)
+            state = {key: value[stay] for key, value in state.items()}
+            row, blk, cur, open_, flush, step, first_h = (z[stay] for z in (row, blk, cur, open_, flush, step, first_h))
+            top_blk = int(blk.max())
+    tokens, steps = out['tokens'], out['steps']
+    lengths = first_eos_lengths(tokens, vocab)
+    live = torch.arange(R, device=dev)[None, :] < lengths[:, None]
+    block_steps = (steps * live).view(B, n_blocks, block).amax(2)     # each step commits a live token of its block
+    forwards = 1 + block_steps.sum(1) - int(block == 1)                   # the prefill; at B = 1 it predicts token 0
+    return dict(tokens=tokens, lengths=lengths, steps=steps, logp=out['conf'].clamp(min=1e-30).log() * (steps > 0),
+                carried=out['carried'],
+                **count_by_kind(tokens, lengths, block_steps, forwards, block, vocab))
 
 
 def first_eos_lengths(x, vocab):

@@ -43,19 +43,21 @@ def at_least_fp32(x):
 
 
 def rotary(pos, head_dim, base=10000.0):
-    """cos, sin of the rotary angles for position ids (B, T): each (B, 1, T, head_dim / 2), fp32.
+    """The rotary angles of position ids (B, T) as unit complex numbers, one per channel pair: (B, 1, T, head_dim / 2).
 
     Rotary positions (not learned absolute ones): attention scores then depend on the distance between query and
     key, so 'the token just before', 'the candidate two entries up' are one pattern wherever they sit; measured
     here, a small model learned to copy candidates from the prompt about twice as fast as with learned positions."""
     inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, device=pos.device, dtype=torch.float32) / head_dim)
     angle = pos[:, None, :, None].float() * inv_freq
-    return angle.cos(), angle.sin()
+    return torch.polar(torch.ones_like(angle), angle)
 
 
-def rotate(x, cos, sin):
-    x1, x2 = at_least_fp32(x).unflatten(-1, (-1, 2)).unbind(-1)
-    return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1).flatten(-2).to(x.dtype)
+def rotate(x, rot):
+    """Rotate each channel pair (x1, x2) by its angle, (x1 cos - x2 sin, x1 sin + x2 cos), as one complex product:
+    the textbook form in two operations instead of a dozen (at batch 1 a forward's time is its operation count)."""
+    pairs = torch.view_as_complex(at_least_fp32(x).unflatten(-1, (-1, 2)))
+    return torch.view_as_real(pairs * rot).flatten(-2).to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -66,20 +68,24 @@ class Attention(nn.Module):
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
         self.dropout = cfg.dropout
 
-    def forward(self, x, mask, rope, cache=None, layer=0, cols=None):
+    def forward(self, x, mask, rope, cache=None, layer=0, cols=None, rows=None):
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)
         q, k, v = (z.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for z in (q, k, v))  # (B, nh, T, hs)
-        q, k = rotate(q, *rope), rotate(k, *rope)  # keys enter the cache already rotated by their own position
+        q, k = rotate(q, rope), rotate(k, rope)  # keys enter the cache already rotated by their own position
         if cache is not None:
-            # write this forward's keys/values at their columns, then attend over every cached column;
-            # the mask decides which columns hold content this query may see
-            cache.k[layer].index_copy_(2, cols, k.to(cache.k.dtype))
-            cache.v[layer].index_copy_(2, cols, v.to(cache.v.dtype))
-            k, v = cache.k[layer].to(q.dtype), cache.v[layer].to(q.dtype)
+            # write this forward's keys/values at each row's columns (B, T), then attend over the first S cached
+            # columns, S the mask's width: the columns past every query's block are not read at all
+            at = cols[:, None, :, None].expand(B, self.n_head, T, C // self.n_head)
+            cache.k[layer].scatter_(2, at, k.to(cache.k.dtype))
+            cache.v[layer].scatter_(2, at, v.to(cache.v.dtype))
+            S = mask.shape[-1]
+            k, v = cache.k[layer][:, :, :S].to(q.dtype), cache.v[layer][:, :, :S].to(q.dtype)
+        if rows is not None:  # every row's keys and values are written; only these rows' queries are wanted
+            q, mask = q[:, :, rows], mask[:, rows]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.unsqueeze(1),
                                            dropout_p=self.dropout if self.training else 0.0)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+        y = y.transpose(1, 2).contiguous().view(B, q.shape[2], C)  # (B, T or len(rows), C)
         return self.proj(y)
 
 
@@ -101,8 +107,9 @@ class Block(nn.Module):
         self.ln2 = nn.LayerNorm(cfg.n_embd)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, mask, rope, cache, layer, cols):
-        x = x + self.attn(self.ln1(x), mask, rope, cache, layer, cols)
+    def forward(self, x, mask, rope, cache, layer, cols, rows=None):
+        a = self.attn(self.ln1(x), mask, rope, cache, layer, cols, rows)
+        x = (x if rows is None else x[:, rows]) + a
         return x + self.mlp(self.ln2(x))
 
 
@@ -127,10 +134,13 @@ class GPT(nn.Module):
         if isinstance(m, (nn.Linear, nn.Embedding)):
             nn.init.normal_(m.weight, std=0.02)
 
-    def forward(self, idx, pos, mask, cache=None, cols=None, start=None):
+    def forward(self, idx, pos, mask, cache=None, cols=None, start=None, rows=None):
         """Hidden states (B, T, C). idx, pos: (B, T); mask: (B, T, S) bool, True = may attend, where S = T
-        without a cache and S = the cache's columns with one (then `cols` (T,) says where idx's columns are);
-        start (B,): the position id of each row's first response token (its prompt's length).
+        without a cache and with one the cache's first S columns (then `cols` (B, T) says where each row's tokens
+        go: rows of a batch may decode different blocks);
+        start (B,): the position id of each row's first response token (its prompt's length). rows (a slice of T):
+        only these positions' hidden states are returned, and the last layer computes the others only as far as
+        its keys and values (the cache needs them, nothing reads their outputs).
 
         With n_resp_pos, a response token also gets an embedding of its index in the response. The trace's
         layout is fixed (index j is always, say, the third weight of the second entry), but rotary positions
@@ -154,7 +164,7 @@ class GPT(nn.Module):
             x = x + self.wee(torch.where(at == 0, entry, self.resp_entry[at.clamp(max=len(self.resp_entry) - 1)]))
         rope = rotary(pos, self.config.n_embd // self.config.n_head)
         for i, block in enumerate(self.blocks):
-            x = block(x, mask, rope, cache, i, cols)
+            x = block(x, mask, rope, cache, i, cols, rows if i == len(self.blocks) - 1 else None)
         return self.ln_f(x)
 
     def head(self, h, fp32=False, full=False):
@@ -178,50 +188,69 @@ class GPT(nn.Module):
 
 class CachedForward:
     """Model forwards over one static KV cache for a batch of left-padded prompts (P columns) and responses
-    (R columns) in blocks of `block`. With graphs=True (CUDA) each input width is captured once as a CUDA
-    graph and replayed: at this model size kernel-launch overhead, not arithmetic, sets decode time.
-    A runner can be reused for another batch of the same shape (every column is rewritten before it is read)."""
+    (R columns) in blocks of `block`. A call names each row's query columns (B, T), so rows may decode different
+    blocks, and how many leading columns its queries can see at most (`n_keys`): attention reads no column past
+    it. Which column may see which is fixed by the padding and the blocks, so set_pad() tabulates it once per batch
+    and a call only looks it up. With graphs=True (CUDA) each input width is captured once as a CUDA graph and
+    replayed (at this model size kernel-launch overhead, not arithmetic, sets decode time); a graph has fixed
+    shapes, so it attends over every column and its rows never leave (keep). A runner can be reused for another
+    batch of the same shape (set_pad; every column is rewritten before it is read)."""
 
     def __init__(self, model, pad, P, R, block, graphs=False):
-        self.model, self.graphs, self.captured, self.P = model, graphs, {}, P
-        self.blk, self.valid = column_blocks(pad, P, R, block)
-        self.pos = positions(pad, P + R)
-        self.start = P - pad
+        self.model, self.graphs, self.captured = model, graphs, {}
+        self.P, self.R, self.block = P, R, block
         self.dtype = torch.bfloat16 if pad.device.type == 'cuda' else None  # bf16 on CUDA, exact fp32 elsewhere
-        self.cache = model.new_cache(pad.shape[0], P + R, pad.device, dtype=self.dtype or torch.float32)
+        self.cache = None
+        self.set_pad(pad)
 
     def set_pad(self, pad):
-        """Reuse this runner (and its graphs) for another batch of the same shape: only the padding changes."""
-        n = self.pos.shape[1]
-        self.valid.copy_(torch.arange(n, device=pad.device)[None, :] >= pad[:, None])
-        self.pos.copy_(positions(pad, n))
-        self.start.copy_(self.P - pad)
+        """Start a batch: its padding fixes each column's position and what each column's query may see."""
+        n = self.P + self.R
+        blk, valid = column_blocks(pad, self.P, self.R, self.block)
+        table = dict(sees=attention_mask(blk, valid, torch.arange(n, device=pad.device)),  # (B, n, n)
+                     pos=positions(pad, n), start=self.P - pad, rows=torch.arange(len(pad), device=pad.device))
+        if self.graphs and self.cache is not None:  # the captured graphs read these very tensors: overwrite them
+            for key, value in table.items():
+                getattr(self, key).copy_(value)
+            return
+        self.__dict__.update(table)
+        if self.cache is None or self.cache.k.shape[1] != len(pad):
+            self.cache = self.model.new_cache(len(pad), n, pad.device, dtype=self.dtype or torch.float32)
 
-    def run(self, idx, qcols):
+    def keep(self, rows):
+        """Only these rows (indices into the current batch) decode on: the others leave the cache and the work."""
+        assert not self.graphs, "a captured graph has a fixed batch"
+        self.cache.k, self.cache.v = self.cache.k[:, rows], self.cache.v[:, rows]
+        self.sees, self.pos, self.start = self.sees[rows], self.pos[rows], self.start[rows]
+        self.rows = torch.arange(len(rows), device=rows.device)
+
+    def run(self, idx, qcols, n_keys, rows=None):
         # No autocast weight cache under graphs: the cache's bf16 weight copies are freed when the caller's autocast
         # ends, so a graph captured reading them replays on memory that is reused or, after the next capture
         # empties CUDA's cache, released (bench captures every runner before it replays any).
         ctx = (torch.autocast('cuda', dtype=self.dtype, cache_enabled=not self.graphs) if self.dtype is not None
                else nullcontext())
         with ctx:
-            return self.model(idx, self.pos[:, qcols], attention_mask(self.blk, self.valid, qcols), self.cache, qcols,
-                              self.start)
+            mask = self.sees[self.rows[:, None], qcols, :n_keys]       # (B, T, n_keys)
+            return self.model(idx, self.pos.gather(1, qcols), mask, self.cache, qcols, self.start, rows)
 
-    def __call__(self, idx, qcols):
+    def __call__(self, idx, qcols, n_keys=None, rows=None):
+        """Hidden states of idx (B, T) written at columns qcols (B, T), at `rows` (a slice of T; None: all); their
+        queries see at most the first n_keys columns (None: all)."""
         if not self.graphs:
-            return self.run(idx, qcols)
-        key = idx.shape[1]
+            return self.run(idx, qcols, n_keys or self.P + self.R, rows)
+        key = (idx.shape[1], None if rows is None else (rows.start, rows.stop))  # a slice is not hashable
         if key not in self.captured:
             static_idx, static_cols = idx.clone(), qcols.clone()
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 for _ in range(2):  # warm-up: same inputs, so the cache writes are what the real step writes
-                    self.run(static_idx, static_cols)
+                    self.run(static_idx, static_cols, self.P + self.R, rows)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                out = self.run(static_idx, static_cols)
+                out = self.run(static_idx, static_cols, self.P + self.R, rows)
             self.captured[key] = (graph, static_idx, static_cols, out)
         graph, static_idx, static_cols, out = self.captured[key]
         static_idx.copy_(idx)

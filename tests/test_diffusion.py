@@ -227,14 +227,50 @@ def test_sampler_spends_no_step_after_eos(tiny_data):
         assert torch.equal(res['n_forwards'], 1 + per_block.sum(1))
 
 
-def test_sampler_batch_invariance(tiny_data):
-    d, model, batch = setup(tiny_data, n=4, block=4)
-    res = generate_block(model, batch['prompt'], batch['pad'], 24, d.vocab, block=4, tau=0.5)
-    for r in range(4):
-        one = collate(d.splits['test'], [r], d.vocab, block=4)
-        res1 = generate_block(model, one['prompt'], one['pad'], 24, d.vocab, block=4, tau=0.5)
-        L = int(res1['lengths'][0])
-        assert torch.equal(res1['tokens'][0, :L], res['tokens'][r, :L])
+def reads_its_prompt(model, strength=6.0):
+    """An untrained model barely reads its prompt, so every row of a batch would decode alike: add to its hidden
+    states a signal of each row's prompt length and each token's position (a function of the row alone), so that
+    rows end in different blocks and finish blocks at different steps."""
+    forward = model.forward
+    direction = torch.randn(model.config.n_embd, generator=torch.Generator().manual_seed(0))
+
+    def hooked(idx, pos, mask, cache=None, cols=None, start=None, rows=None):
+        h = forward(idx, pos, mask, cache, cols, start, rows)
+        p = pos if rows is None else pos[:, rows]
+        return h + strength * torch.sin(1.3 * start[:, None].float() + 0.7 * p.float())[..., None] * direction
+    model.forward = hooked
+    return model
+
+
+def test_batched_rows_decode_as_they_do_alone(tiny_data):
+    """Each row of a batch moves on at its own pace (its own block, its own step in it) and writes exactly the
+    tokens, commit steps and log-probs it writes decoded alone, with padding, rows that end in different blocks
+    and rows that finish blocks at different steps; its forwards are the prefill plus one per step of each of
+    its blocks, and the batch pays for no row waiting on another."""
+    d, model, _ = setup(tiny_data, block=4)
+    model = reads_its_prompt(model)
+    sp = d.splits['test']
+    order = sorted(range(len(sp)), key=lambda i: len(sp.prompts[i]))
+    idx = order[:3] + order[-3:]                                          # short prompts get left padding
+    batch = collate(sp, idx, d.vocab, block=4)
+    for kw in (dict(tau=0.02), dict(tau=0.5), dict(k=2), dict(tau=0.02, from_left=True)):
+        res = generate_block(model, batch['prompt'], batch['pad'], 24, d.vocab, block=4, **kw)
+        for r, i in enumerate(idx):
+            one = collate(sp, [i], d.vocab, block=4)
+            alone = generate_block(model, one['prompt'], one['pad'], 24, d.vocab, block=4, **kw)
+            assert torch.equal(alone['carried'], alone['n_forwards'])
+            assert torch.equal(alone['tokens'][0], res['tokens'][r]) and torch.equal(alone['steps'][0], res['steps'][r])
+            torch.testing.assert_close(alone['logp'][0], res['logp'][r], atol=1e-5, rtol=1e-5)
+            assert int(alone['n_forwards'][0]) == int(res['n_forwards'][r])
+        live = torch.arange(24)[None, :] < res['lengths'][:, None]
+        per_block = (res['steps'] * live).view(len(idx), -1, 4).amax(2)   # steps each row spent in each block
+        assert torch.equal(res['n_forwards'], 1 + per_block.sum(1))
+        assert torch.equal(res['carried'], res['n_forwards'])             # no row was carried idle
+        if kw == dict(tau=0.02):  # the case described: rows out of step with one another, several tokens a step
+            assert len(set(res['lengths'].tolist())) > 2 and (per_block[:, :2] != per_block[:1, :2]).any()
+            assert (res['n_forwards'] < res['lengths']).all()
+            waiting = len(idx) * (1 + (per_block * (per_block > 0).any(0)).amax(0).sum())
+            assert int(res['carried'].sum()) < waiting                     # a batch that moves block by block
 
 
 def test_validity_loss_leaves_out_the_rows_whose_decision_is_rejected(tiny_data):
