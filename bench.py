@@ -3,13 +3,21 @@
     python bench.py                      # whatever the machine is: CPU-sized work on a CPU, CUDA graphs on a GPU
     python bench.py --batches="(1,)" --n_b1=16 --repeats=3 --accuracy=False   # a quick look
 
-Both sides run diffusion.py's own decoding functions over the same CachedForward (same model
-code, kernels and dtype) on the same test prompts, in one process: every setting is timed `repeats` times,
-the repeats interleaved between the settings (so a slow minute of a shared machine hits all of them), and the
-median is kept. Tokens are counted up to <eos>. Each diffusion checkpoint found (CFT, OPD, RL) is timed at its
-own decoding setting and at `taus`; R@1 and validity of a row come from the full test set decoded with the
-same settings (an eval_*.json of decode.py when one matches, else decoded here).
+Both sides run diffusion.py's own decoding functions over the same CachedForward (same model code, kernels and
+dtype) on the same random sample of test prompts, in one process: every setting is timed `repeats` times, the
+repeats interleaved between the settings (so a slow minute of a shared machine hits all of them); the median is
+kept and the spread over repeats reported. Tokens are counted up to <eos>. Each diffusion checkpoint found (CFT,
+OPD, RL) is timed at its own decoding setting and at `taus`; one whose weights are those of an earlier stage
+(RL that kept its start) is not timed again. R@1 and validity of a row come from the full test set decoded with
+the same settings: an eval_*.json of decode.py that records these very weights, else decoded here.
 
+Per row, besides tokens/s and the speedup over AR at the same batch:
+  tokens_per_forward        tokens over the forwards each row took part in (its own pace)
+  batch_tokens_per_forward  tokens over the row-forwards the batch paid for (a row carried idle counts)
+  ms_per_step               decode wall time over the batch's forwards (the prefill is one)
+  forward_ms                the same forwards alone: each call's shape (rows, width, columns read) replayed bare
+                            over a cache holding the prompt, its median time, averaged over the decode's calls
+  step_overhead             ms_per_step / forward_ms: what the sampler costs around its forwards
 forward_cost_ratio: one forward over a block of B new tokens (and the head over them) divided by one forward
 over one new token, batch 1, same cache length: the price of a block step against an AR step. Block decoding
 beats AR once it commits more tokens per forward than that (plus the sampler's own work).
@@ -22,10 +30,12 @@ import statistics
 import time
 from dataclasses import dataclass, asdict
 
+import numpy as np
 import torch
 
 from common import (parse_config, device_problem, print_config, pick_device, autocast, device_name, load_checkpoint,
-                    write_json, git_commit, command_line, CheckpointError, results_path, project_path, Timer)
+                    write_json, git_commit, command_line, CheckpointError, results_path, project_path, Timer,
+                    weights_digest)
 from data_beauty import DataError, collate
 from evaluation import Decoding, evaluate, load_data_for
 from diffusion import generate_ar, generate_block
@@ -37,19 +47,21 @@ class BenchConfig:
     ar: str = 'out/ar.pt'
     diffusion: tuple = ('out/cft.pt', 'out/opd.pt', 'out/rl.pt')  # those that exist are timed
     data_dir: str = 'data/beauty'
-    batches: tuple = ()          # () = (1, 16) on a CPU, (1, 16, 128) with CUDA
+    batches: tuple = ()          # () = (1, 16, 64) on a CPU, (1, 16, 128) with CUDA
     taus: tuple = ()             # besides each checkpoint's own tau; () = (0.6, 0.4) with CUDA, none on a CPU
     n_b1: int = 64               # requests timed at batch 1
-    n_batched: int = 128         # requests timed at every larger batch
-    repeats: int = 3
+    n_batched: int = 128         # requests timed at every larger batch (the largest batch takes at least one)
+    repeats: int = 5
+    seed: int = 0                # which test users are sampled
     graphs: bool = True          # CUDA graphs on CUDA (ignored elsewhere)
     cost_reps: int = 50          # forwards timed per width for forward_cost_ratio
+    step_reps: int = 10          # bare replays of each forward shape for forward_ms
     accuracy: bool = True        # R@1 and validity of each row on the full test set
     device: str = 'auto'
 
     def problem(self):
-        if self.repeats < 1 or self.n_b1 < 1 or self.n_batched < 1 or self.cost_reps < 1:
-            return "--repeats, --n_b1, --n_batched and --cost_reps must be >= 1"
+        if min(self.repeats, self.n_b1, self.n_batched, self.cost_reps, self.step_reps) < 1:
+            return "--repeats, --n_b1, --n_batched, --cost_reps and --step_reps must be >= 1"
         if any(b < 1 for b in self.batches):
             return f"--batches={self.batches}: batch sizes are >= 1"
         if any(not 0 < t <= 1 for t in self.taus):
@@ -57,9 +69,24 @@ class BenchConfig:
         return device_problem(self.device)
 
 
+class RecordingForward(CachedForward):
+    """A CachedForward that notes the shape of every call (rows, width, columns read, returned rows), so that the
+    same forwards can be timed bare afterwards."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.calls = []
+
+    def __call__(self, idx, qcols, n_keys=None, rows=None):
+        kept = None if rows is None else (rows.start, rows.stop)       # a slice is not hashable
+        self.calls.append((idx.shape[0], idx.shape[1], n_keys or self.P + self.R, kept))
+        return super().__call__(idx, qcols, n_keys, rows)
+
+
 def decode_once(model, batch, vocab, max_resp, block, rule, runner):
     """One timed decode call of a batch, AR (block 0) or block diffusion with generate_block's commit `rule`
-    (tau, k, from_left). Returns tokens, lengths (up to <eos>), forwards per row and seconds."""
+    (tau, k, from_left). Returns tokens, lengths (up to <eos>), forwards per row, row-forwards the batch paid
+    for, and seconds."""
     runner.set_pad(batch['pad'])
     sync = torch.cuda.synchronize if batch['prompt'].is_cuda else (lambda: None)
     sync()
@@ -68,12 +95,42 @@ def decode_once(model, batch, vocab, max_resp, block, rule, runner):
         if block == 0:
             tokens, lengths = generate_ar(model, batch['prompt'], batch['pad'], max_resp, vocab, runner=runner)
             forwards = lengths                                          # one forward per token, prefill included
+            paid = len(lengths) * int(lengths.max())                    # every row rides every step
         else:
             res = generate_block(model, batch['prompt'], batch['pad'], max_resp, vocab, block=block, runner=runner,
                                  **rule)
             tokens, lengths, forwards = res['tokens'], res['lengths'], res['n_forwards']
+            paid = int(res['carried'].sum())
     sync()
-    return tokens, lengths, forwards, time.perf_counter() - t0
+    return tokens, lengths, forwards, paid, time.perf_counter() - t0
+
+
+@torch.no_grad()
+def bare_forward_ms(model, batch, max_resp, block, shape, reps):
+    """Median ms of one forward of `shape` (rows, width, columns read, returned rows) over a cache that holds the
+    batch's prompts: the cost of that call with nothing around it."""
+    n, width, n_keys, kept = shape
+    rows = None if kept is None else slice(*kept)
+    prompt, pad = batch['prompt'][:n], batch['pad'][:n]
+    P, dev = prompt.shape[1], prompt.device
+    run = CachedForward(model, pad, P, max_resp, block)
+    prefill = torch.arange(P, device=dev).expand(n, -1)
+    sync = torch.cuda.synchronize if dev.type == 'cuda' else (lambda: None)
+    if width == P and n_keys == P:                                      # the prefill itself
+        idx, cols = prompt, prefill
+    else:
+        run(prompt, prefill, P)
+        idx = torch.full((n, width), 3, device=dev)                     # any token: same cost
+        cols = torch.arange(n_keys - width, n_keys, device=dev).expand(n, -1)
+    times = []
+    with autocast(dev):
+        for _ in range(reps):
+            sync()
+            t0 = time.perf_counter()
+            model.head(run(idx, cols, n_keys, rows), fp32=True)
+            sync()
+            times.append(time.perf_counter() - t0)
+    return 1000 * statistics.median(times)
 
 
 @torch.no_grad()
@@ -83,12 +140,12 @@ def forward_cost_ratio(model, batch, block, max_resp, reps):
     prompt, pad = batch['prompt'][:1], batch['pad'][:1]
     P, dev = prompt.shape[1], prompt.device
     run = CachedForward(model, pad, P, max_resp, block)
-    run(prompt, torch.arange(P, device=dev))
+    run(prompt, torch.arange(P, device=dev)[None], P)
     widths = (1, block, 2 * block)
     times = {w: [] for w in widths}
     for _ in range(reps):  # interleaved, so that a slow moment hits every width
         for w in widths:
-            cols = torch.arange(P, P + w, device=dev)
+            cols = torch.arange(P, P + w, device=dev)[None]
             t0 = time.perf_counter()
             model.head(run(torch.full((1, w), 3, device=dev), cols), fp32=True)  # any token: same cost
             if dev.type == 'cuda':
@@ -104,13 +161,14 @@ def commit_settings(setting):
     return {'tau': setting['tau']} if setting['block'] else {}
 
 
-def matching_eval(ckpt, setting, n_test):
-    """The R@1 and validity of an eval_*.json that decoded this checkpoint on the whole test set with this
-    setting (decode.py), or None."""
+def matching_eval(setting, weights, n_test):
+    """The R@1 and validity of an eval_*.json that decoded these weights on the whole test set with this setting
+    (decode.py), or None. A file is matched by the weights it records, not by its checkpoint's path: a newer
+    model in the same place is not the one the file scored."""
     for path in glob.glob(results_path('eval_*.json')):
         r = json.load(open(path))
         d = r.get('decode') or {}
-        if (r.get('ckpt') == ckpt and r.get('split') == 'test' and r.get('n') == n_test
+        if (r.get('weights') == weights and r.get('split') == 'test' and r.get('n') == n_test
                 and (d.get('block') or 0) == setting['block'] and not d.get('from_left') and not d.get('k')
                 and (setting['block'] == 0 or d.get('tau') == setting['tau'])):
             return r['metrics']['R@1'], r['validity'], os.path.basename(path)
@@ -163,22 +221,23 @@ def load_models(cfg, device):
     return models, data
 
 
-def accuracy_of(setting, models, data, device):
+def accuracy_of(setting, model, data, device):
     """(R@1, validity, where from) of a setting on the full test set: a matching eval file, else decoded here."""
-    found = matching_eval(setting['ckpt'], setting, len(data.splits['test']))
+    found = matching_eval(setting, weights_digest(model), len(data.splits['test']))
     if found is None:
         dcfg = Decoding(block=setting['block'], tau=setting['tau'] or 0.9, batch_size=64)
-        res, _ = evaluate(models[setting['ckpt']][0], data, 'test', dcfg, device)
+        res, _ = evaluate(model, data, 'test', dcfg, device)
         found = (res['metrics']['R@1'], res['validity'], 'decoded here')
     print(f"accuracy {setting['stage']} tau {setting['tau']}: R@1 {found[0]:.4f} validity {found[1]:.4f} ({found[2]})")
     return found
 
 
 def time_batch_size(models, settings, chunks, vocab, max_resp, cfg, cuda):
-    """Median seconds, tokens and forwards of each setting over the same chunks, the repeats interleaved."""
+    """Per setting: the seconds of each repeat over the same chunks (the repeats interleaved between settings),
+    tokens, forwards per row, row-forwards paid, the batch's forward calls and the shape of each."""
     P = chunks[0]['prompt'].shape[1]
-    runners = [CachedForward(models[s['ckpt']][0], chunks[0]['pad'], P, max_resp, s['block'] or 1,
-                             graphs=cfg.graphs and cuda) for s in settings]
+    runners = [RecordingForward(models[s['ckpt']][0], chunks[0]['pad'], P, max_resp, s['block'] or 1,
+                                graphs=cfg.graphs and cuda) for s in settings]
     decode = lambda s, run, c: decode_once(models[s['ckpt']][0], c, vocab, max_resp, s['block'],
                                            commit_settings(s), run)
     for s, run in zip(settings, runners):  # warm-up (and graph capture)
@@ -186,10 +245,19 @@ def time_batch_size(models, settings, chunks, vocab, max_resp, cfg, cuda):
     seconds, counts = [[] for _ in settings], [None] * len(settings)
     for _ in range(cfg.repeats):
         for i, (s, run) in enumerate(zip(settings, runners)):
+            run.calls = []
             out = [decode(s, run, c) for c in chunks]
-            seconds[i].append(sum(o[3] for o in out))
-            counts[i] = (sum(int(o[1].sum()) for o in out), sum(int(o[2].sum()) for o in out))
-    return [(statistics.median(t), tokens, forwards) for t, (tokens, forwards) in zip(seconds, counts)]
+            seconds[i].append(sum(o[4] for o in out))
+            counts[i] = dict(tokens=sum(int(o[1].sum()) for o in out), forwards=sum(int(o[2].sum()) for o in out),
+                             paid=sum(o[3] for o in out), calls=list(run.calls))
+    return seconds, counts
+
+
+def step_costs(model, chunk, max_resp, block, calls, reps, memo):
+    """ms per forward of the decode (calls: the shapes it ran) replayed bare, averaged over its calls."""
+    for shape in set(calls) - set(memo):
+        memo[shape] = bare_forward_ms(model, chunk, max_resp, block, shape, reps)
+    return sum(memo[c] for c in calls) / len(calls)
 
 
 def main():
@@ -198,51 +266,73 @@ def main():
     device, timer = pick_device(cfg.device), Timer()
     models, data = load_models(cfg, device)
     cuda = device.type == 'cuda'
-    batches = cfg.batches or ((1, 16, 128) if cuda else (1, 16))
+    batches = cfg.batches or ((1, 16, 128) if cuda else (1, 16, 64))
     taus = cfg.taus or ((0.6, 0.4) if cuda else ())
-    if not cuda:
-        print(f"on {device_name(device)}: batches {batches}, {cfg.n_b1} requests at batch 1 and {cfg.n_batched} at "
-              f"the others, {cfg.repeats} repeats, each checkpoint at its own tau{' and ' + str(taus) if taus else ''}"
-              f" (CPU-sized work; no CUDA graphs)")
     vocab, test = data.vocab, data.splits['test']
-    settings = [{'ckpt': cfg.ar, 'stage': 'ar', 'block': 0, 'tau': None}]
+    digests = {path: weights_digest(m) for path, (m, _) in models.items()}
+    settings, same_as = [{'ckpt': cfg.ar, 'stage': 'ar', 'block': 0, 'tau': None}], {}
     for path, (_, ck) in list(models.items())[1:]:
+        earlier = [p for p in list(models)[1:list(models).index(path)] if digests[p] == digests[path]]
+        if earlier:  # kept its parent's weights: its speed is that of the parent, timed once
+            same_as[ck['stage']] = models[earlier[0]][1]['stage']
+            continue
         for tau in dict.fromkeys((ck['run_cfg'].get('tau', 0.9),) + tuple(taus)):
             settings.append({'ckpt': path, 'stage': ck['stage'], 'block': ck['run_cfg']['block'], 'tau': tau})
+    for stage, parent in same_as.items():
+        print(f"{stage}: the same weights as {parent}, not timed again")
     block = max(s['block'] for s in settings)
     max_resp = -(-(max(len(r) for r in test.responses) + block) // block) * block
-    n = min(len(test), max(cfg.n_b1, cfg.n_batched))
-    full = collate(test, range(n), vocab, device=device)  # one prompt width: every batch has the same shape
-    accuracy = [accuracy_of(s, models, data, device) if cfg.accuracy else (None, None, None) for s in settings]
+    n = min(len(test), max(cfg.n_b1, cfg.n_batched, max(batches)))
+    sample = np.random.default_rng(cfg.seed).choice(len(test), n, replace=False).tolist()  # random test users
+    full = collate(test, sample, vocab, device=device)  # one prompt width: every batch has the same shape
+    print(f"on {device_name(device)}: batches {batches}, {cfg.n_b1} random test users at batch 1 and "
+          f"{cfg.n_batched} at the others, {cfg.repeats} interleaved repeats, each checkpoint at its own tau"
+          f"{' and ' + str(taus) if taus else ''}{' (CUDA graphs)' if cuda and cfg.graphs else ''}")
+    accuracy = [accuracy_of(s, models[s['ckpt']][0], data, device) if cfg.accuracy else (None, None, None)
+                for s in settings]
     costs = {path: forward_cost_ratio(m, full, block, max_resp, cfg.cost_reps) for path, (m, _) in models.items()}
     for path, c in costs.items():
         print(f"{path}: forward_cost_ratio {c['forward_cost_ratio']:.2f} at B = {block} "
               f"(fused step, 2B tokens: {c['fused_forward_cost_ratio']:.2f}); ms {c['forward_ms']}")
-    rows = []
+    rows, memo = [], {s['ckpt']: {} for s in settings}
     for bs in batches:
-        count = min(cfg.n_b1 if bs == 1 else cfg.n_batched, n)
+        count = max(min(cfg.n_b1 if bs == 1 else cfg.n_batched, n), bs)
         chunks = [{k: v[a:a + bs] for k, v in full.items()} for a in range(0, count - bs + 1, bs)]
         if not chunks:
             print(f"batch {bs}: fewer than {bs} test prompts, skipped")
             continue
-        timed = time_batch_size(models, settings, chunks, vocab, max_resp, cfg, cuda)
-        base = timed[0][1] / timed[0][0]                                 # AR's tokens/s at this batch
-        for s, (t, tokens, forwards), acc in zip(settings, timed, accuracy):
+        seconds, counts = time_batch_size(models, settings, chunks, vocab, max_resp, cfg, cuda)
+        ar_rate = [counts[0]['tokens'] / t for t in seconds[0]]          # AR's tokens/s in each repeat
+        for s, sec, c, acc in zip(settings, seconds, counts, accuracy):
+            t = statistics.median(sec)
+            speedups = [c['tokens'] / x / a for x, a in zip(sec, ar_rate)]  # each repeat against AR's same repeat
+            fwd = step_costs(models[s['ckpt']][0], chunks[0], max_resp, s['block'] or 1, c['calls'], cfg.step_reps,
+                             memo[s['ckpt']])
+            ms_step = 1000 * t / len(c['calls'])
             rows.append(dict(s, mode='diffusion' if s['block'] else 'ar', batch=bs, requests=len(chunks) * bs,
-                             repeats=cfg.repeats, tok_per_s=tokens / t, tokens_per_forward=tokens / forwards,
-                             ms_per_request=1000 * t / (len(chunks) * bs), speedup=tokens / t / base,
+                             repeats=cfg.repeats, tok_per_s=c['tokens'] / t,
+                             tokens_per_forward=c['tokens'] / c['forwards'],
+                             batch_tokens_per_forward=c['tokens'] / c['paid'],
+                             ms_per_request=1000 * t / (len(chunks) * bs),
+                             speedup=c['tokens'] / t / statistics.median(ar_rate),
+                             speedup_range=[min(speedups), max(speedups)],
+                             seconds_range=[min(sec), max(sec)], ms_per_step=ms_step, forward_ms=fwd,
+                             step_overhead=ms_step / fwd,
                              **dict(zip(('R@1', 'validity', 'accuracy_from'), acc))))
             r = rows[-1]
             print(f"batch {bs:3d} {r['stage']:4s} tau {str(r['tau']):4s} {r['tok_per_s']:8.0f} tok/s "
-                  f"{r['tokens_per_forward']:5.2f} tok/fwd {r['ms_per_request']:8.1f} ms/request "
-                  f"speedup {r['speedup']:5.2f}x")
+                  f"{r['tokens_per_forward']:5.2f} tok/fwd (batch {r['batch_tokens_per_forward']:5.2f}) "
+                  f"{r['ms_per_step']:6.3f} ms/step = {r['step_overhead']:4.2f} x bare {r['forward_ms']:6.3f} "
+                  f"speedup {r['speedup']:5.2f}x [{r['speedup_range'][0]:.2f}, {r['speedup_range'][1]:.2f}]")
     out = {'device': device_name(device), 'torch': torch.__version__, 'threads': torch.get_num_threads(),
            'commit': git_commit(), 'command': command_line(), 'config': asdict(cfg), 'block': block,
-           'forward_cost': costs,
+           'users': sample, 'weights': digests, 'same_weights_as': same_as, 'forward_cost': costs,
            'forward_cost_ratio': costs[settings[-1]['ckpt']]['forward_cost_ratio'],  # the students' shape
            'rows': rows, 'seconds': round(timer(), 1),
-           'note': 'speedup: tokens/s over AR at the same batch; ms_per_request: wall time of the decode calls '
-                   'over requests (at batch > 1 a request waits for its whole batch)'}
+           'note': 'speedup: tokens/s over AR at the same batch (median of the repeats; speedup_range: each '
+                   'repeat against AR in the same repeat); ms_per_request: wall time of the decode calls over '
+                   'requests (at batch > 1 a request waits for its whole batch); a stage in same_weights_as has '
+                   'the speed and accuracy of the one it names'}
     path = results_path('bench.json')
     write_json(path, out)
     plot(rows, os.path.splitext(path)[0] + '.png')

@@ -445,6 +445,16 @@ def write_json(path, obj):
     os.replace(tmp, path)
 
 
+def weights_digest(model):
+    """A short digest of a model's weights: which model a result belongs to, whatever file it was read from."""
+    import hashlib
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def command_line():
     return 'python ' + ' '.join(sys.argv)
 

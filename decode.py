@@ -15,7 +15,8 @@ Writes results/eval_<name>.json: metrics, validity, floor, decode settings, and 
 from dataclasses import dataclass
 
 from common import (parse_config, decoding_problem, device_problem, print_config, pick_device, device_name,
-                    load_checkpoint, write_json, git_commit, command_line, CheckpointError, results_path)
+                    load_checkpoint, write_json, git_commit, command_line, CheckpointError, results_path,
+                    weights_digest)
 from data_beauty import DataError
 from diffusion import convert
 from evaluation import evaluate, first_step_report, load_data_for, trace_report
@@ -55,6 +56,7 @@ def main():
         data = load_data_for(ckpt, cfg.data_dir)
     except (CheckpointError, DataError) as e:
         raise SystemExit(f"error: {e}")
+    weights = weights_digest(model)  # the checkpoint's own weights (bench.py attaches this file's accuracy by them)
     trained = ckpt['run_cfg'].get('block')
     if ckpt['stage'] != 'ar' and cfg.block != trained:  # an AR checkpoint decodes at any block: the naive conversion
         raise SystemExit(f"error: {cfg.ckpt} is a {ckpt['stage']} model trained at block {trained}: decode it with "
@@ -72,8 +74,8 @@ def main():
                                               n=cfg.limit or len(data.splits[cfg.split]))
         print("first step of a block, by role (right / sure / sure and wrong): " + ', '.join(
             f"{k} {v['right']:.2f}/{v['sure']:.2f}/{v['sure_wrong']:.2f}" for k, v in res['first_step'].items()))
-    res.update(name=cfg.name, ckpt=cfg.ckpt, stage=ckpt['stage'], seed=cfg.seed, device=device_name(device),
-               command=command_line(), commit=git_commit())
+    res.update(name=cfg.name, ckpt=cfg.ckpt, weights=weights, stage=ckpt['stage'], seed=cfg.seed,
+               device=device_name(device), command=command_line(), commit=git_commit())
     m = res['metrics']
     print(f"{cfg.split} n={res['n']} validity {res['validity']:.4f} " + ' '.join(f"{k} {v:.4f}" for k, v in m.items()))
     print("floor       " + ' '.join(f"{k} {v:.4f}" for k, v in res['floor'].items()))

@@ -41,11 +41,15 @@ METRICS = ('R@1', 'R@3', 'R@5', 'N@3', 'N@5')
 HEADLINE = ('floor', 'ar', 'ar_direct', 'naive', 'cft', 'opd', 'rl', 'ar_rl')  # the paper's table, in its order
 
 
-def headline(summary, evals, bench_rows):
+def headline(summary, evals, bench):
     """The paper's form: per system R@1 and N@3 with their intervals, validity, tokens per forward (1 for AR
-    decoding), the batch-1 speedup over AR from bench.json where that checkpoint was timed, and n; with the copy
-    share beside them, since a re-ranker can reach the floor's numbers by handing the pre-ranker's order back."""
-    speed = {r['accuracy_from']: r['speedup'] for r in bench_rows if r['batch'] == 1}
+    decoding), the batch-1 speedup over AR from bench.json where that checkpoint was timed (a stage that kept its
+    parent's weights has its parent's), and n; with the copy share beside them, since a re-ranker can reach the
+    floor's numbers by handing the pre-ranker's order back."""
+    speed = {r['accuracy_from']: r['speedup'] for r in bench['rows'] if r['batch'] == 1}
+    for stage, parent in bench.get('same_weights_as', {}).items():
+        if f"eval_{parent}.json" in speed:
+            speed[f"eval_{stage}.json"] = speed[f"eval_{parent}.json"]
     lines = ['| system | R@1 [95% CI] | N@3 [95% CI] | validity | tokens/forward | speedup (batch 1) | copy share '
              '| n |', '|---' * 8 + '|']
     for row in summary['accuracy']:
@@ -216,14 +220,21 @@ def main(folder=None):
         speed_lines = [f"device: {bench['device']}, torch {bench['torch']}, {bench.get('threads', '?')} threads, "
                        f"commit {bench['commit']}; forward_cost_ratio {bench['forward_cost_ratio']:.2f} at B = "
                        f"{bench['block']} (one forward over B new tokens / over one)", '',
-                       '| decoding | checkpoint | batch | R@1 | validity | tok/s | tokens/forward | speedup |',
-                       '|---|---|---|---|---|---|---|---|']
+                       '| decoding | checkpoint | batch | R@1 | validity | tok/s | tokens/forward (row / batch) | '
+                       'ms per step (bare forward) | step overhead | speedup [range over repeats] |',
+                       '|---' * 10 + '|']
         for r in bench['rows']:
             r1 = '' if r['R@1'] is None else f"{r['R@1']:.4f}"
             val = '' if r['validity'] is None else f"{r['validity']:.3f}"
             how = 'AR' if r['mode'] == 'ar' else f"B = {r['block']}, tau {r['tau']}"
+            lo, hi = r.get('speedup_range', (r['speedup'], r['speedup']))
+            step = (f"{r['ms_per_step']:.3f} ({r['forward_ms']:.3f}) | {r['step_overhead']:.2f}"
+                    if 'step_overhead' in r else ' |')
             speed_lines.append(f"| {how} | {r['ckpt']} | {r['batch']} | {r1} | {val} | {r['tok_per_s']:.0f} | "
-                               f"{r['tokens_per_forward']:.2f} | {r['speedup']:.2f}x |")
+                               f"{r['tokens_per_forward']:.2f} / {r.get('batch_tokens_per_forward', 0):.2f} | {step} | "
+                               f"{r['speedup']:.2f}x [{lo:.2f}, {hi:.2f}] |")
+        for stage, parent in bench.get('same_weights_as', {}).items():
+            speed_lines.append(f"| | {stage}: the same weights as {parent} | | | | | | | | |")
     summary['seeds'] = over_seeds(folder)
     seed_lines = ['| system | seeds | R@1 mean (sd) | N@3 mean (sd) | validity mean (min) | vs | R@1 diff, mean | '
                   'N@3 diff, mean | R@1 - AR, mean [95% CI] | N@3 - AR, mean [95% CI] |', '|---' * 10 + '|']
@@ -236,7 +247,7 @@ def main(folder=None):
     note = ("copy share: share of outputs whose first item is the pre-ranker's first (invalid ones count), on the "
             "users where that item is wrong; conclusion: share of outputs whose decoded <best> is the data's trace's "
             "(blank: no trace, or a file from before the record)")
-    text = '\n'.join(['## Headline (test)', ''] + headline(summary, evals, bench['rows']) +
+    text = '\n'.join(['## Headline (test)', ''] + headline(summary, evals, bench) +
                      ['', '## Accuracy (test)', ''] + lines +
                      ['', note, '', '## Stage gains and gaps to AR (paired bootstrap)', ''] +
                      gain_lines + (['', f'## Over seeds (seeds/<seed>/ beside these files; {seed_commits(folder)})', '']

@@ -75,6 +75,9 @@ def test_show_prints_one_re_ranking_side_by_side(pipeline):
     block_part = p.stdout[p.stdout.index('RL (out/rl.pt)'):]
     assert re.search(r'\] \S+:\d+ \S+:\d+', block_part)                  # every token with its commit step
     assert p.stdout.count('the target at rank') + p.stdout.count('invalid (scored') == 2
+    shown = re.search(r'test instance (\d+), user (\d+);', p.stdout)   # --user is the data file's id (from 1)
+    p = run('show.py', cwd, data, '--diffusion=', f'--user={shown[2]}')
+    assert p.returncode == 0 and shown[0] in p.stdout, p.stderr[-2000:]
     p = run('show.py', cwd, data, '--user=999999')
     assert p.returncode != 0 and 'user 999999 has no test instance' in p.stderr + p.stdout
     assert 'Traceback' not in p.stderr
@@ -238,6 +241,11 @@ def test_out_of_range_settings_are_refused_before_any_work(tmp_path, script, arg
     ('TrainARConfig', ['--eval_every=0'], '--eval_every=0: must be >= 1'),
     ('TrainARConfig', ['--trace_sample=0'], '--trace_sample=0.0: a share'),
     ('TrainARConfig', ['--n_embd=100', '--n_head=3'], 'not divisible by --n_head=3'),
+    ('TrainARConfig', ['--n_embd=27', '--n_head=3'], 'a head needs an even number'),
+    ('TrainARConfig', ['--dropout=1.5'], '--dropout=1.5: a probability, in [0, 1)'),
+    ('TrainARConfig', ['--n_resp_pos=-1'], '--n_resp_pos=-1: a number of response positions'),
+    ('TrainARConfig', ['--w_trace=-1'], '--w_trace=-1.0: a loss weight is >= 0'),
+    ('TrainARConfig', ['--w_trace=0', '--w_answer=0', '--w_choice=0', '--w_judge=0'], 'every loss weight is 0'),
     ('TrainARConfig', ['--device=gpu'], "use auto, cpu, cuda"),
     ('TrainARConfig', ['--out=/proc/none/ar.pt'], 'cannot write to /proc/none'),
     ('TrainCFTConfig', ['--parent=out/cft.pt'], 'overwrite its own parent'),
@@ -497,7 +505,8 @@ def test_bench_outputs_equal_decode(tiny_data):
     for block, rule in ((0, {}), (1, {}), (4, dict(tau=0.6)), (4, dict(k=2)), (4, dict(tau=0.6, from_left=True))):
         runner = CachedForward(model, batches[0]['pad'], P, 24, block or 1)
         for batch in batches:
-            tokens, lengths, forwards, seconds = decode_once(model, batch, d.vocab, 24, block, rule, runner)
+            tokens, lengths, forwards, paid, seconds = decode_once(model, batch, d.vocab, 24, block, rule, runner)
+            assert paid >= int(forwards.sum())                           # rows carried idle count too
             if block == 0:
                 ref, ref_len = generate_ar(model, batch['prompt'], batch['pad'], 24, d.vocab)
             else:
@@ -514,6 +523,33 @@ def test_bench_outputs_equal_decode(tiny_data):
                 live = torch.arange(24)[None, :] < ref_len[:, None]
                 per_block = (r['steps'] * live).view(2, -1, block).max(2).values
                 assert torch.equal(forwards, 1 + per_block.sum(1))
+
+
+def test_bench_reports_the_step_beside_its_bare_forward(pipeline):
+    """bench.py on the tiny recipe: every row has its step time, the bare forwards it ran and their ratio, both
+    tokens-per-forward figures and the spread over repeats; a stage that kept its parent's weights is not timed
+    again; and an eval file that names a timed checkpoint's path but scored other weights is not its accuracy."""
+    import json
+    cwd, data = pipeline
+    planted = json.load(open(os.path.join(cwd, 'results', 'eval_rl.json')))
+    planted.update(ckpt='out/cft.pt', weights='0' * 16, metrics=dict(planted['metrics'], **{'R@1': 0.999}))
+    with open(os.path.join(cwd, 'results', 'eval_planted.json'), 'w') as f:
+        json.dump(planted, f)
+    p = run('bench.py', cwd, data, '--batches=(1, 2)', '--n_b1=2', '--n_batched=4', '--repeats=2', '--cost_reps=2',
+            '--step_reps=2')
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = json.load(open(os.path.join(cwd, 'results', 'bench.json')))
+    stages = {r['stage'] for r in out['rows']}
+    assert {'ar', 'cft'} <= stages and all(s in stages or s in out['same_weights_as'] for s in ('opd', 'rl'))
+    assert not stages & set(out['same_weights_as'])                     # kept weights: no speed of their own
+    for r in out['rows']:
+        assert r['ms_per_step'] > 0 and r['forward_ms'] > 0
+        assert r['step_overhead'] == pytest.approx(r['ms_per_step'] / r['forward_ms'])
+        assert 0 < r['batch_tokens_per_forward'] <= r['tokens_per_forward'] + 1e-9
+        assert r['speedup_range'][0] <= r['speedup_range'][1] and r['repeats'] == 2
+        assert r['R@1'] != 0.999                                         # the planted file scored other weights
+    cft = next(r for r in out['rows'] if r['stage'] == 'cft')
+    assert cft['accuracy_from'] != 'eval_planted.json'                   # a file of its weights, or decoded
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
@@ -706,21 +742,24 @@ def test_report_headline_reads_speed_from_the_same_checkpoints_batch_one_row(tmp
     import json
     import report
     users = list(range(4))
-    for name, decode, tpf in (('floor', None, None), ('ar', {'mode': 'ar'}, None), ('cft', {'mode': 'diffusion'}, 3.25)):
+    for name, decode, tpf in (('floor', None, None), ('ar', {'mode': 'ar'}, None), ('cft', {'mode': 'diffusion'}, 3.25),
+                              ('rl', {'mode': 'diffusion'}, 3.25)):
         with open(tmp_path / f'eval_{name}.json', 'w') as f:
             json.dump({'split': 'test', 'decode': decode, 'tokens_per_forward': tpf,
                        'per_user': {'user': users, 'rank': [1, 2, 1, 3], 'valid': [True] * 4,
-                                    'first_is_floor_first': [True, True, True, name != 'cft']}}, f)
+                                    'first_is_floor_first': [True, True, True, name not in ('cft', 'rl')]}}, f)
     rows = [{'accuracy_from': 'eval_cft.json', 'batch': b, 'speedup': up, 'block': 8, 'tau': 0.9, 'mode': 'diffusion',
              'ckpt': 'out/cft.pt', 'R@1': 0.5, 'validity': 1.0, 'tok_per_s': 1.0, 'tokens_per_forward': 3.25}
             for b, up in ((1, 2.5), (16, 0.4))]
     with open(tmp_path / 'bench.json', 'w') as f:
-        json.dump({'device': 'cpu', 'torch': '-', 'commit': '-', 'forward_cost_ratio': 1.5, 'block': 8, 'rows': rows}, f)
+        json.dump({'device': 'cpu', 'torch': '-', 'commit': '-', 'forward_cost_ratio': 1.5, 'block': 8, 'rows': rows,
+                   'same_weights_as': {'rl': 'cft'}}, f)  # RL kept its start: CFT's speed, not timed again
     report.main(str(tmp_path))
     text = (tmp_path / 'tables.md').read_text()
     head = text[text.index('## Headline'):text.index('## Accuracy')]
     assert '| AR teacher (GR2-style) | 0.5000 [' in head and '| 1.000 | 1.00 |  | 1.000 | 4 |' in head
     assert '| 1.000 | 3.25 | 2.50x | 0.500 | 4 |' in head and '0.40x' not in head  # users 1 and 3: the floor is wrong
+    assert head.count('2.50x') == 2 and 'rl: the same weights as cft' in text
 
 
 def test_the_reported_tau_is_the_fastest_near_the_best_valid_one_on_validation():
