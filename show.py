@@ -12,12 +12,13 @@ A block-decoded token is shown as `token:step`; a block's tokens with the same s
 forward. `*` marks the target's slot (the target is never in the prompt or the trace: it only scores); a typed-in
 history has no target.
 """
+import os
 from dataclasses import dataclass
 
 import torch
 
 from common import (parse_config, device_problem, decoding_problem, pick_device, load_checkpoint, CheckpointError,
-                    check_data_matches)
+                    check_data_matches, project_path)
 from data_beauty import DataError, collate
 from diffusion import generate_ar, generate_block
 from evaluation import load_data_for
@@ -28,7 +29,7 @@ from metrics import parse_answer, target_rank
 class ShowConfig:
     ar: str = 'out/ar.pt'
     diffusion: str = 'out/cft.pt'   # '' : the AR teacher only
-    user: int = -1                  # a user id of the split; -1: the instance at --index
+    user: int = -1                  # a user id of the data file (its first column); -1: --index
     index: int = 0
     split: str = 'test'
     history: str = ''               # item ids, oldest first: a typed-in history instead of a split's instance
@@ -48,12 +49,20 @@ class ShowConfig:
         return device_problem(self.device) or decoding_problem(1, self.tau, 0)
 
 
-def pick_instance(split, cfg):
+def file_user_ids(data):
+    """The user id of each line of the data file (its first column): the split numbers users by line, from 0."""
+    path = os.path.join(project_path(data.cfg.data_dir), f'{data.cfg.name}.txt')
+    with open(path) as f:
+        return [int(row.split(maxsplit=1)[0]) for row in f]
+
+
+def pick_instance(split, cfg, ids):
     if cfg.user >= 0:
-        found = [i for i, u in enumerate(split.users) if int(u) == cfg.user]
+        line = ids.index(cfg.user) if cfg.user in ids else -1
+        found = [i for i, u in enumerate(split.users) if int(u) == line]
         if not found:
             raise SystemExit(f"error: user {cfg.user} has no {cfg.split} instance (its target is not in the "
-                             f"pre-ranker's list, or the id is not a user); try --index=0")
+                             f"pre-ranker's list, or the data file has no such user id); try --index=0")
         return found[0]
     if not 0 <= cfg.index < len(split):
         raise SystemExit(f"error: --index={cfg.index}: the {cfg.split} split has {len(split)} instances")
@@ -105,9 +114,10 @@ def main():
         print(f"a typed-in history of {len(cfg.history.split())} items (no target)")
     else:
         split = data.splits[cfg.split]
-        i = pick_instance(split, cfg)
+        ids = file_user_ids(data)
+        i = pick_instance(split, cfg, ids)
         target_slot, target = vocab.slot(split.target[i]), split.target[i]
-        print(f"{cfg.split} instance {i}, user {int(split.users[i])}; the target is c{split.target[i] + 1}")
+        print(f"{cfg.split} instance {i}, user {ids[int(split.users[i])]}; the target is c{split.target[i] + 1}")
     batch = collate(split, [i], vocab, device=device)
     max_resp = len(split.responses[i]) + 48
     print("prompt:\n" + show_tokens(vocab, split.prompts[i].tolist(), target_slot))

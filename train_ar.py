@@ -66,6 +66,20 @@ class TrainARConfig(StageSettings):  # + min_validity, eval_n, eval_batch, time_
     def problem(self):
         if self.n_embd % self.n_head:
             return f"--n_embd={self.n_embd} is not divisible by --n_head={self.n_head}"
+        if self.n_embd // self.n_head % 2:
+            return (f"--n_embd={self.n_embd} / --n_head={self.n_head} = {self.n_embd // self.n_head} channels a head: "
+                    f"rotary positions turn channel pairs, so a head needs an even number (e.g. --n_embd=24)")
+        if not 0 <= self.dropout < 1:
+            return f"--dropout={self.dropout}: a probability, in [0, 1)"
+        if self.n_resp_pos < 0:
+            return f"--n_resp_pos={self.n_resp_pos}: a number of response positions, >= 0 (0 = none)"
+        weights = {'w_trace': self.w_trace, 'w_answer': self.w_answer, 'w_choice': self.w_choice,
+                   'w_judge': self.w_judge}
+        for name, w in weights.items():
+            if w < 0:
+                return f"--{name}={w}: a loss weight is >= 0 (0 trains nothing on those tokens)"
+        if not any(weights.values()):
+            return "every loss weight is 0 (--w_trace, --w_answer, --w_choice, --w_judge): give one a positive weight"
         if not 0 <= self.drill <= 1:
             return f"--drill={self.drill}: a share of the windows, in [0, 1]"
         if not 0 < self.trace_sample <= 1:
