@@ -4,7 +4,8 @@
     python bench.py --batches="(1,)" --n_b1=16 --repeats=3 --accuracy=False   # a quick look
 
 Both sides run diffusion.py's own decoding functions over the same CachedForward (same model code, kernels and
-dtype) on the same random sample of test prompts, in one process: every setting is timed `repeats` times, the
+dtype) on the same random sample of test prompts, each batch padded to its own longest prompt (one shape for all
+under CUDA graphs), in one process: every setting is timed `repeats` times, the
 repeats interleaved between the settings (so a slow minute of a shared machine hits all of them); the median is
 kept and the spread over repeats reported. Tokens are counted up to <eos>. Each diffusion checkpoint found (CFT,
 OPD, RL) is timed at its own decoding setting and at `taus`; one whose weights are those of an earlier stage
@@ -70,8 +71,8 @@ class BenchConfig:
 
 
 class RecordingForward(CachedForward):
-    """A CachedForward that notes the shape of every call (rows, width, columns read, returned rows), so that the
-    same forwards can be timed bare afterwards."""
+    """A CachedForward that notes the shape of every call (rows, width, columns read, returned rows, prompt
+    width), so that the same forwards can be timed bare afterwards."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -79,7 +80,7 @@ class RecordingForward(CachedForward):
 
     def __call__(self, idx, qcols, n_keys=None, rows=None):
         kept = None if rows is None else (rows.start, rows.stop)       # a slice is not hashable
-        self.calls.append((idx.shape[0], idx.shape[1], n_keys or self.P + self.R, kept))
+        self.calls.append((idx.shape[0], idx.shape[1], n_keys or self.P + self.R, kept, self.P))
         return super().__call__(idx, qcols, n_keys, rows)
 
 
@@ -107,9 +108,9 @@ def decode_once(model, batch, vocab, max_resp, block, rule, runner):
 
 @torch.no_grad()
 def bare_forward_ms(model, batch, max_resp, block, shape, reps):
-    """Median ms of one forward of `shape` (rows, width, columns read, returned rows) over a cache that holds the
-    batch's prompts: the cost of that call with nothing around it."""
-    n, width, n_keys, kept = shape
+    """Median ms of one forward of `shape` (rows, width, columns read, returned rows, prompt width) over a cache
+    that holds the batch's prompts (of that width): the cost of that call with nothing around it."""
+    n, width, n_keys, kept, _ = shape
     rows = None if kept is None else slice(*kept)
     prompt, pad = batch['prompt'][:n], batch['pad'][:n]
     P, dev = prompt.shape[1], prompt.device
@@ -124,13 +125,13 @@ def bare_forward_ms(model, batch, max_resp, block, shape, reps):
         cols = torch.arange(n_keys - width, n_keys, device=dev).expand(n, -1)
     times = []
     with autocast(dev):
-        for _ in range(reps):
+        for _ in range(reps + 3):                                       # 3 warm-up calls, not timed
             sync()
             t0 = time.perf_counter()
             model.head(run(idx, cols, n_keys, rows), fp32=True)
             sync()
             times.append(time.perf_counter() - t0)
-    return 1000 * statistics.median(times)
+    return 1000 * statistics.median(times[3:])
 
 
 @torch.no_grad()
@@ -234,29 +235,34 @@ def accuracy_of(setting, model, data, device):
 
 def time_batch_size(models, settings, chunks, vocab, max_resp, cfg, cuda):
     """Per setting: the seconds of each repeat over the same chunks (the repeats interleaved between settings),
-    tokens, forwards per row, row-forwards paid, the batch's forward calls and the shape of each."""
-    P = chunks[0]['prompt'].shape[1]
-    runners = [RecordingForward(models[s['ckpt']][0], chunks[0]['pad'], P, max_resp, s['block'] or 1,
-                                graphs=cfg.graphs and cuda) for s in settings]
+    tokens, forwards per row, row-forwards paid, and the shape of each forward the batches ran. Each chunk has a
+    runner of its own, made before the clock starts (under CUDA graphs the chunks share one shape and one runner)."""
+    graphs = cfg.graphs and cuda
+    make = lambda s, c: RecordingForward(models[s['ckpt']][0], c['pad'], c['prompt'].shape[1], max_resp,
+                                         s['block'] or 1, graphs=graphs)
+    runners = [[make(s, chunks[0])] * len(chunks) if graphs else [make(s, c) for c in chunks] for s in settings]
     decode = lambda s, run, c: decode_once(models[s['ckpt']][0], c, vocab, max_resp, s['block'],
                                            commit_settings(s), run)
-    for s, run in zip(settings, runners):  # warm-up (and graph capture)
-        decode(s, run, chunks[0])
+    for s, runs in zip(settings, runners):  # warm-up (and graph capture)
+        decode(s, runs[0], chunks[0])
     seconds, counts = [[] for _ in settings], [None] * len(settings)
     for _ in range(cfg.repeats):
-        for i, (s, run) in enumerate(zip(settings, runners)):
-            run.calls = []
-            out = [decode(s, run, c) for c in chunks]
+        for i, (s, runs) in enumerate(zip(settings, runners)):
+            for run in runs:
+                run.calls = []
+            out = [decode(s, run, c) for run, c in zip(runs, chunks)]
             seconds[i].append(sum(o[4] for o in out))
+            calls = [call for run in dict.fromkeys(runs) for call in run.calls]
             counts[i] = dict(tokens=sum(int(o[1].sum()) for o in out), forwards=sum(int(o[2].sum()) for o in out),
-                             paid=sum(o[3] for o in out), calls=list(run.calls))
+                             paid=sum(o[3] for o in out), calls=calls)
     return seconds, counts
 
 
-def step_costs(model, chunk, max_resp, block, calls, reps, memo):
+def step_costs(model, chunks, max_resp, block, calls, reps, memo):
     """ms per forward of the decode (calls: the shapes it ran) replayed bare, averaged over its calls."""
+    by_width = {c['prompt'].shape[1]: c for c in chunks}                # a chunk of each prompt width
     for shape in set(calls) - set(memo):
-        memo[shape] = bare_forward_ms(model, chunk, max_resp, block, shape, reps)
+        memo[shape] = bare_forward_ms(model, by_width[shape[4]], max_resp, block, shape, reps)
     return sum(memo[c] for c in calls) / len(calls)
 
 
@@ -284,7 +290,7 @@ def main():
     max_resp = -(-(max(len(r) for r in test.responses) + block) // block) * block
     n = min(len(test), max(cfg.n_b1, cfg.n_batched, max(batches)))
     sample = np.random.default_rng(cfg.seed).choice(len(test), n, replace=False).tolist()  # random test users
-    full = collate(test, sample, vocab, device=device)  # one prompt width: every batch has the same shape
+    full = collate(test, sample, vocab, device=device)  # one prompt width (forward_cost_ratio, CUDA graphs)
     print(f"on {device_name(device)}: batches {batches}, {cfg.n_b1} random test users at batch 1 and "
           f"{cfg.n_batched} at the others, {cfg.repeats} interleaved repeats, each checkpoint at its own tau"
           f"{' and ' + str(taus) if taus else ''}{' (CUDA graphs)' if cuda and cfg.graphs else ''}")
@@ -297,7 +303,11 @@ def main():
     rows, memo = [], {s['ckpt']: {} for s in settings}
     for bs in batches:
         count = max(min(cfg.n_b1 if bs == 1 else cfg.n_batched, n), bs)
-        chunks = [{k: v[a:a + bs] for k, v in full.items()} for a in range(0, count - bs + 1, bs)]
+        starts = range(0, count - bs + 1, bs)
+        if cuda and cfg.graphs:   # one shape for every batch: the graphs are captured once
+            chunks = [{k: v[a:a + bs] for k, v in full.items()} for a in starts]
+        else:                     # each batch padded to its own longest prompt, as a server would
+            chunks = [collate(test, sample[a:a + bs], vocab, device=device) for a in starts]
         if not chunks:
             print(f"batch {bs}: fewer than {bs} test prompts, skipped")
             continue
@@ -306,7 +316,7 @@ def main():
         for s, sec, c, acc in zip(settings, seconds, counts, accuracy):
             t = statistics.median(sec)
             speedups = [c['tokens'] / x / a for x, a in zip(sec, ar_rate)]  # each repeat against AR's same repeat
-            fwd = step_costs(models[s['ckpt']][0], chunks[0], max_resp, s['block'] or 1, c['calls'], cfg.step_reps,
+            fwd = step_costs(models[s['ckpt']][0], chunks, max_resp, s['block'] or 1, c['calls'], cfg.step_reps,
                              memo[s['ckpt']])
             ms_step = 1000 * t / len(c['calls'])
             rows.append(dict(s, mode='diffusion' if s['block'] else 'ar', batch=bs, requests=len(chunks) * bs,
