@@ -181,6 +181,10 @@ def seed_commits(folder):
 def main(folder=None):
     folder = folder or os.path.dirname(results_path('summary.json'))  # RESULTS_DIR, else the setting's folder
     evals = test_evals(folder)
+    if not evals and not glob.glob(os.path.join(folder, 'seeds', '*', 'eval_*.json')):
+        where = 'does not exist' if not os.path.isdir(folder) else 'holds no test evaluation (eval_*.json)'
+        raise SystemExit(f"error: {folder} {where}: name a results folder (python report.py results/cpu), or "
+                         f"decode a checkpoint into it first (python decode.py --ckpt=out/ar.pt --name=ar)")
     summary = {'accuracy': [], 'gains': [], 'speed': []}
     lines = ['| system | R@1 | R@3 | R@5 | N@3 | N@5 | validity | tokens/forward | copy share | conclusion | n |',
              '|---' * 11 + '|']

@@ -702,6 +702,16 @@ def test_report_copy_share_counts_users_whose_target_is_not_first(tmp_path):
     assert rows['floor']['copy_share'] == 1.0 and rows['rl']['copy_share'] == 0.5
 
 
+def test_report_refuses_a_folder_without_evaluations(tmp_path):
+    """report.py on a misspelled or empty folder says so and writes nothing, instead of empty tables."""
+    for folder in (tmp_path / 'resluts', tmp_path):
+        p = subprocess.run([sys.executable, os.path.join(ROOT, 'report.py'), str(folder)], capture_output=True,
+                           text=True, timeout=60)
+        assert p.returncode != 0 and 'Traceback' not in p.stderr
+        assert ('does not exist' if folder != tmp_path else 'holds no test evaluation') in p.stderr
+    assert not (tmp_path / 'resluts').exists() and not list(tmp_path.iterdir())
+
+
 def test_report_averages_paired_differences_over_seeds(tmp_path):
     """SPEC item 10 reads the mean over seeds of the paired difference, with an interval from resampling the users
     every seed shares; a system missing in one seed is left out."""
