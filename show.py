@@ -3,7 +3,7 @@ checkpoint write for it, side by side, with the step of its block at which each 
 committed.
 
     python show.py                                   # the first test user, out/ar.pt against out/cft.pt
-    python show.py --user=123 --diffusion=out/rl.pt --tau=0.6
+    python show.py --user=42 --diffusion=out/rl.pt --tau=0.6    # --user: the id in Beauty.txt
     python show.py --index=7 --split=valid
     python show.py --history="120 431 87"           # a history typed in (item ids), the pre-ranker's list for it
     python show.py --history="120 431 87" --cands="5 9 12 40 41 77 300 301 302 999"   # and a list typed in
