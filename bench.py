@@ -5,9 +5,9 @@
 
 Both sides run diffusion.py's own decoding functions over the same CachedForward (same model code, kernels and
 dtype) on the same random sample of test prompts, each batch padded to its own longest prompt (one shape for all
-under CUDA graphs), in one process: every setting is timed `repeats` times, the
-repeats interleaved between the settings (so a slow minute of a shared machine hits all of them); the median is
-kept and the spread over repeats reported. Tokens are counted up to <eos>. Each diffusion checkpoint found (CFT,
+under CUDA graphs), in one process: every setting is timed `repeats` times, the repeats interleaved between the
+settings (so a slow minute of a shared machine hits all of them); the median is kept and the spread over repeats
+reported. Tokens are counted up to <eos>. Each diffusion checkpoint found (CFT,
 OPD, RL) is timed at its own decoding setting and at `taus`; one whose weights are those of an earlier stage
 (RL that kept its start) is not timed again. R@1 and validity of a row come from the full test set decoded with
 the same settings: an eval_*.json of decode.py that records these very weights, else decoded here.
@@ -95,15 +95,15 @@ def decode_once(model, batch, vocab, max_resp, block, rule, runner):
     with torch.no_grad(), autocast(batch['prompt'].device):
         if block == 0:
             tokens, lengths = generate_ar(model, batch['prompt'], batch['pad'], max_resp, vocab, runner=runner)
-            forwards = lengths                                          # one forward per token, prefill included
-            paid = len(lengths) * int(lengths.max())                    # every row rides every step
+            forwards = carried = lengths                                # one forward per token, prefill included
         else:
             res = generate_block(model, batch['prompt'], batch['pad'], max_resp, vocab, block=block, runner=runner,
                                  **rule)
-            tokens, lengths, forwards = res['tokens'], res['lengths'], res['n_forwards']
-            paid = int(res['carried'].sum())
+            tokens, lengths, forwards, carried = res['tokens'], res['lengths'], res['n_forwards'], res['carried']
     sync()
-    return tokens, lengths, forwards, paid, time.perf_counter() - t0
+    seconds = time.perf_counter() - t0
+    paid = len(lengths) * int(lengths.max()) if block == 0 else int(carried.sum())  # AR: every row rides every step
+    return tokens, lengths, forwards, paid, seconds
 
 
 @torch.no_grad()
@@ -222,9 +222,10 @@ def load_models(cfg, device):
     return models, data
 
 
-def accuracy_of(setting, model, data, device):
-    """(R@1, validity, where from) of a setting on the full test set: a matching eval file, else decoded here."""
-    found = matching_eval(setting, weights_digest(model), len(data.splits['test']))
+def accuracy_of(setting, model, weights, data, device):
+    """(R@1, validity, where from) of a setting on the full test set: an eval file of these weights (their digest),
+    else decoded here."""
+    found = matching_eval(setting, weights, len(data.splits['test']))
     if found is None:
         dcfg = Decoding(block=setting['block'], tau=setting['tau'] or 0.9, batch_size=64)
         res, _ = evaluate(model, data, 'test', dcfg, device)
@@ -294,8 +295,8 @@ def main():
     print(f"on {device_name(device)}: batches {batches}, {cfg.n_b1} random test users at batch 1 and "
           f"{cfg.n_batched} at the others, {cfg.repeats} interleaved repeats, each checkpoint at its own tau"
           f"{' and ' + str(taus) if taus else ''}{' (CUDA graphs)' if cuda and cfg.graphs else ''}")
-    accuracy = [accuracy_of(s, models[s['ckpt']][0], data, device) if cfg.accuracy else (None, None, None)
-                for s in settings]
+    accuracy = [accuracy_of(s, models[s['ckpt']][0], digests[s['ckpt']], data, device) if cfg.accuracy
+                else (None, None, None) for s in settings]
     costs = {path: forward_cost_ratio(m, full, block, max_resp, cfg.cost_reps) for path, (m, _) in models.items()}
     for path, c in costs.items():
         print(f"{path}: forward_cost_ratio {c['forward_cost_ratio']:.2f} at B = {block} "

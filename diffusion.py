@@ -296,28 +296,28 @@ def generate_block(model, prompt, pad, max_resp, vocab, block, tau=0.9, k=0, tem
         state['steps'].scatter_add_(1, cols, commit * step[:, None])
         state['conf'].scatter_add_(1, cols, commit * conf)
         # a row whose block has no open position left moves to its next block, or ends: after its <eos> block
-        open_ = (cur == vocab.mask) & ((cur == vocab.eos).cumsum(1) == 0)
+        is_eos = cur == vocab.eos
+        open_ = (cur == vocab.mask) & (is_eos.cumsum(1) == 0)
         done = ~open_.any(1)
-        ends = done & ((cur == vocab.eos).any(1) | (blk == n_blocks - 1))
+        ends = done & (is_eos.any(1) | (blk == n_blocks - 1))
         flush = done & ~ends
         blk += flush
         step *= ~done
         cur = torch.where(flush[:, None], vocab.mask, cur)
         open_ |= flush[:, None]
-        n_ended, any_flush, top_blk = torch.stack([ends.sum(), flush.any(), blk.max()]).tolist()  # one host sync
-        if n_ended:   # rows that ended leave the batch (under CUDA graphs, which fix its shape, they idle to the end)
-            gone = ~open_.any(1)
-            if run.graphs and not bool(gone.all()):
-                continue
+        still = open_.any(1)                                            # the rows that decode on
+        n_ended, any_flush, top_blk, n_still = torch.stack([ends.sum(), flush.any(), blk.max(), still.sum()]).tolist()
+        # (the one host sync a step) rows that ended leave the batch; under CUDA graphs, which fix the batch's
+        # shape, they idle until every row has ended. top_blk still bounds the blocks of the rows that stay.
+        if n_ended and (n_still == 0 or not run.graphs):
             for key in out:
-                out[key].index_copy_(0, row[gone], state[key][gone])
-            if bool(gone.all()):
+                out[key].index_copy_(0, row[~still], state[key][~still])
+            if n_still == 0:
                 break
-            stay = (~gone).nonzero().squeeze(1)
+            stay = still.nonzero().squeeze(1)
             run.keep(stay)
             state = {key: value[stay] for key, value in state.items()}
             row, blk, cur, open_, flush, step, first_h = (z[stay] for z in (row, blk, cur, open_, flush, step, first_h))
-            top_blk = int(blk.max())
     tokens, steps = out['tokens'], out['steps']
     lengths = first_eos_lengths(tokens, vocab)
     live = torch.arange(R, device=dev)[None, :] < lengths[:, None]

@@ -67,8 +67,9 @@ class TrainARConfig(StageSettings):  # + min_validity, eval_n, eval_batch, time_
         if self.n_embd % self.n_head:
             return f"--n_embd={self.n_embd} is not divisible by --n_head={self.n_head}"
         if self.n_embd // self.n_head % 2:
-            return (f"--n_embd={self.n_embd} / --n_head={self.n_head} = {self.n_embd // self.n_head} channels a head: "
-                    f"rotary positions turn channel pairs, so a head needs an even number (e.g. --n_embd=24)")
+            hs = self.n_embd // self.n_head
+            return (f"--n_embd={self.n_embd} / --n_head={self.n_head} = {hs} channels a head: rotary positions turn "
+                    f"channel pairs, so a head needs an even number (e.g. --n_embd={self.n_head * (hs + 1)})")
         if not 0 <= self.dropout < 1:
             return f"--dropout={self.dropout}: a probability, in [0, 1)"
         if self.n_resp_pos < 0:
