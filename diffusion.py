@@ -305,14 +305,14 @@ def generate_block(model, prompt, pad, max_resp, vocab, block, tau=0.9, k=0, tem
         step *= ~done
         cur = torch.where(flush[:, None], vocab.mask, cur)
         open_ |= flush[:, None]
-        still = open_.any(1)                                            # the rows that decode on
-        n_ended, any_flush, top_blk, n_still = torch.stack([ends.sum(), flush.any(), blk.max(), still.sum()]).tolist()
-        # (the one host sync a step) rows that ended leave the batch; under CUDA graphs, which fix the batch's
-        # shape, they idle until every row has ended. top_blk still bounds the blocks of the rows that stay.
-        if n_ended and (n_still == 0 or not run.graphs):
+        n_ended, any_flush, top_blk = torch.stack([ends.sum(), flush.any(), blk.max()]).tolist()  # one host sync
+        # rows that ended leave the batch; under CUDA graphs, which fix the batch's shape, they idle until every row
+        # has (an idle row ends again at every step, so n_ended counts it). top_blk still bounds the rows that stay.
+        if n_ended and (n_ended == len(cur) or not run.graphs):
+            still = open_.any(1)
             for key in out:
                 out[key].index_copy_(0, row[~still], state[key][~still])
-            if n_still == 0:
+            if n_ended == len(cur):
                 break
             stay = still.nonzero().squeeze(1)
             run.keep(stay)
