@@ -51,7 +51,7 @@ class StageSettings:
             return f"--lr={values['lr']}: the learning rate must be > 0"
         if not 0 <= self.min_validity <= 1:
             return f"--min_validity={self.min_validity}: a share, in [0, 1]"
-        return (device_problem(self.device) or writable_problem('out', values['out'])
+        return (device_problem(self.device) or writable_problem('out', values['out']) or results_problem()
                 or decoding_problem(values.get('block', 0), values.get('tau', 0.9), values.get('k', 0)))
 
 
@@ -72,17 +72,31 @@ def device_problem(name):
     return f"--device={name!r}: use auto, cpu, cuda (cuda:N) or mps"
 
 
-def writable_problem(flag, path):
-    """Whether the folder of an output file can be written, found before any training rather than after it."""
-    folder = os.path.dirname(project_path(path)) or '.'
+def unwritable(folder):
+    """Why `folder` cannot take a new file (created if missing), or None: found before any work, not after it."""
     try:
         os.makedirs(folder, exist_ok=True)
         probe = os.path.join(folder, f".write-test-{os.getpid()}")
         open(probe, 'w').close()
         os.remove(probe)
     except OSError as e:
-        return f"--{flag}={path}: cannot write to {folder} ({e.strerror}); choose another --{flag}"
+        return e.strerror
     return None
+
+
+def writable_problem(flag, path):
+    """Whether the folder of an output file can be written."""
+    folder = os.path.dirname(project_path(path)) or '.'
+    why = unwritable(folder)
+    return why and f"--{flag}={path}: cannot write to {folder} ({why}); choose another --{flag}"
+
+
+def results_problem():
+    """Whether the results folder (results_path) can be written: a stage's record and curves go there after
+    training, an evaluation's file after decoding."""
+    folder = os.path.dirname(results_path('-'))
+    why = unwritable(folder)
+    return why and f"cannot write results to {folder} ({why}): set RESULTS_DIR to a writable folder"
 
 
 def same_file_problem(flag, path, out):
@@ -136,10 +150,16 @@ def parse_config(cls, argv=None):
 def start_stage(cls):
     """The first lines of every training stage: its flags (checked and printed), the seeded generators (torch's
     global one and a numpy one for batch order), the device and the stage's timer."""
+    signal.signal(signal.SIGINT, stopped_before_training)  # until the stage's own handler (Interrupt) takes over
     cfg = parse_config(cls)
     print_config(cfg)
     torch.manual_seed(cfg.seed)
     return cfg, np.random.default_rng(cfg.seed), pick_device(cfg.device), Timer()
+
+
+def stopped_before_training(signum, frame):
+    raise SystemExit("interrupted while the stage was starting (before its first training step); "
+                     "rerun the same command to start it")
 
 
 def decoding_problem(block, tau, k):
@@ -218,8 +238,9 @@ def load_checkpoint(path, stages=None, device='cpu'):
                               f"(see README: train_ar.py -> train_cft.py -> train_opd.py -> train_rl.py)")
     try:
         ckpt = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:  # truncated or foreign file
-        raise CheckpointError(f"{path} is not a readable checkpoint ({e}); delete it and rerun its stage") from e
+    except Exception as e:  # truncated or foreign file; torch's own text runs to lines of unpickling advice
+        raise CheckpointError(f"{path} is not a readable checkpoint ({type(e).__name__}); delete it and rerun "
+                              f"its stage") from e
     if not isinstance(ckpt, dict) or 'stage' not in ckpt or 'model_cfg' not in ckpt:
         raise CheckpointError(f"{path} is not a checkpoint of this project; delete it and rerun its stage")
     if stages is not None and ckpt['stage'] not in stages:
@@ -252,8 +273,11 @@ def load_resume(out, model, opt, run_cfg):
         return None
     try:
         saved = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:  # cut short by a full disk or a killed machine
-        raise CheckpointError(f"{path} is not a readable resume state ({e}); delete it to start afresh") from e
+    except Exception:  # cut short by a full disk or a killed machine
+        saved = None
+    if not isinstance(saved, dict) or not {'model', 'opt', 'run_cfg', 'step', 'state', 'torch_rng'} <= saved.keys():
+        raise SystemExit(f"error: {path} is not a resume state this stage wrote (damaged or another file); "
+                         f"delete it to start the run afresh")
     if saved['run_cfg'] != resume_key(run_cfg):
         set_aside_other_run(out, run_cfg, force=True)
         return None

@@ -62,8 +62,9 @@ def load_5core(data_dir, name='Beauty'):
     seq_path = os.path.join(data_dir, f'{name}.txt')
     attr_path = os.path.join(data_dir, f'{name}_item2attributes.json')
     how = (f"Point --data_dir at a folder with {name}.txt and {name}_item2attributes.json (the 5-core files as "
-           f"preprocessed for S3-Rec), or build them with --raw_dir=<folder with reviews_{name}_5.json.gz and "
-           f"meta_{name}.json.gz>.")
+           f"preprocessed for S3-Rec; another category's files by their name: --data_name, data_beauty.py's "
+           f"--name), or build them with python data_beauty.py --name={name} --raw_dir=<folder with "
+           f"reviews_{name}_5.json.gz and meta_{name}.json.gz>.")
     for p in (seq_path, attr_path):
         if not os.path.isfile(p):
             raise DataError(f"missing data file {p}. {how}")

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from common import (parse_config, decoding_problem, device_problem, print_config, pick_device, device_name,
                     load_checkpoint, write_json, git_commit, command_line, CheckpointError, results_path,
-                    weights_digest)
+                    weights_digest, results_problem)
 from data_beauty import DataError
 from diffusion import convert
 from evaluation import evaluate, first_step_report, load_data_for, trace_report
@@ -44,7 +44,8 @@ class DecodeConfig:
             return f"--split={self.split!r}: use valid (selection) or test (the reported tables)"
         if self.limit < 0 or self.batch_size < 1:
             return f"--limit={self.limit} --batch_size={self.batch_size}: limit >= 0 (0 = all), batch_size >= 1"
-        return device_problem(self.device) or decoding_problem(self.block, self.tau, self.k)
+        return (device_problem(self.device) or decoding_problem(self.block, self.tau, self.k)
+                or (results_problem() if self.name else None))
 
 
 def main():

@@ -229,10 +229,10 @@ def load_data_for(ckpt, data_dir):
     n_out = ckpt['model_cfg'].get('n_out', 0)
     if data.vocab.size != ckpt['model_cfg']['vocab_size'] or n_out not in (0, data.vocab.n_out):  # 0: a full head
         raise CheckpointError(f"the checkpoint has a vocabulary of {ckpt['model_cfg']['vocab_size']} tokens "
-                              f"({n_out or 'all'} output) but the data encodes "
-                              f"{data.vocab.size} ({data.vocab.n_out} output; it predates a change of the trace or of "
-                              f"the output head): retrain it from "
-                              f"the AR stage (python train_ar.py, then the later stages)")
+                              f"({n_out or 'all'} output) but the data in {data_dir} encodes {data.vocab.size} "
+                              f"({data.vocab.n_out} output): pass the --data_dir it was trained on (it recorded "
+                              f"{ckpt['run_cfg']['data'].get('data_dir')!r}), or retrain it on this data from the AR "
+                              f"stage (python train_ar.py, then the later stages)")
     trained_on = ckpt['run_cfg'].get('data_digests')
     if trained_on and trained_on != data.fingerprint():
         raise CheckpointError(f"the checkpoint was trained on other data than {data_dir} gives now (digests "

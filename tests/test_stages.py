@@ -4,6 +4,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -176,7 +177,8 @@ def test_checkpoint_of_an_older_vocabulary_is_refused(pipeline):
     torch.save(ck, os.path.join(cwd, 'out', 'ar_old.pt'))
     for script, flag in (('decode.py', '--ckpt=out/ar_old.pt'), ('train_cft.py', '--parent=out/ar_old.pt')):
         p = run(script, cwd, data, flag)
-        assert p.returncode != 0 and 'vocabulary' in p.stderr + p.stdout and 'retrain' in p.stderr + p.stdout
+        said = p.stderr + p.stdout
+        assert p.returncode != 0 and 'vocabulary' in said and '--data_dir' in said and 'retrain' in said
 
 
 def test_checkpoint_of_other_data_is_refused(pipeline):
@@ -206,7 +208,61 @@ def test_another_category_is_read_by_its_name(tiny_dir, tmp_path):
     assert p.returncode == 0, p.stderr[-2000:]
     assert torch.load(tmp_path / 'out' / 'ar.pt', weights_only=True)['run_cfg']['data']['name'] == 'Toys'
     p = run('train_ar.py', str(tmp_path), f'--data_dir={other}', '--max_steps=2')
-    assert p.returncode != 0 and 'Beauty.txt' in p.stderr + p.stdout and 'Traceback' not in p.stderr
+    said = p.stderr + p.stdout
+    assert p.returncode != 0 and 'Beauty.txt' in said and 'Traceback' not in p.stderr
+    assert '--data_name' in said and 'python data_beauty.py --name=Beauty --raw_dir=' in said  # a command that works
+
+
+@pytest.mark.parametrize('content', ['random bytes', 'a bare state_dict'])
+def test_a_damaged_or_foreign_resume_file_is_refused_with_its_fix(pipeline, tmp_path, content):
+    cwd, data = pipeline
+    out = tmp_path / 'cft.pt'
+    if content == 'random bytes':
+        out.with_suffix('.pt.resume').write_bytes(os.urandom(256))
+    else:
+        torch.save({'model': {}}, out.with_suffix('.pt.resume'))
+    p = run('train_cft.py', cwd, data, *TINY['train_cft.py'], f'--out={out}')
+    said = p.stderr + p.stdout
+    assert p.returncode != 0 and 'Traceback' not in said and 'delete it' in said and str(out) in said
+
+
+def test_an_unwritable_results_folder_is_refused_before_any_work(pipeline, tmp_path):
+    cwd, data = pipeline
+    blocker = tmp_path / 'a_file'
+    blocker.write_text('not a folder')
+    for script, args in (('train_ar.py', TINY['train_ar.py']), ('decode.py', ['--ckpt=out/ar.pt', '--name=x'])):
+        env = dict(os.environ, WORK_DIR=cwd, RESULTS_DIR=str(blocker / 'results'))
+        p = subprocess.run([sys.executable, os.path.join(ROOT, script), '--device=cpu', data, *args], cwd=cwd,
+                           capture_output=True, text=True, timeout=600, env=env)
+        said = p.stderr + p.stdout
+        assert p.returncode != 0 and 'set RESULTS_DIR' in said and 'Traceback' not in said, said[-2000:]
+        assert 'step 0' not in said  # refused before training or decoding
+
+
+def test_ctrl_c_while_a_stage_starts_exits_without_a_traceback(monkeypatch):
+    import signal
+    from common import start_stage
+    from train_rl import TrainRLConfig
+    monkeypatch.setattr(sys, 'argv', ['train_rl.py', '--device=cpu'])
+    def default(*_):  # stands in for Python's own handler (a KeyboardInterrupt traceback), so a miss fails here
+        raise AssertionError("start_stage left Ctrl-C to the default handler")
+    before = signal.signal(signal.SIGINT, default)
+    try:
+        start_stage(TrainRLConfig)
+        with pytest.raises(SystemExit, match='rerun the same command'):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)  # the handler runs at the next bytecode boundary
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
+def test_a_checkpoint_of_random_bytes_is_refused_in_one_line(pipeline, tmp_path):
+    cwd, data = pipeline
+    (tmp_path / 'junk.pt').write_bytes(os.urandom(512))
+    p = run('decode.py', cwd, data, f'--ckpt={tmp_path}/junk.pt')
+    said = p.stderr + p.stdout
+    assert p.returncode != 0 and 'not a readable checkpoint' in said and 'weights_only' not in said
+    assert len([line for line in p.stderr.splitlines() if line.strip()]) == 1
 
 
 def test_missing_data_dir_is_refused(tmp_path):
