@@ -29,7 +29,7 @@ ROWS = [  # (file name, label, predecessor for the paired gain)
     ('cft_novalid', '+ CFT, no validity loss', 'naive'),
     ('cft', '+ CFT', 'naive'),
     ('cft_left', '+ CFT, committed from the left (same weights)', 'cft'),
-    ('cft_more', '+ CFT, more (OPD control)', 'cft'),
+    ('cft_more', "+ CFT, more, for OPD's wall time (control)", 'opd'),
     ('cft_warmup', '+ CFT, block size warmed up from 1', 'cft'),
     ('cft_suffix', '+ CFT, half the blocks suffix-masked', 'cft'),
     ('opd', '+ CFT + OPD', 'cft'),
@@ -63,6 +63,37 @@ def headline(summary, evals, bench):
                                                         for k in ('R@1', 'N@3')) +
                      f" | {row['validity']:.3f} | {tpf} | {'' if up is None else f'{up:.2f}x'} | "
                      f"{share(row['copy_share'])} | {row['n']} |")
+    return lines
+
+
+def frontier_lines(folder):
+    """The threshold the tables decode at (tstar.json) and the frontier (frontier.json): each stage's R@1,
+    validity and tokens per forward at each threshold of the grid, and its parity TPF."""
+    lines = []
+    path = os.path.join(folder, 'tstar.json')
+    if os.path.exists(path):
+        with open(path) as f:
+            t = json.load(f)
+        pick = next(r for r in t['rows'] if r['tau'] == t['tau'])
+        lines += [f"t* = {t['tau']}: {t['rule']} ({t['found_by']}); {t['stage']} on validation (n={t['n']}): R@1 "
+                  f"{pick['R@1']:.4f} against AR's {t['ar_R@1']:.4f}, validity {pick['validity']:.3f}, "
+                  f"{pick['tokens_per_forward']:.2f} tokens per forward; commit {t['commit']}", '']
+    path = os.path.join(folder, 'frontier.json')
+    if not os.path.exists(path):
+        return lines
+    with open(path) as f:
+        fr = json.load(f)
+    taus = sorted({r['tau'] for r in fr['rows']}, reverse=True)
+    lines += [f"test, n={fr['n']}, each cell R@1 / validity / tokens per forward; AR R@1 {fr['ar_R@1']:.4f}, copy "
+              f"share {fr['ar_copy_share']:.3f}; floor {fr['floor_R@1']:.4f}; commit {fr['commit']}", '',
+              '| stage | ' + ' | '.join(f"tau {t}" for t in taus) + ' | parity TPF |', '|---' * (len(taus) + 2) + '|']
+    for stage, parity in fr['parity_tpf'].items():
+        cells = {r['tau']: r for r in fr['rows'] if r['stage'] == stage}
+        at_parity = 'none' if parity is None else f"{parity['tokens_per_forward']:.2f} (tau {parity['tau']})"
+        lines.append(f"| {stage} | " + ' | '.join(
+            f"{cells[t]['R@1']:.4f} / {cells[t]['validity']:.3f} / {cells[t]['tokens_per_forward']:.2f}"
+            if t in cells else '' for t in taus) + f" | {at_parity} |")
+    lines += ['', f"parity TPF: {fr['parity_rule']}"]
     return lines
 
 
@@ -257,7 +288,9 @@ def main(folder=None):
                      gain_lines + (['', f'## Over seeds (seeds/<seed>/ beside these files; {seed_commits(folder)})', '']
                                    + seed_lines
                                    if summary['seeds'] else []) +
-                     (['', '## Speed', ''] + speed_lines if speed_lines else [])) + '\n'
+                     (['', '## Speed', ''] + speed_lines if speed_lines else []) +
+                     (['', '## The threshold and the frontier', ''] + fl if (fl := frontier_lines(folder)) else [])
+                     ) + '\n'
     print(text)
     write_json(os.path.join(folder, 'summary.json'), summary)
     with open(os.path.join(folder, 'tables.md'), 'w') as f:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole recipe for one seed, then the two tables:
 #   data -> AR teacher (+ no-trace and no-rejection ablations) -> naive conversion -> CFT (+ no-validity ablation)
-#   -> OPD (+ off-policy control) -> RL (+ RL-tuned AR, + a KL penalty) -> test evaluation -> bench -> report
+#   -> OPD -> RL -> t* on validation -> test evaluation at t* -> bench -> OPD's controls -> frontier
+#   -> ablations (+ RL-tuned AR, + a KL penalty, ...) -> report
 #
 #   bash run.sh                  # picks the setting from the machine: gpu where CUDA is available, else cpu
 #   bash run.sh cpu              # a 2-core CPU: a small model, results/cpu/
@@ -29,11 +30,12 @@ D="--data_dir=${DATA_DIR:-data/beauty} --seed=$SEED"
 NAME="--data_name=${DATA_NAME:-Beauty}"   # the AR stages read it; every later one takes it from its parent
 if [ "$MODE" = cpu ]; then
   export RESULTS_DIR=${RESULTS_DIR:-results/cpu}  # never mixed with the GPU numbers in results/
-  BUDGET=${BUDGET:-4200}                           # the whole recipe within 70 minutes
+  BUDGET=${BUDGET:-4500}                           # the whole recipe within 75 minutes
   DEV="--device=cpu"    # each stage then fills in its CPU_SETTING (a small model, short runs: common.parse_config)
   AR=""; DIR=""; CFT=""; OPD=""; RL=""
   WARM=50
-  MORE="--max_steps=100 --eval_every=100 --sweep=False"
+  L2R="--l2r_states=4"                  # the off-policy control's KL at 4 offsets a block (train_opd.py)
+  MORE="--max_steps=1000 --eval_every=100 --sweep=False"  # stopped at OPD's wall time (core)
   BENCH=""                              # bench.py picks CPU-sized work by itself
   EVAL="--batch_size=64"                # every row on the whole test set
   EVAL_AR="--batch_size=300"
@@ -42,7 +44,7 @@ else
   BUDGET=${BUDGET:-100000}
   DEV=""
   AR="--time_limit=80"; DIR="--time_limit=30"
-  CFT="--time_limit=60"; WARM=200; OPD="--time_limit=30"; MORE="--max_steps=300 --time_limit=30"; RL="--time_limit=30"
+  CFT="--time_limit=60"; WARM=200; L2R=""; OPD="--time_limit=30"; MORE="--max_steps=3000"; RL="--time_limit=30"
   BENCH="--repeats=3"
   EVAL="--batch_size=512"
   EVAL_AR="$EVAL"
@@ -76,32 +78,37 @@ left() { [ $((SECONDS + $1)) -lt "$BUDGET" ]; }  # $1: a control's CPU seconds w
 ev() { stage python decode.py $D $DEV $EVAL --split=test "$@"; }
 ev_ar() { stage python decode.py $D $DEV $EVAL_AR --split=test "$@"; }
 
-TAU=0.9  # the threshold every diffusion row decodes at: after CFT, the one its validation sweep chose
-chosen_tau() { python -c 'import json, sys; print(json.load(open(sys.argv[1])).get("chosen_tau", 0.9))' \
-               "$RESULTS_DIR/sweep_cft.json" 2>/dev/null || echo 0.9; }
+TAU=0.9  # the threshold every diffusion row of the tables decodes at: t*, chosen for the RL model on validation
+tstar() { python -c 'import json, sys; print(json.load(open(sys.argv[1]))["tau"])' "$RESULTS_DIR/tstar.json"; }
+seconds_of() { python -c 'import json, sys; print(int(json.load(open(sys.argv[1]))["seconds"]))' "$RESULTS_DIR/train_$1.json"; }
 
-core() {  # the recipe's chain, each stage from the previous one's checkpoint
+core() {  # the recipe's chain, each stage from the previous one's checkpoint; OPD and RL train at the fast end
   stage python data_beauty.py --data_dir=${DATA_DIR:-data/beauty} --name=${DATA_NAME:-Beauty}
   stage python train_ar.py $D $NAME $DEV $AR
   ev_ar --ckpt=out/ar.pt --name=ar
-  ev --ckpt=out/ar.pt --name=naive --block=$BLOCK --tau=0.9
   stage python train_cft.py $D $DEV $CFT --block=$BLOCK
-  TAU=$(chosen_tau); echo "tau $TAU (chosen on validation: $RESULTS_DIR/sweep_cft.json)"
+  stage python train_opd.py $D $DEV $OPD       # rollouts and the KL at the commit state, at tau 0.6
+  stage python train_rl.py $D $DEV $RL         # at tau 0.6, the speed paid beside the rank
+  stage python frontier.py --data_dir=${DATA_DIR:-data/beauty} $DEV --split=valid --stages=rl --choose=True
+  TAU=$(tstar); echo "t* = $TAU (chosen for RL on validation: $RESULTS_DIR/tstar.json)"
+  ev --ckpt=out/ar.pt --name=naive --block=$BLOCK --tau=$TAU
   ev --ckpt=out/cft.pt --name=cft --block=$BLOCK --tau=$TAU
-  stage python train_opd.py $D $DEV $OPD --tau=$TAU
   ev --ckpt=out/opd.pt --name=opd --block=$BLOCK --tau=$TAU
-  stage python train_rl.py $D $DEV $RL --tau=$TAU
   ev --ckpt=out/rl.pt --name=rl --block=$BLOCK --tau=$TAU
   stage python bench.py --data_dir=${DATA_DIR:-data/beauty} $DEV $BENCH --taus="($TAU,)"  # every stage against AR
+  # the controls of OPD at t*: its loss on the teacher's samples, and more CFT for as long as OPD trained
+  stage python train_opd.py $D $DEV $OPD --rollouts=teacher --state=l2r $L2R --out=out/opd_offpolicy.pt --name=opd_offpolicy
+  ev --ckpt=out/opd_offpolicy.pt --name=opd_offpolicy --block=$BLOCK --tau=$TAU
+  stage python train_cft.py $D $DEV $MORE --time_limit=$(seconds_of opd) --tau=0.6 --parent=out/cft.pt --out=out/cft_more.pt --name=cft_more
+  ev --ckpt=out/cft_more.pt --name=cft_more --block=$BLOCK --tau=$TAU
+  stage python frontier.py --data_dir=${DATA_DIR:-data/beauty} $DEV --stages=cft,opd,rl,opd_offpolicy  # naive: 4x the forwards
 }
 
 ablations() {  # each answers one question about the chain (the most needed first); needs core's out/*.pt
-  TAU=$(chosen_tau)
+  TAU=$(tstar)
   if left 360; then stage python train_ar.py $D $NAME $DEV $DIR --trace=False --out=out/ar_direct.pt && ev_ar --ckpt=out/ar_direct.pt --name=ar_direct; fi
-  if left 500; then stage python train_opd.py $D $DEV $OPD --tau=$TAU --rollouts=teacher --out=out/opd_offpolicy.pt --name=opd_offpolicy && ev --ckpt=out/opd_offpolicy.pt --name=opd_offpolicy --block=$BLOCK --tau=$TAU; fi
   if left 30; then ev --ckpt=out/cft.pt --name=cft_left --block=$BLOCK --tau=$TAU --from_left=True; fi
-  if left 180; then stage python train_rl.py $D $DEV $RL --policy=out/ar.pt --block=1 --out=out/ar_rl.pt --name=ar_rl && ev_ar --ckpt=out/ar_rl.pt --name=ar_rl --block=1 --tau=$TAU; fi
-  if left 100; then stage python train_cft.py $D $DEV $MORE --parent=out/cft.pt --out=out/cft_more.pt --name=cft_more && ev --ckpt=out/cft_more.pt --name=cft_more --block=$BLOCK --tau=$TAU; fi
+  if left 180; then stage python train_rl.py $D $DEV $RL --policy=out/ar.pt --block=1 --speed_weight=0 --out=out/ar_rl.pt --name=ar_rl && ev_ar --ckpt=out/ar_rl.pt --name=ar_rl --block=1 --tau=$TAU; fi
   if left 520; then stage python train_cft.py $D $DEV $CFT --sweep=False --validity_weight=0.0 --out=out/cft_novalid.pt --name=cft_novalid && ev --ckpt=out/cft_novalid.pt --name=cft_novalid --block=$BLOCK --tau=$TAU; fi
   if left 1200; then stage python train_ar.py $D $NAME $DEV $AR --reject=False --out=out/ar_noreject.pt --name=ar_noreject && ev_ar --ckpt=out/ar_noreject.pt --name=ar_noreject; fi
   if left 180; then stage python train_rl.py $D $DEV $RL --kl_weight=1.0 --out=out/rl_kl.pt --name=rl_kl && ev --ckpt=out/rl_kl.pt --name=rl_kl --block=$BLOCK --tau=$TAU; fi

@@ -112,11 +112,12 @@ def test_naive_conversion_decodes_the_model_cft_starts_from(pipeline):
 
 def test_opd_runs_at_the_commit_state(pipeline):
     cwd, data = pipeline
-    p = run('train_opd.py', cwd, data, *TINY['train_opd.py'], '--state=commit', '--out=out/opd_c.pt', '--name=opd_c')
-    assert p.returncode == 0, p.stderr[-3000:]
+    p = run('train_opd.py', cwd, data, *TINY['train_opd.py'], '--state=l2r', '--out=out/opd_l.pt', '--name=opd_l')
+    assert p.returncode == 0, p.stderr[-3000:]  # the pipeline's OPD ran at the default, the commit state
     p = run('train_opd.py', cwd, data, '--state=middle', '--max_steps=1')
     assert p.returncode != 0 and 'commit or l2r' in p.stderr + p.stdout
-    p = run('train_opd.py', cwd, data, *TINY['train_opd.py'], '--l2r_states=2', '--out=out/opd_2.pt', '--name=opd_2')
+    p = run('train_opd.py', cwd, data, *TINY['train_opd.py'], '--state=l2r', '--l2r_states=2', '--out=out/opd_2.pt',
+            '--name=opd_2')
     assert p.returncode == 0, p.stderr[-3000:]
     assert 'unused at the commit state' in run('train_opd.py', cwd, data, *TINY['train_opd.py'], '--state=commit',
                                                  '--l2r_states=2', '--max_steps=1', '--out=out/opd_c1.pt').stdout
@@ -127,8 +128,8 @@ def test_opd_runs_at_the_commit_state(pipeline):
 
 def test_the_off_policy_control_distils_on_the_teachers_own_samples(pipeline):
     cwd, data = pipeline
-    p = run('train_opd.py', cwd, data, *TINY['train_opd.py'], '--rollouts=teacher', '--out=out/opd_off.pt',
-            '--name=opd_off')
+    p = run('train_opd.py', cwd, data, *TINY['train_opd.py'], '--rollouts=teacher', '--state=l2r',
+            '--out=out/opd_off.pt', '--name=opd_off')
     assert p.returncode == 0, p.stderr[-3000:]
     steps = [json.loads(line) for line in open(os.path.join(cwd, 'out', 'log_opd_off.jsonl')) if 'kl' in line]
     assert steps and all(s['tok_per_fwd'] == 1.0 for s in steps)  # AR samples: one token per forward
@@ -146,12 +147,12 @@ def test_a_stage_takes_its_parents_validation_where_decoded_the_same_way(pipelin
     start = next(json.loads(line) for line in open(os.path.join(cwd, 'out', 'log_opd.jsonl')) if 'val_R1' in line)
     model, ck = load_checkpoint(os.path.join(cwd, 'out', 'cft.pt'))
     d = load_data_for(ck, data.split('=', 1)[1])
-    fresh, _ = evaluate(model, d, 'valid', Decoding(block=8, tau=0.9), torch.device('cpu'))
+    fresh, _ = evaluate(model, d, 'valid', Decoding(block=8, tau=0.6), torch.device('cpu'))  # OPD's default tau
     assert start['step'] == 0 and start['val_R1'] == fresh['metrics']['R@1']
     assert start['val_validity'] == fresh['validity'] and start['val_tok_per_fwd'] == fresh['tokens_per_forward']
     # CFT validates on its CPU setting's first 1,024 users, OPD on every one: the same users only when asked
     args = (*TINY['train_opd.py'], '--max_steps=1', '--eval_n=1024', '--out=out/opd_1.pt', '--name=opd_1')
-    p = run('train_opd.py', cwd, data, *args)
+    p = run('train_opd.py', cwd, data, *args, '--tau=0.9')  # CFT validates at 0.9
     assert p.returncode == 0 and "step 0: " in p.stdout and "the parent's record" in p.stdout, p.stderr[-2000:]
     p = run('train_opd.py', cwd, data, *args, '--tau=0.5')
     assert p.returncode == 0 and "step 0: " in p.stdout and "the parent's record" not in p.stdout, p.stderr[-2000:]
@@ -308,7 +309,8 @@ def test_out_of_range_settings_are_refused_before_any_work(tmp_path, script, arg
     ('TrainCFTConfig', ['--certainty_skip=scores'], "unknown roles ['scores']"),
     ('TrainOPDConfig', ['--student=out/x.pt', '--out=out/x.pt'], 'overwrite its own parent'),
     ('TrainRLConfig', ['--lr=0'], '--lr=0.0: the learning rate must be > 0'),
-    ('TrainRLConfig', ['--trace_weight=-1'], '--trace_weight=-1.0 must be >= 0'),
+    ('TrainRLConfig', ['--trace_weight=-1'], '--trace_weight=-1.0 --speed_weight=0.0: both must be >= 0'),
+    ('TrainRLConfig', ['--speed_weight=-0.5'], '--speed_weight=-0.5: both must be >= 0'),
     ('DecodeConfig', ['--device=tpu'], "use auto, cpu, cuda"),
     ('BenchConfig', ['--repeats=0'], '>= 1'),
 ])
@@ -383,6 +385,19 @@ def test_rank_reward_by_hand():
     valid = [True, True, True, True, False]
     r = rank_reward(before, after, valid, n_cand=10)
     np.testing.assert_allclose(r, [0.2 + 0.2, 0.0 + 0.2, 0.0, -0.1, -1.0])  # improved, stays 1st, same, worse, invalid
+
+
+def test_speed_reward_by_hand():
+    """Speed is paid only beside the format reward: a faster and a slower valid rollout that keep the target
+    first differ by the weight x their speeds; an invalid one and a copy of the incoming order that leaves the
+    target where it was (not first) earn nothing for being fast."""
+    before, after = [1, 1, 3, 3], [1, 1, 3, 3]
+    valid = [True, True, False, True]            # fast valid, slow valid, fast invalid, fast copy (target third)
+    speed = [0.75, 0.5, 1.0, 1.0]
+    r = rank_reward(before, after, valid, n_cand=10, speed=speed, speed_weight=0.4)
+    np.testing.assert_allclose(r, [0.2 + 0.4 * 0.75, 0.2 + 0.4 * 0.5, -1.0, 0.0])
+    np.testing.assert_allclose(rank_reward(before, after, valid, 10, speed=speed),  # weight 0: SPEC's reward
+                               rank_reward(before, after, valid, 10))
 
 
 def test_score_rollouts_by_hand(tiny_data):
@@ -838,3 +853,40 @@ def test_the_reported_tau_is_the_fastest_near_the_best_valid_one_on_validation()
     assert choose_tau(rows + [row(0.95, 0.38, 0.99, 5.0)]) == 0.95          # 0.9 is 0.01 behind the best
     assert choose_tau(rows + [row(0.95, 0.374, 0.99, 5.0)]) == 0.9          # within the margin: the faster
     assert choose_tau([row(0.9, 0.3, 0.9, 3.0), row(0.6, 0.4, 0.5, 5.0)]) == 0.9
+
+
+def test_frontier_decodes_each_stage_at_each_threshold_and_picks_tstar(pipeline):
+    cwd, data = pipeline
+    p = run('frontier.py', cwd, data, '--stages=naive,cft,rl,nothing', '--taus=(0.9, 0.5)', '--block=8')
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert 'out/nothing.pt not found' in p.stdout
+    fr = json.load(open(os.path.join(cwd, 'results', 'frontier.json')))
+    assert [(r['stage'], r['tau']) for r in fr['rows']] == [(s, t) for s in ('naive', 'cft', 'rl') for t in (0.9, 0.5)]
+    assert set(fr['parity_tpf']) == {'naive', 'cft', 'rl'} and os.path.exists(os.path.join(cwd, 'results', 'frontier.png'))
+    for r in fr['rows']:
+        assert r['n'] == fr['n'] and 0 <= r['validity'] <= 1 and r['tokens_per_forward'] > 0
+    rl = [r for r in fr['rows'] if r['stage'] == 'rl']
+    assert rl[0]['weights'] == rl[1]['weights'] and rl[0]['ckpt'] == 'out/rl.pt'
+    same = json.load(open(os.path.join(cwd, 'results', 'eval_rl.json')))  # the pipeline decoded rl at tau 0.9
+    assert abs(rl[0]['R@1'] - same['metrics']['R@1']) < 1e-12 and rl[0]['validity'] == same['validity']
+    p = run('frontier.py', cwd, data, '--split=valid', '--stages=rl', '--taus=(0.9, 0.5)', '--choose=True')
+    assert p.returncode == 0, p.stderr[-2000:]
+    ts = json.load(open(os.path.join(cwd, 'results', 'tstar.json')))
+    assert ts['tau'] in (0.9, 0.5) and ts['stage'] == 'rl' and len(ts['rows']) == 2 and ts['found_by']
+    p = run('frontier.py', cwd, data, '--choose=True')
+    assert p.returncode != 0 and '--split=valid' in p.stderr + p.stdout
+
+
+def test_tstar_is_the_fastest_threshold_at_parity_and_a_miss_is_named():
+    from frontier import choose_tstar, fastest_at_parity
+    row = lambda tau, r1, valid, tpf: {'tau': tau, 'R@1': r1, 'validity': valid, 'tokens_per_forward': tpf}
+    rows = [row(0.9, 0.372, 1.0, 8.0), row(0.7, 0.369, 0.995, 10.0), row(0.6, 0.371, 0.985, 11.0),
+            row(0.5, 0.360, 0.999, 12.0)]
+    assert choose_tstar(rows, ar_r1=0.373) == (rows[1], 'parity')      # 0.6 is not valid enough, 0.5 too far off
+    assert fastest_at_parity(rows, 0.373, 0.02) == rows[3]
+    chosen, how = choose_tstar(rows, ar_r1=0.378)                         # none at parity: within 0.01
+    assert chosen == rows[1] and how.startswith('no threshold at parity: the fastest within')
+    chosen, how = choose_tstar(rows, ar_r1=0.40)                          # none within 0.01: the best valid R@1
+    assert chosen == rows[0] and 'best R@1 valid enough' in how
+    chosen, how = choose_tstar([row(0.6, 0.37, 0.9, 11), row(0.7, 0.36, 0.95, 10)], ar_r1=0.37)
+    assert chosen['tau'] == 0.7 and how.startswith('no threshold valid enough')
