@@ -57,7 +57,8 @@ class StageSettings:
 
 COUNTS = ('max_steps', 'eval_every', 'batch_size', 'eval_batch', 'n_prompts', 'group', 'micro_batch', 'updates',
           'n_layer', 'n_head', 'n_embd', 'judge_n')
-AMOUNTS = ('mid_steps', 'warmup', 'block_warmup', 'eval_n', 'time_limit', 'weight_decay', 'grad_clip', 'dropout')
+AMOUNTS = ('mid_steps', 'warmup', 'block_warmup', 'eval_n', 'time_limit', 'weight_decay', 'grad_clip', 'dropout',
+           'validity_weight')
 
 
 def device_problem(name):

@@ -6,7 +6,7 @@ How an instance is written as tokens is reasoning.py; how an answer is scored, m
     python data_beauty.py --raw_dir=path/to/raw            # build that format from the raw Amazon dump
                                                            # (reviews_Beauty_5.json.gz + meta_Beauty.json.gz)
 
-Protocol (SPEC "Evaluation protocol"): leave-one-out; a co-occurrence pre-ranker hands the re-ranker its top
+Protocol (README, "The protocol"): leave-one-out; a co-occurrence pre-ranker hands the re-ranker its top
 N = 10; a user is an instance iff the target is in that list. Every statistic comes from the train part, and a
 window predicting position t never sees the user's own interactions at positions >= t-1, so the target's own
 transition cannot inflate its score (the same rule at test, where the validation item is not in the stats).
@@ -203,7 +203,7 @@ def windows_of(seqs):
 
 
 def prerank(seqs, C, pop, users, ts, cfg, batch=1024, leave_out=True, progress=False, lists=None):
-    """Top-N candidates for each window with leave-out statistics (SPEC item 7); `lists` (n, N): the
+    """Top-N candidates for each window with leave-out statistics (the protocol, item 4); `lists` (n, N): the
     statistics of these candidates instead, in this order (a list typed in: show.py).
 
     The score is the co-occurrence with the last `hist_items` history items (decayed), popularity breaks its
@@ -282,7 +282,7 @@ def link_evidence(seqs, attrs, A, users, ts, cands, cfg, leave_out=True):
     """(n, N) attribute link of each candidate to the last history item: the largest log lift
     log P(next has b | has a) / P(b) over its attributes b and the last item's attributes a. It generalises the
     item co-occurrence to rare items through their brand and category. P is smoothed toward P(b) with
-    `link_prior` pseudo-transitions; the window's own transitions from positions >= t-1 are left out (SPEC 7)."""
+    `link_prior` pseudo-transitions; the window's own transitions from positions >= t-1 are left out (protocol item 4)."""
     row, col, total = A.sum(1), A.sum(0), A.sum()
     out = np.zeros(cands.shape, np.float32)
     for j, (u, t) in enumerate(zip(users, ts)):

@@ -25,7 +25,7 @@ from evaluation import Decoding, evaluate, load_data_for
 
 GRID = (0.97, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4)
 MIN_VALIDITY = 0.99
-PARITY_MARGIN = 0.005      # t*: on validation, within this of AR's R@1 (SPEC's parity margin)
+PARITY_MARGIN = 0.005      # t*: on validation, within this of AR's R@1 (the protocol's parity margin, item 8)
 PARITY_TPF_MARGIN = 0.01   # a stage's parity TPF on test: within this of AR's R@1
 
 

@@ -1,4 +1,4 @@
-"""The protocol's scoring (SPEC "Evaluation protocol"): parse an answer, rank the target (an invalid answer is
+"""The protocol's scoring (README, "The protocol"): parse an answer, rank the target (an invalid answer is
 scored as the pre-ranker's order, the floor), R@k / N@k / MRR, and the paired bootstrap that every comparison
 states."""
 import numpy as np

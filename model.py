@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 @dataclass
 class GPTConfig:
-    vocab_size: int = 12768     # input tokens
+    vocab_size: int = 12837     # input tokens: the data sets it (train_ar.py), 12,837 for Beauty
     n_out: int = 0              # output tokens: ids 0 .. n_out - 1 (0 = all); the response's alphabet (Vocab.n_out)
     n_layer: int = 6
     n_head: int = 8

@@ -4,7 +4,7 @@
     python report.py results/cpu    # the same for another results folder
 
 Intervals: 95% bootstrap over test users (10,000 resamples). Stage gains: paired bootstrap of the R@1 and
-N@3 difference between a stage and its predecessor on the same users (SPEC items 9-10), and each system's gap to
+N@3 difference between a stage and its predecessor on the same users (protocol items 6-7), and each system's gap to
 the AR teacher the same way. With seed folders
 <folder>/seeds/<seed>/ present, the mean and spread over seeds are reported too.
 """
@@ -137,7 +137,7 @@ def paired_users(e, other):
 def over_seeds(folder):
     """Rows for the systems every seed folder <folder>/seeds/<seed>/ holds: the mean and spread of R@1 and N@3
     over seeds, the mean and lowest validity, and the mean over seeds of the paired difference to the predecessor
-    (SPEC item 10) and to AR (the stage table's bar is read against the teacher)."""
+    (protocol item 8) and to AR (the stage table's bar is read against the teacher)."""
     seeds = [test_evals(d) for d in sorted(glob.glob(os.path.join(folder, 'seeds', '*', '')))]
     rows = []
     for key, label, prev in ROWS if seeds else []:

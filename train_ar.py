@@ -1,6 +1,6 @@
 """Train the AR reasoning re-ranker (the GR2 teacher): optional mid-training, then SFT on prompt -> trace -> answer.
 
-    python train_ar.py                                   # one GPU: d256 L6, about a minute -> out/ar.pt
+    python train_ar.py                                   # one GPU: d256 L6 -> out/ar.pt (run.sh caps it at 80 s)
     python train_ar.py --trace=False --out=out/ar_direct.pt   # the ablation: same model, answers directly
     python train_ar.py        # without CUDA: the CPU setting (CPU_SETTING: d128 L2, 1,500 steps), ~19 min on 2 cores
 

@@ -1,8 +1,8 @@
 """CFT: conversion fine-tuning of the AR teacher into a block-diffusion re-ranker (block-causal, B = 16).
 
-    python train_cft.py                                    # one GPU, about a minute: out/ar.pt -> out/cft.pt
+    python train_cft.py                                    # one GPU: out/ar.pt -> out/cft.pt (run.sh caps it at 60 s)
     python train_cft.py --validity_weight=0 --out=out/cft_novalid.pt     # ablation without the validity loss
-    python train_cft.py --parent=out/cft.pt --out=out/cft_more.pt --max_steps=200   # more off-policy CFT
+    python train_cft.py --parent=out/cft.pt --out=out/cft_more.pt --time_limit=450  # more CFT (OPD's control)
     python train_cft.py       # without CUDA: the CPU setting (CPU_SETTING: batch 32), ~19 min on 2 cores
 
 The model learns to denoise its own trace and answer block by block (BD3-LM loss over [noised ; clean]) and,
@@ -101,7 +101,7 @@ def validation_loss(model, data, cfg, device, n=256, batch=64):
 SWEEP = ((0.97, 0, False), (0.9, 0, False), (0.8, 0, False), (0.6, 0, False), (0.4, 0, False), (0.9, 0, True))
 
 
-MARGIN = 0.005  # SPEC's parity margin; on 1,024 validation users one R@1 standard error is about 0.015
+MARGIN = 0.005  # the protocol's parity margin (README, item 8); on 1,024 validation users one R@1 standard error is about 0.015
 CHOICE = (f"the threshold with the most tokens per forward among those valid >= 0.99 whose validation R@1 is "
           f"within {MARGIN} of the best of them")
 

@@ -31,7 +31,8 @@ from common import (StageSettings, start_stage, same_file_problem, autocast, loa
                     check_data_matches, Interrupt, finish_resume)
 from data_beauty import DataError, collate
 from evaluation import load_data_for
-from diffusion import live_tokens, replay_logits, forward_kl, left_to_right_steps, at_offsets
+from diffusion import (live_tokens, replay_logits, forward_kl, left_to_right_steps, at_offsets,
+                       rollout_answer_validity)
 from model import response_hidden
 from rollouts import chunks, rollouts, score_rollouts
 from training import cft_loss, cft_loss_settings, lr_at, finish, OnPolicyRun
@@ -63,6 +64,7 @@ class TrainOPDConfig(StageSettings):  # + min_validity, eval_n, eval_batch, time
     grad_clip: float = 1.0
     eval_every: int = 20
     cft_weight: float = 0.0      # > 0: add the CFT loss (the student's own weights) on each step's prompts
+    validity_weight: float = 0.0  # > 0: + the permutation-validity loss of the rollouts' answers at the KL's state
     # without CUDA: 16 rollouts a step, the CFT anchor (at l2r, e.g. the off-policy control, run.sh distils 4 offsets
     # of each block: 5 replay states, not 24);
     # each step kept or not on every validation user (a step's gain is a few users: on 1,024 RL kept a loser);
@@ -113,10 +115,12 @@ def distilled_tokens(res, block, offsets=None):
     return live if offsets is None else live & at_offsets(live.shape[1], block, offsets, live.device)
 
 
-def opd_kl(student, teacher, batch, res, block, vocab, rows=slice(None), state='l2r', offsets=None):
+def opd_kl(student, teacher, batch, res, block, vocab, rows=slice(None), state='l2r', offsets=None,
+           validity_weight=0.0):
     """Mean KL(teacher || student) over the distilled tokens of rollouts `rows`: the teacher teacher-forced on
     the rollout, the student replayed at the left-to-right state (l2r; only at `offsets` if given) or at the
-    state in which it committed each token (commit)."""
+    state in which it committed each token (commit); + validity_weight x the permutation-validity loss of the
+    rollouts' answers at that state (diffusion.rollout_answer_validity)."""
     part = {k: v[rows] for k, v in res.items()}
     live = distilled_tokens(part, block, offsets)
     if state == 'l2r':
@@ -126,7 +130,10 @@ def opd_kl(student, teacher, batch, res, block, vocab, rows=slice(None), state='
         t_logits = teacher.head(response_hidden(teacher, prompt, pad, part['tokens'])[live], fp32=True)
         t_logits[:, vocab.mask] = -float('inf')
     s_logits = replay_logits(student, prompt, pad, part, block, vocab, live)
-    return forward_kl(t_logits, s_logits, torch.ones(len(t_logits), device=t_logits.device))
+    kl = forward_kl(t_logits, s_logits, torch.ones(len(t_logits), device=t_logits.device))
+    if validity_weight > 0:
+        kl = kl + validity_weight * rollout_answer_validity(s_logits, live, part['tokens'], batch['cands'][rows], vocab)
+    return kl
 
 
 def main():
@@ -161,8 +168,8 @@ def main():
         total = 0.0
         for sl in chunks(len(live), cfg.micro_batch):
             with autocast(device):
-                loss = (opd_kl(student, teacher, batch, res, block, vocab, sl, cfg.state, offsets)
-                        * live[sl].sum() / n_live)
+                loss = (opd_kl(student, teacher, batch, res, block, vocab, sl, cfg.state, offsets,
+                               cfg.validity_weight) * live[sl].sum() / n_live)
             loss.backward()
             total += loss.item()
         extra = {}

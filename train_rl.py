@@ -50,12 +50,12 @@ class TrainRLConfig(StageSettings):  # + min_validity, eval_n, eval_batch, time_
     from_left: bool = False      # the evaluation's commit order (diffusion.commit_rule)
     clip: float = 0.2
     format_weight: float = 0.2
-    trace_weight: float = 0.0    # > 0: + this x the share of the trace written right (a process reward; 0 = SPEC)
+    trace_weight: float = 0.0    # > 0: + this x the share of the trace written right (a process reward; 0: off)
     speed_weight: float = 0.0    # > 0: + this x tokens per forward / block where the format reward is paid
-    kl_weight: float = 0.0       # > 0: a per-token KL penalty to the start policy (GRPO's beta; 0 = the SPEC recipe)
+    kl_weight: float = 0.0       # > 0: a per-token KL penalty to the start policy (GRPO's beta; 0: off)
     credit: str = 'all'          # 'differing': the advantage only on tokens that differ within their group
     min_groups: int = 0          # > 0: draw n_prompts more until this many groups carry signal (DAPO's dynamic
-    max_draws: int = 1           # sampling), at most max_draws draws a step; the defaults: one draw, SPEC's recipe
+    max_draws: int = 1           # sampling), at most max_draws draws a step; the defaults: one draw
     updates: int = 1             # policy updates per batch of rollouts
     max_steps: int = 60
     micro_batch: int = 32

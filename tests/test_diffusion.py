@@ -9,7 +9,8 @@ from conftest import tiny_model
 from data_beauty import collate
 from diffusion import (generate_ar, bd3_columns, bd3_hidden, commit_rule, convert, diffusion_loss, generate_block,
                        first_eos_lengths, loss_region, noise_blocks, replay_hidden, left_to_right_steps,
-                       token_logprobs, permutation_validity_loss, forward_kl, predicting_columns)
+                       token_logprobs, permutation_validity_loss, forward_kl, predicting_columns,
+                       rollout_answer_validity)
 from reasoning import loss_weights, token_roles, ROLES
 from train_ar import ar_response_loss
 
@@ -319,6 +320,29 @@ def test_validity_loss_by_hand(tiny_data):
     revealed = [False, False, True, True, False]                   # the decision revealed (c2), the rest predicted
     assert loss_for({2: c[1], 3: c[2]}, revealed) == pytest.approx(2 / 3, abs=1e-6)          # c2 again: a duplicate
     assert loss_for({2: c[0], 3: c[2]}, revealed) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_rollout_answer_validity_equals_the_dense_loss_over_the_sampled_answer(tiny_data):
+    """On sampled answers the rollout form equals permutation_validity_loss with every position after <answer>
+    predicted, for any logits; with one-hot logits on the sampled tokens a permutation costs nothing, a candidate
+    twice 2/N, and an answer cut short by <eos> pays for the <eos> (mass outside the candidates) and the drop."""
+    v = tiny_data.vocab
+    c = v.slots[:3]
+    cands = torch.tensor([c] * 3)
+    tokens = torch.tensor([[v.item(3), v.answer, c[1], c[0], c[2], v.eos],
+                           [v.item(3), v.answer, c[1], c[1], c[2], v.eos],   # c[1] twice, c[0] dropped
+                           [v.answer, c[2], c[0], v.eos, v.mask, v.mask]])  # <eos> where c[1] belongs
+    live = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]], dtype=torch.bool)
+    kind = torch.tensor([[0, 0, 2, 1, 1, 1], [0, 0, 2, 1, 1, 1], [0, 2, 1, 1, 0, 0]])
+    logits = torch.randn(3, 6, v.size, generator=torch.Generator().manual_seed(0)) * 3
+    full = slice(0, 2)  # the dense form knows answer positions by their slot tokens: the two full answers
+    dense = permutation_validity_loss(logits[full], tokens[full], live[full], cands[full], kind[full], v)
+    mine = rollout_answer_validity(logits[full][live[full]], live[full], tokens[full], cands[full], v)
+    assert mine.item() == pytest.approx(dense.item(), abs=1e-6)
+    one_hot = torch.full((3, 6, v.size), -30.0).scatter(2, tokens[..., None], 30.0)
+    per_row = [rollout_answer_validity(one_hot[r:r + 1][live[r:r + 1]], live[r:r + 1], tokens[r:r + 1],
+                                       cands[r:r + 1], v).item() for r in range(3)]
+    assert per_row == pytest.approx([0.0, 2 / 3, 1 / 3 + 1 / 3], abs=1e-6)  # the short one: 1/3 out, c[1] missing
 
 
 def test_forward_kl_by_hand():

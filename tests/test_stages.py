@@ -396,7 +396,7 @@ def test_speed_reward_by_hand():
     speed = [0.75, 0.5, 1.0, 1.0]
     r = rank_reward(before, after, valid, n_cand=10, speed=speed, speed_weight=0.4)
     np.testing.assert_allclose(r, [0.2 + 0.4 * 0.75, 0.2 + 0.4 * 0.5, -1.0, 0.0])
-    np.testing.assert_allclose(rank_reward(before, after, valid, 10, speed=speed),  # weight 0: SPEC's reward
+    np.testing.assert_allclose(rank_reward(before, after, valid, 10, speed=speed),  # weight 0: the rank and format reward
                                rank_reward(before, after, valid, 10))
 
 
@@ -784,7 +784,7 @@ def test_report_refuses_a_folder_without_evaluations(tmp_path):
 
 
 def test_report_averages_paired_differences_over_seeds(tmp_path):
-    """SPEC item 10 reads the mean over seeds of the paired difference, with an interval from resampling the users
+    """The protocol (README, item 8) reads the mean over seeds of the paired difference, with an interval from resampling the users
     every seed shares; a system missing in one seed is left out."""
     import json
     import report
