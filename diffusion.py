@@ -174,10 +174,7 @@ def rollout_answer_validity(logits_live, live, tokens, cands, vocab):
     first = torch.where(is_ans.any(1), is_ans.float().argmax(1), torch.full_like(tokens[:, 0], R))
     j = torch.arange(R, device=tokens.device)[None, :]
     answer = (j > first[:, None]) & (j <= first[:, None] + N) & live
-    rows, cols = live.nonzero(as_tuple=True)
-    mass = torch.zeros(*tokens.shape, N, dtype=logits_live.dtype, device=tokens.device)
-    mass = mass.index_put((rows, cols), logits_live.softmax(-1).gather(1, cands[rows]))
-    return validity_from_mass(mass, answer)
+    return validity_from_mass(candidate_mass(logits_live, live, tokens, cands), answer)
 
 
 def permutation_validity_loss(logits, resp, masked, cands, kind, vocab):

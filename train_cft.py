@@ -101,24 +101,9 @@ def validation_loss(model, data, cfg, device, n=256, batch=64):
 SWEEP = ((0.97, 0, False), (0.9, 0, False), (0.8, 0, False), (0.6, 0, False), (0.4, 0, False), (0.9, 0, True))
 
 
-MARGIN = 0.005  # the protocol's parity margin (README, item 8); on 1,024 validation users one R@1 standard error is about 0.015
-CHOICE = (f"the threshold with the most tokens per forward among those valid >= 0.99 whose validation R@1 is "
-          f"within {MARGIN} of the best of them")
-
-
-def choose_tau(rows, min_validity=0.99, margin=MARGIN):
-    """The reported threshold (CHOICE) from the sweep's threshold rows; where none is valid enough, the most
-    valid one. run.sh decodes every diffusion row at it. A threshold that wins on R@1 by a few validation users
-    is noise, while its loss in speed is not: within `margin` of the best R@1 the faster threshold is kept."""
-    ok = [r for r in rows if r['validity'] >= min_validity] or [max(rows, key=lambda r: r['validity'])]
-    best = max(r['R@1'] for r in ok)
-    near = [r for r in ok if r['R@1'] >= best - margin - 1e-9]
-    return max(near, key=lambda r: (r['tokens_per_forward'], r['R@1']))['tau']
-
-
 def sweep_decoding(cfg, data, device):
     """The kept model decoded on validation at each SWEEP setting: R@1 and validity against tokens per forward
-    (results/sweep_<name>.json and .png), the curve that picks the reported tau."""
+    (results/sweep_<name>.json and .png), CFT's own curve (the tables' threshold is chosen after RL: frontier.py)."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
@@ -134,11 +119,8 @@ def sweep_decoding(cfg, data, device):
         print(f"valid tau={tau} k={k} from_left={left}: R@1 {rows[-1]['R@1']:.4f} validity {rows[-1]['validity']:.4f} "
               f"tokens/forward {rows[-1]['tokens_per_forward']:.2f}")
     by_tau = [r for r in rows if r['tau'] is not None and not r['from_left']]
-    chosen = choose_tau(by_tau)
-    print(f"chosen on validation: tau {chosen} ({CHOICE})")
     write_json(results_path(f"sweep_{cfg.name}.json"), {'split': 'valid', 'n': res['n'], 'block': cfg.block,
                                                         'floor_R@1': res['floor']['R@1'], 'rows': rows,
-                                                        'chosen_tau': chosen, 'chosen_by': CHOICE,
                                                         'device': device_name(device), 'commit': git_commit()})
     fig, axes = plt.subplots(1, 2, figsize=(8, 3.2))
     for ax, key in zip(axes, ('R@1', 'validity')):

@@ -82,7 +82,7 @@ class TrainRLConfig(StageSettings):  # + min_validity, eval_n, eval_batch, time_
         return same_file_problem('policy', self.policy, self.out) or super().problem()
 
 
-def rank_reward(rank_before, rank_after, valid, n_cand, format_weight=0.2, speed=None, speed_weight=0.0):
+def rank_reward(rank_before, rank_after, valid, n_cand, format_weight=0.2, speed=0.0, speed_weight=0.0):
     """(before - after) / N, + format_weight if valid and (improved or still first); invalid: -1. With
     `speed` (each rollout's tokens per forward over the block size, in (0, 1]), + speed_weight x speed where the
     format reward is paid: a fast rollout earns only beside a rank it did not lose, so a fast invalid answer or a
@@ -90,7 +90,7 @@ def rank_reward(rank_before, rank_after, valid, n_cand, format_weight=0.2, speed
     before, after = np.asarray(rank_before, float), np.asarray(rank_after, float)
     valid = np.asarray(valid, bool)
     fmt = valid & ((after < before) | (after == 1))
-    fast = speed_weight * fmt * (np.asarray(speed, float) if speed is not None else 0.0)
+    fast = speed_weight * fmt * np.asarray(speed, float)
     return np.where(valid, (before - after) / n_cand + format_weight * fmt + fast, -1.0)
 
 

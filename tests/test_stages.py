@@ -843,18 +843,6 @@ def test_report_headline_reads_speed_from_the_same_checkpoints_batch_one_row(tmp
     assert head.count('2.50x') == 2 and 'rl: the same weights as cft' in text
 
 
-def test_the_reported_tau_is_the_fastest_near_the_best_valid_one_on_validation():
-    """train_cft.choose_tau: among thresholds valid >= 0.99, the most tokens per forward within 0.005 of the best
-    R@1; with none valid enough, the most valid."""
-    from train_cft import choose_tau
-    row = lambda tau, r1, val, tpf: {'tau': tau, 'R@1': r1, 'validity': val, 'tokens_per_forward': tpf}
-    rows = [row(0.97, 0.37, 0.995, 4.0), row(0.9, 0.37, 0.992, 6.0), row(0.8, 0.38, 0.98, 7.0)]
-    assert choose_tau(rows) == 0.9                                          # the invalid 0.8 is out
-    assert choose_tau(rows + [row(0.95, 0.38, 0.99, 5.0)]) == 0.95          # 0.9 is 0.01 behind the best
-    assert choose_tau(rows + [row(0.95, 0.374, 0.99, 5.0)]) == 0.9          # within the margin: the faster
-    assert choose_tau([row(0.9, 0.3, 0.9, 3.0), row(0.6, 0.4, 0.5, 5.0)]) == 0.9
-
-
 def test_frontier_decodes_each_stage_at_each_threshold_and_picks_tstar(pipeline):
     cwd, data = pipeline
     p = run('frontier.py', cwd, data, '--stages=naive,cft,rl,nothing', '--taus=(0.9, 0.5)', '--block=8')
