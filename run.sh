@@ -7,6 +7,7 @@
 #   bash run.sh                  # picks the setting from the machine: gpu where CUDA is available, else cpu
 #   bash run.sh cpu              # a 2-core CPU: a small model, results/cpu/
 #   bash run.sh gpu core         # only the chain (data ... rl, bench); `ablations` runs the controls after it
+#   bash run.sh cpu chain        # the stages and the main table's rows at t* only (no bench, controls, frontier)
 #   bash run.sh cpu seeds        # the chain for seeds 1, 2 into <results>/seeds/<seed>/ (and 0, unless the whole
 #                                # run was seed 0: its evaluations are copied to seeds/0), then the tables with the
 #                                # mean and spread over seeds (out/ keeps the last seed's models)
@@ -52,12 +53,13 @@ fi
 mkdir -p "$RESULTS_DIR"
 if [ "$PART" = seeds ]; then
   for s in 0 1 2; do
+    rm -rf "$RESULTS_DIR/seeds/$s"  # no file of an older run of this seed is read with the new ones
     if [ $s = 0 ] && python -c 'import json, sys; sys.exit(json.load(open(sys.argv[1]))["seed"] != 0)' \
          "$RESULTS_DIR/run.json" 2>/dev/null; then  # the whole run was seed 0: its chain is not run again
-      mkdir -p "$RESULTS_DIR/seeds/0" && cp "$RESULTS_DIR"/eval_*.json "$RESULTS_DIR/run.json" "$RESULTS_DIR/seeds/0/"
+      mkdir -p "$RESULTS_DIR/seeds/0" && cp "$RESULTS_DIR"/eval_*.json "$RESULTS_DIR"/{run,tstar}.json "$RESULTS_DIR/seeds/0/"
       echo "seed 0: the whole run's evaluations ($RESULTS_DIR/run.json)"; continue
     fi
-    SEED=$s RESULTS_DIR="$RESULTS_DIR/seeds/$s" BUDGET=0 bash "$0" "$MODE" core
+    SEED=$s RESULTS_DIR="$RESULTS_DIR/seeds/$s" BUDGET=0 bash "$0" "$MODE" chain
   done
   python report.py "$RESULTS_DIR"
   exit 0
@@ -82,7 +84,8 @@ TAU=0.9  # the threshold every diffusion row of the tables decodes at: t*, chose
 tstar() { python -c 'import json, sys; print(json.load(open(sys.argv[1]))["tau"])' "$RESULTS_DIR/tstar.json"; }
 seconds_of() { python -c 'import json, sys; print(int(json.load(open(sys.argv[1]))["seconds"]))' "$RESULTS_DIR/train_$1.json"; }
 
-core() {  # the recipe's chain, each stage from the previous one's checkpoint; OPD and RL train at the fast end
+chain() {  # the recipe, each stage from the previous one's checkpoint (OPD and RL train at the fast end), and the
+           # main table's rows at t*: what every seed runs
   stage python data_beauty.py --data_dir=${DATA_DIR:-data/beauty} --name=${DATA_NAME:-Beauty}
   stage python train_ar.py $D $NAME $DEV $AR
   ev_ar --ckpt=out/ar.pt --name=ar
@@ -95,6 +98,10 @@ core() {  # the recipe's chain, each stage from the previous one's checkpoint; O
   ev --ckpt=out/cft.pt --name=cft --block=$BLOCK --tau=$TAU
   ev --ckpt=out/opd.pt --name=opd --block=$BLOCK --tau=$TAU
   ev --ckpt=out/rl.pt --name=rl --block=$BLOCK --tau=$TAU
+}
+
+core() {  # the chain, then its speed at t*, OPD's two controls and the test frontier
+  chain
   stage python bench.py --data_dir=${DATA_DIR:-data/beauty} $DEV $BENCH --taus="($TAU,)"  # every stage against AR
   # the controls of OPD at t*: its loss on the teacher's samples, and more CFT for as long as OPD trained
   stage python train_opd.py $D $DEV $OPD --rollouts=teacher --state=l2r $L2R --out=out/opd_offpolicy.pt --name=opd_offpolicy
@@ -119,8 +126,9 @@ ablations() {  # each answers one question about the chain (the most needed firs
 case "$PART" in
   all) core; ablations ;;
   core) core ;;
+  chain) chain ;;
   ablations) ablations ;;
-  *) echo "error: unknown part '$PART' (all, core, ablations or seeds)"; exit 2 ;;
+  *) echo "error: unknown part '$PART' (all, core, chain, ablations or seeds)"; exit 2 ;;
 esac
 python - "$RESULTS_DIR" "$MODE" "$SEED" <<'PY'
 import json, sys
