@@ -55,10 +55,10 @@ class StageSettings:
                 or decoding_problem(values.get('block', 0), values.get('tau', 0.9), values.get('k', 0)))
 
 
-COUNTS = ('max_steps', 'eval_every', 'batch_size', 'eval_batch', 'n_prompts', 'group', 'micro_batch', 'updates',
-          'n_layer', 'n_head', 'n_embd', 'judge_n')
-AMOUNTS = ('mid_steps', 'warmup', 'block_warmup', 'eval_n', 'time_limit', 'weight_decay', 'grad_clip', 'dropout',
-           'validity_weight')
+COUNTS = ('max_steps', 'eval_every', 'batch_size', 'eval_batch', 'n_prompts', 'group', 'micro_batch', 'n_layer',
+          'n_head', 'n_embd')
+AMOUNTS = ('mid_steps', 'warmup', 'block_warmup', 'eval_n', 'time_limit', 'weight_decay', 'validity_weight',
+           'certainty_weight', 'cft_weight', 'kl_weight', 'format_weight', 'l2r_states')
 
 
 def device_problem(name):

@@ -364,6 +364,26 @@ def collate(split, idx, vocab, block=1, device='cpu'):
                 target=torch.as_tensor(split.target[idx]).to(device))
 
 
+def history_lm_batches(data, batch_size, rng, max_items=20):
+    """Mid-training batches: <bos> (item attrs..)* over a user's train part, loss on every next token."""
+    v = data.vocab
+    while True:
+        users = rng.integers(0, len(data.seqs), batch_size)
+        rows = []
+        for u in users:
+            toks = [v.bos]
+            for i in data.seqs[u][:-2][-max_items:]:
+                toks += [v.item(i)] + [v.attr(a) for a in data.attrs[i]]
+            rows.append(toks)
+        T = max(len(r) for r in rows)
+        x = torch.full((batch_size, T), v.eos, dtype=torch.long)
+        live = torch.zeros((batch_size, T), dtype=torch.bool)
+        for r, toks in enumerate(rows):
+            x[r, :len(toks)] = torch.as_tensor(toks)
+            live[r, :len(toks)] = True
+        yield x, live
+
+
 # ----------------------------------------------------------------------------- the data set
 
 def save_arrays(path, tree):

@@ -36,7 +36,7 @@ class DecodeConfig:
     first_step: bool = False    # diffusion: also what one step commits with its block masked (first_step_report)
     batch_size: int = 256
     limit: int = 0              # > 0: only the first `limit` instances (quick looks)
-    seed: int = 0
+    seed: int = 0               # the chain's seed, recorded with the evaluation (decoding is greedy)
     device: str = 'auto'
 
     def problem(self):

@@ -164,19 +164,6 @@ def validity_from_mass(mass, answer):
     return ((outside + coverage) * has).sum() / has.sum().clamp(min=1)
 
 
-def rollout_answer_validity(logits_live, live, tokens, cands, vocab):
-    """The permutation-validity loss (validity_from_mass) of sampled answers: the N positions after each rollout's
-    <answer>, each position's distribution taken at the state it was committed in (logits_live: (live.sum(), V)
-    at the `live` positions, as replay_logits gives them). Where two positions of one step committed the same
-    candidate, each sure of it, its expected count is two: the duplicate the threshold rule writes."""
-    R, N = tokens.shape[1], cands.shape[1]
-    is_ans = tokens == vocab.answer
-    first = torch.where(is_ans.any(1), is_ans.float().argmax(1), torch.full_like(tokens[:, 0], R))
-    j = torch.arange(R, device=tokens.device)[None, :]
-    answer = (j > first[:, None]) & (j <= first[:, None] + N) & live
-    return validity_from_mass(candidate_mass(logits_live, live, tokens, cands), answer)
-
-
 def permutation_validity_loss(logits, resp, masked, cands, kind, vocab):
     """The permutation-validity loss from full logits (B, R, V): diffusion_loss computes the same from the
     logits at the masked positions only."""

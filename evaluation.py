@@ -26,7 +26,6 @@ class Decoding:
     from_left: bool = False
     batch_size: int = 256
     limit: int = 0
-    seed: int = 0
 
 
 def decode_split(model, data, split, cfg, device, max_new=None):
@@ -38,7 +37,6 @@ def decode_split(model, data, split, cfg, device, max_new=None):
     ranks, valid, copies, texts, firsts = [0] * n, [False] * n, [False] * n, [None] * n, [True] * n
     stats = {'n_tokens': 0, 'n_forwards': 0, 'trace_tokens': 0, 'trace_forwards': 0, 'answer_tokens': 0,
              'answer_forwards': 0}
-    gen = torch.Generator(device=device).manual_seed(cfg.seed)
     model.eval()
     for b0 in range(0, n, cfg.batch_size):
         idx = order[b0:b0 + cfg.batch_size]
@@ -51,7 +49,7 @@ def decode_split(model, data, split, cfg, device, max_new=None):
             else:
                 max_r = -(-max_resp // cfg.block) * cfg.block
                 res = generate_block(model, batch['prompt'], batch['pad'], max_r, vocab, block=cfg.block,
-                                     tau=cfg.tau, k=cfg.k, generator=gen, from_left=cfg.from_left)
+                                     tau=cfg.tau, k=cfg.k, from_left=cfg.from_left)
                 out, lengths = res['tokens'], res['lengths']
                 for key in stats:
                     stats[key] += int(res[key].sum())
@@ -169,6 +167,39 @@ def trace_report(model, split, vocab, device, n=512, batch=32, block=1):
     return {'trace_p99_share': share['p99'], 'weight_accuracy': share['weight'], 'score_accuracy': share['score'],
             'match_accuracy': share['match'], 'conclusion_accuracy': share['best'],
             'departure_accuracy': share['depart'], 'departures': counts['depart'][1]}
+
+
+@torch.no_grad()
+def choice_accuracy(model, split, vocab, device, n=1024, batch=64):
+    """Teacher-forced R@1 of the decision alone: at the first answer position (full gold trace as context),
+    the most probable of the N candidate tokens. Separates 'cannot point at a candidate yet' from 'points at the
+    wrong one' while validity is still low. The floor (always the first candidate) scores R@1 of the floor."""
+    model.eval()
+    hits, total = 0, 0
+    for a in range(0, min(n, len(split)), batch):
+        idx = range(a, min(n, len(split), a + batch))
+        b = collate(split, idx, vocab, device=device)
+        with autocast(device):
+            h = response_hidden(model, b['prompt'], b['pad'], b['resp'])
+        at = (b['kind'] == 2).float().argmax(1)                               # the choice token's position
+        logits = model.head(h[torch.arange(len(at), device=device), at], fp32=True)  # (B, V)
+        pick = logits.gather(1, b['cands']).argmax(1)
+        hits += int((pick == b['target']).sum())
+        total += len(at)
+    return hits / max(total, 1)
+
+
+def teacher_report(model, data, device):
+    """The kept teacher teacher-forced on validation: how it writes the trace, and the answer after each decision."""
+    record = trace_report(model, data.splits['valid'], data.vocab, device)
+    record['skip_by_decision'] = skip_report(model, data.splits['valid'], data.vocab, device)
+    print("the trace, teacher-forced on validation: share of tokens predicted with p > 0.99 {trace_p99_share:.3f}; "
+          "accuracy of the weights {weight_accuracy:.3f}, the scores {score_accuracy:.3f}, the matches "
+          "{match_accuracy:.3f}, the conclusion {conclusion_accuracy:.3f}, the decision where the conclusion is "
+          "not c1 {departure_accuracy:.3f} (of {departures})".format(**record))
+    print("the answer's rest after each decision c1 .. cN, teacher-forced (rows exactly right): "
+          + ' '.join(f"{share:.2f}" for share in record['skip_by_decision']))
+    return record
 
 
 @torch.no_grad()

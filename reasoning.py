@@ -245,16 +245,16 @@ def trace_hits(toks, gold, vocab):
 
 
 def drill_decisions(batch, share, rng, vocab):
-    """Rewrite the answers of a random `share` of the rows (numpy `rng`) as if their decision were a random slot:
-    that slot, then the other slots in the pre-ranker's order; mark those rows `drilled` (their decision then
-    carries no loss: it is not the target). In a teacher-forced answer the slot written first is always the
-    target, which a model can also guess from the prompt; drilled rows leave the rest of the answer only one rule
-    to learn, leaving out the slot just written, whatever it is (FINDINGS, "The teacher's lookups"; the causal
-    teacher keeps the target as its decision's label instead: train_ar.drill_answers)."""
+    """The responses of the batch with the answers of a random `share` of the rows (numpy `rng`) rewritten as if
+    their decision were a random slot: that slot, then the other slots in the pre-ranker's order. In a
+    teacher-forced answer the slot written first is always the target, which a model can also guess from the
+    prompt; a drilled row leaves the rest of the answer only one rule to learn, leaving out the slot just written,
+    whatever it is (FINDINGS, "The teacher's lookups"; train_ar.drill_answers keeps the target as the decision's
+    label)."""
     resp, kind = batch['resp'], batch['kind']
     rows = torch.as_tensor(rng.random(len(resp)) < share, device=resp.device) & (kind == 2).any(1)
     picks = torch.as_tensor(rng.integers(0, vocab.n_cand, len(resp)), device=resp.device)
-    return {**batch, 'resp': answers_from(resp, kind, picks, rows, vocab), 'drilled': rows}
+    return answers_from(resp, kind, picks, rows, vocab)
 
 
 def answers_from(resp, kind, picks, rows, vocab):
@@ -271,11 +271,6 @@ def answers_from(resp, kind, picks, rows, vocab):
 ROLES = ('weight', 'score', 'marker', 'judgement', 'choice', 'answer')
 
 
-def roles_named(text):
-    """The role names of a comma-separated flag ('' = none), as written; the caller checks them against ROLES."""
-    return [name.strip() for name in text.split(',') if name.strip()]
-
-
 def token_roles(resp, kind, vocab):
     """(B, R) each response token's role, an index into ROLES: a statistic's weight, an evidence score (the
     entries' and the matches'), a marker (<lead> <best> <answer>), a judgement (kind 3: a match's
@@ -290,13 +285,14 @@ def token_roles(resp, kind, vocab):
     return role
 
 
-def kind_weights(kind, w_trace, w_answer, w_choice, w_judge=None):
-    """Per-token loss weights from the token kinds of encode() (the judgements weigh as the trace by default)."""
+def kind_weights(kind, w_trace, w_answer, w_judge=None):
+    """Per-token loss weights from the token kinds of encode(): the trace, the answer (the decision weighs as the
+    rest of it), the judgements (as the trace by default)."""
     w_judge = w_trace if w_judge is None else w_judge
-    return torch.tensor([w_trace, w_answer, w_choice, w_judge], device=kind.device)[kind]
+    return torch.tensor([w_trace, w_answer, w_answer, w_judge], device=kind.device)[kind]
 
 
-def loss_weights(batch, w_trace, w_answer, w_choice, reject=False, w_judge=None, w_score=None, vocab=None):
+def loss_weights(batch, w_trace, w_answer, reject=False, w_judge=None):
     """(B, R) loss weights by token kind. With `reject`, the decision (the first ranked slot) of a window whose
     trace concludes on another candidate than its target carries no loss: GR2 kept only the teacher traces that
     reach the target (rejection sampling). Here the programmatic trace is sound reasoning either way, so its
@@ -305,14 +301,8 @@ def loss_weights(batch, w_trace, w_answer, w_choice, reject=False, w_judge=None,
     from the first candidate on 11% of train windows and is then the target 30% of the time.
     `w_judge` weighs the trace's judgements (kind 3: the matches' winners and the conclusion), the few tokens
     that the decision hangs on: at the trace's weight a small model learnt to name the first candidate of a
-    comparison whatever the scores said (FINDINGS.md). `w_score` (needs `vocab`) weighs the evidence scores apart
-    from the rest of the trace: the one trace token that adds (the weights before it are lookups)."""
-    w = kind_weights(batch['kind'], w_trace, w_answer, w_choice, w_judge)
-    if w_score is not None and w_score != w_trace:
-        scores = token_roles(batch['resp'], batch['kind'], vocab) == ROLES.index('score')
-        w = torch.where(scores, w_score, w)
-    if 'drilled' in batch:  # drill_decisions: a drilled decision is not the target
-        w = w * ((batch['kind'] != 2) | ~batch['drilled'][:, None])
+    comparison whatever the scores said (FINDINGS.md)."""
+    w = kind_weights(batch['kind'], w_trace, w_answer, w_judge)
     if reject:
         w = w * ((batch['kind'] != 2) | batch['follows'][:, None])
     return w

@@ -7,7 +7,6 @@ from common import autocast
 from data_beauty import collate
 from diffusion import generate_block
 from metrics import parse_answer, target_rank, copies_incoming
-from reasoning import trace_hits
 
 
 def rollouts(model, data, idx, group, block, cfg, gen, device, sample_block=None):
@@ -20,27 +19,22 @@ def rollouts(model, data, idx, group, block, cfg, gen, device, sample_block=None
     model.eval()
     with torch.no_grad(), autocast(device):
         res = generate_block(model, batch['prompt'], batch['pad'], max_r, data.vocab, block=sample_block or block,
-                             tau=cfg.tau, k=cfg.k, temperature=cfg.temperature, generator=gen,
-                             from_left=cfg.from_left)
+                             tau=cfg.tau, temperature=cfg.temperature, generator=gen)
     return batch, res, rows
 
 
 def score_rollouts(res, data, rows):
-    """Parse each rollout: its target rank after re-ranking (invalid = the pre-ranker's), validity, whether a
-    valid output copies the incoming order, and the share of the data's trace tokens it writes right (0 where
-    the data has no trace; reasoning.trace_hits)."""
+    """Parse each rollout: its target rank after re-ranking (invalid = the pre-ranker's), validity, and whether a
+    valid output copies the incoming order."""
     sp, vocab = data.splits['train'], data.vocab
     tokens, lengths = res['tokens'].cpu(), res['lengths'].cpu()  # one copy, not one sync per rollout
-    has_trace = vocab.best in sp.responses[0]
-    ranks, valid, copies, trace = [], [], [], []
+    ranks, valid, copies = [], [], []
     for r, i in enumerate(rows):
-        toks = tokens[r, :int(lengths[r])].tolist()
-        ranking = parse_answer(toks, vocab)
+        ranking = parse_answer(tokens[r, :int(lengths[r])].tolist(), vocab)
         ranks.append(target_rank(ranking, sp.target[i]))
         valid.append(ranking is not None)
         copies.append(copies_incoming(ranking))
-        trace.append(trace_hits(toks, sp.responses[i], vocab).mean() if has_trace else 0.0)
-    return np.array(ranks), np.array(valid), np.array(copies), np.array(trace)
+    return np.array(ranks), np.array(valid), np.array(copies)
 
 
 def chunks(n, size):

@@ -36,7 +36,7 @@ if [ "$MODE" = cpu ]; then
   AR=""; DIR=""; CFT=""; OPD=""; RL=""
   WARM=50
   L2R="--l2r_states=4"                  # the off-policy control's KL at 4 offsets a block (train_opd.py)
-  MORE="--max_steps=1000 --eval_every=100 --sweep=False"  # stopped at OPD's wall time (core)
+  MORE="--max_steps=1000 --eval_every=100"  # stopped at OPD's wall time (core)
   BENCH=""                              # bench.py picks CPU-sized work by itself
   EVAL="--batch_size=64"                # every row on the whole test set
   EVAL_AR="--batch_size=300"
@@ -65,7 +65,7 @@ if [ "$PART" = seeds ]; then
   exit 0
 fi
 if [ "$PART" = all ]; then  # a whole run replaces the last one's files: a control skipped by BUDGET leaves none
-  rm -f "$RESULTS_DIR"/eval_*.json "$RESULTS_DIR"/train_*.json "$RESULTS_DIR"/curves_*.png "$RESULTS_DIR"/sweep_*
+  rm -f "$RESULTS_DIR"/eval_*.json "$RESULTS_DIR"/train_*.json "$RESULTS_DIR"/curves_*.png
 fi
 LOG="$RESULTS_DIR/run.stages.jsonl"; : > "$LOG"
 stage() {  # run one command, log its wall time and exit status
@@ -104,9 +104,9 @@ core() {  # the chain, then its speed at t*, OPD's two controls and the test fro
   chain
   stage python bench.py --data_dir=${DATA_DIR:-data/beauty} $DEV $BENCH --taus="($TAU,)"  # every stage against AR
   # the controls of OPD at t*: its loss on the teacher's samples, and more CFT for as long as OPD trained
-  stage python train_opd.py $D $DEV $OPD --rollouts=teacher --state=l2r $L2R --out=out/opd_offpolicy.pt --name=opd_offpolicy
+  stage python train_opd.py $D $DEV $OPD --rollouts=teacher --state=l2r $L2R --out=out/opd_offpolicy.pt
   ev --ckpt=out/opd_offpolicy.pt --name=opd_offpolicy --block=$BLOCK --tau=$TAU
-  stage python train_cft.py $D $DEV $MORE --time_limit=$(seconds_of opd) --tau=0.6 --parent=out/cft.pt --out=out/cft_more.pt --name=cft_more
+  stage python train_cft.py $D $DEV $MORE --time_limit=$(seconds_of opd) --tau=0.6 --parent=out/cft.pt --out=out/cft_more.pt
   ev --ckpt=out/cft_more.pt --name=cft_more --block=$BLOCK --tau=$TAU
   stage python frontier.py --data_dir=${DATA_DIR:-data/beauty} $DEV --stages=cft,opd,rl,opd_offpolicy  # naive: 4x the forwards
 }
@@ -115,12 +115,12 @@ ablations() {  # each answers one question about the chain (the most needed firs
   TAU=$(tstar)
   if left 360; then stage python train_ar.py $D $NAME $DEV $DIR --trace=False --out=out/ar_direct.pt && ev_ar --ckpt=out/ar_direct.pt --name=ar_direct; fi
   if left 30; then ev --ckpt=out/cft.pt --name=cft_left --block=$BLOCK --tau=$TAU --from_left=True; fi
-  if left 180; then stage python train_rl.py $D $DEV $RL --policy=out/ar.pt --block=1 --speed_weight=0 --out=out/ar_rl.pt --name=ar_rl && ev_ar --ckpt=out/ar_rl.pt --name=ar_rl --block=1 --tau=$TAU; fi
-  if left 520; then stage python train_cft.py $D $DEV $CFT --sweep=False --validity_weight=0.0 --out=out/cft_novalid.pt --name=cft_novalid && ev --ckpt=out/cft_novalid.pt --name=cft_novalid --block=$BLOCK --tau=$TAU; fi
-  if left 1200; then stage python train_ar.py $D $NAME $DEV $AR --reject=False --out=out/ar_noreject.pt --name=ar_noreject && ev_ar --ckpt=out/ar_noreject.pt --name=ar_noreject; fi
-  if left 180; then stage python train_rl.py $D $DEV $RL --kl_weight=1.0 --out=out/rl_kl.pt --name=rl_kl && ev --ckpt=out/rl_kl.pt --name=rl_kl --block=$BLOCK --tau=$TAU; fi
-  if left 560; then stage python train_cft.py $D $DEV $CFT --sweep=False --block_warmup=$WARM --out=out/cft_warmup.pt --name=cft_warmup && ev --ckpt=out/cft_warmup.pt --name=cft_warmup --block=$BLOCK --tau=$TAU; fi
-  if left 560; then stage python train_cft.py $D $DEV $CFT --sweep=False --suffix_share=0.5 --out=out/cft_suffix.pt --name=cft_suffix && ev --ckpt=out/cft_suffix.pt --name=cft_suffix --block=$BLOCK --tau=$TAU; fi
+  if left 180; then stage python train_rl.py $D $DEV $RL --policy=out/ar.pt --block=1 --out=out/ar_rl.pt && ev_ar --ckpt=out/ar_rl.pt --name=ar_rl --block=1 --tau=$TAU; fi
+  if left 520; then stage python train_cft.py $D $DEV $CFT --validity_weight=0.0 --out=out/cft_novalid.pt && ev --ckpt=out/cft_novalid.pt --name=cft_novalid --block=$BLOCK --tau=$TAU; fi
+  if left 1200; then stage python train_ar.py $D $NAME $DEV $AR --reject=False --out=out/ar_noreject.pt && ev_ar --ckpt=out/ar_noreject.pt --name=ar_noreject; fi
+  if left 180; then stage python train_rl.py $D $DEV $RL --kl_weight=1.0 --out=out/rl_kl.pt && ev --ckpt=out/rl_kl.pt --name=rl_kl --block=$BLOCK --tau=$TAU; fi
+  if left 560; then stage python train_cft.py $D $DEV $CFT --block_warmup=$WARM --out=out/cft_warmup.pt && ev --ckpt=out/cft_warmup.pt --name=cft_warmup --block=$BLOCK --tau=$TAU; fi
+  if left 560; then stage python train_cft.py $D $DEV $CFT --suffix_share=0.5 --out=out/cft_suffix.pt && ev --ckpt=out/cft_suffix.pt --name=cft_suffix --block=$BLOCK --tau=$TAU; fi
 }
 
 case "$PART" in

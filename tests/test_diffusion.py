@@ -9,8 +9,7 @@ from conftest import tiny_model
 from data_beauty import collate
 from diffusion import (generate_ar, bd3_columns, bd3_hidden, commit_rule, convert, diffusion_loss, generate_block,
                        first_eos_lengths, loss_region, noise_blocks, replay_hidden, left_to_right_steps,
-                       token_logprobs, permutation_validity_loss, forward_kl, predicting_columns,
-                       rollout_answer_validity)
+                       token_logprobs, permutation_validity_loss, forward_kl, predicting_columns)
 from reasoning import loss_weights, token_roles, ROLES
 from train_ar import ar_response_loss
 
@@ -48,9 +47,9 @@ def test_bd3_mask_equals_dense_reference():
 def test_block_one_loss_equals_ar_loss(tiny_data):
     d, model, batch = setup(tiny_data, block=1)
     everything = torch.ones_like(batch['resp'], dtype=torch.bool)
-    weights = loss_weights(batch, w_trace=0.5, w_answer=1.0, w_choice=3.0)
+    weights = loss_weights(batch, w_trace=0.5, w_answer=3.0, w_judge=2.0)
     diff, _ = diffusion_loss(model, batch, 1, d.vocab.mask, weights, masked=everything, complementary=False)
-    ar = ar_response_loss(model, batch, w_trace=0.5, w_answer=1.0, w_choice=3.0)
+    ar = ar_response_loss(model, batch, w_trace=0.5, w_answer=3.0, w_judge=2.0)
     torch.testing.assert_close(diff, ar, atol=1e-5, rtol=1e-5)
 
 
@@ -322,29 +321,6 @@ def test_validity_loss_by_hand(tiny_data):
     assert loss_for({2: c[0], 3: c[2]}, revealed) == pytest.approx(0.0, abs=1e-6)
 
 
-def test_rollout_answer_validity_equals_the_dense_loss_over_the_sampled_answer(tiny_data):
-    """On sampled answers the rollout form equals permutation_validity_loss with every position after <answer>
-    predicted, for any logits; with one-hot logits on the sampled tokens a permutation costs nothing, a candidate
-    twice 2/N, and an answer cut short by <eos> pays for the <eos> (mass outside the candidates) and the drop."""
-    v = tiny_data.vocab
-    c = v.slots[:3]
-    cands = torch.tensor([c] * 3)
-    tokens = torch.tensor([[v.item(3), v.answer, c[1], c[0], c[2], v.eos],
-                           [v.item(3), v.answer, c[1], c[1], c[2], v.eos],   # c[1] twice, c[0] dropped
-                           [v.answer, c[2], c[0], v.eos, v.mask, v.mask]])  # <eos> where c[1] belongs
-    live = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]], dtype=torch.bool)
-    kind = torch.tensor([[0, 0, 2, 1, 1, 1], [0, 0, 2, 1, 1, 1], [0, 2, 1, 1, 0, 0]])
-    logits = torch.randn(3, 6, v.size, generator=torch.Generator().manual_seed(0)) * 3
-    full = slice(0, 2)  # the dense form knows answer positions by their slot tokens: the two full answers
-    dense = permutation_validity_loss(logits[full], tokens[full], live[full], cands[full], kind[full], v)
-    mine = rollout_answer_validity(logits[full][live[full]], live[full], tokens[full], cands[full], v)
-    assert mine.item() == pytest.approx(dense.item(), abs=1e-6)
-    one_hot = torch.full((3, 6, v.size), -30.0).scatter(2, tokens[..., None], 30.0)
-    per_row = [rollout_answer_validity(one_hot[r:r + 1][live[r:r + 1]], live[r:r + 1], tokens[r:r + 1],
-                                       cands[r:r + 1], v).item() for r in range(3)]
-    assert per_row == pytest.approx([0.0, 2 / 3, 1 / 3 + 1 / 3], abs=1e-6)  # the short one: 1/3 out, c[1] missing
-
-
 def test_forward_kl_by_hand():
     """forward_kl is KL(teacher || student): teacher (0.9, 0.1), student (0.5, 0.5) gives 0.9 ln 1.8 + 0.1 ln 0.2
     = 0.3681, where the reverse direction would give 0.5108; zero for equal distributions."""
@@ -369,12 +345,12 @@ def test_loss_at_masked_positions_equals_full_head(tiny_data):
     d, model, batch = setup(tiny_data, block=4)
     v, resp = d.vocab, batch['resp']
     masked = noise_blocks(resp, 4, v.mask, torch.Generator().manual_seed(0))
-    loss, parts = diffusion_loss(model, batch, 4, v.mask, loss_weights(batch, 0.5, 1.0, 1.0, w_judge=5.0),
+    loss, parts = diffusion_loss(model, batch, 4, v.mask, loss_weights(batch, 0.5, 1.0, w_judge=5.0),
                                  masked=masked, complementary=False, validity_weight=1.0, vocab=v)
     logits = model.head(bd3_hidden(model, batch['prompt'], batch['pad'], torch.where(masked, v.mask, resp), resp, 4))
     at = masked & loss_region(resp, batch['resp_len'], 4)
     assert (batch['kind'][at] == 3).any()                             # the judgements' weight is exercised
-    w = kind_weights(batch['kind'], 0.5, 1.0, 1.0, 5.0) * at
+    w = kind_weights(batch['kind'], 0.5, 1.0, 5.0) * at
     ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), resp, reduction='none')
     torch.testing.assert_close(parts['ce'], (ce * w).sum() / w.sum())
     want_v = permutation_validity_loss(logits, resp, at, batch['cands'], batch['kind'], v)
@@ -443,7 +419,7 @@ def test_certainty_term_is_the_entropy_where_the_prediction_is_right(tiny_data):
     assert right.any() and (at & ~right).any()
     logp = logits.log_softmax(-1)
     expected = -(logp.exp() * logp).sum(-1)[right].mean()
-    w = loss_weights(batch, 1.0, 1.0, 1.0)
+    w = loss_weights(batch, 1.0, 1.0)
     loss0, parts0 = diffusion_loss(model, batch, R, v.mask, w, masked=masked, complementary=False, vocab=v)
     loss1, parts1 = diffusion_loss(model, batch, R, v.mask, w, masked=masked, complementary=False, vocab=v,
                                    certainty_weight=2.0)
@@ -454,40 +430,15 @@ def test_certainty_term_is_the_entropy_where_the_prediction_is_right(tiny_data):
     _, parts2 = diffusion_loss(model, batch, R, v.mask, w, masked=masked, complementary=False, vocab=v,
                                certainty_weight=2.0, certain_at=~judged)
     torch.testing.assert_close(parts2['entropy_right'], -(logp.exp() * logp).sum(-1)[right & ~judged].mean())
-    from training import CFTLoss, cft_loss, cft_loss_settings  # CFT's switch reaches the term
-    scored = token_roles(batch['resp'], batch['kind'], v) == ROLES.index('score')
-    skips = ('', 'judgement', 'score,judgement')
-    got = [cft_loss(model, batch, R, v, cft_loss_settings(CFTLoss(certainty_skip=skip)),
-                    torch.Generator().manual_seed(5))[1]['entropy_right'] for skip in skips]
+    from training import CFTLoss, cft_loss, cft_loss_settings  # CFT's loss leaves the judgements out
     settings = cft_loss_settings(CFTLoss())
-    weights = loss_weights(batch, *(settings[k] for k in ('w_trace', 'w_answer', 'w_choice')), settings['reject'],
-                           settings['w_judge'])
+    got = cft_loss(model, batch, R, v, settings, torch.Generator().manual_seed(5))[1]['entropy_right']
+    weights = loss_weights(batch, settings['w_trace'], settings['w_answer'], True, settings['w_judge'])
     want = [diffusion_loss(model, batch, R, v.mask, weights, vocab=v, generator=torch.Generator().manual_seed(5),
                            certainty_weight=0.5, certain_at=at, validity_weight=1.0)[1]['entropy_right']
-            for at in (None, ~judged, ~judged & ~scored)]
-    torch.testing.assert_close(got, want)
-    assert got[0] != got[1] != got[2]
-
-
-def test_score_weight_reaches_the_score_tokens_only(tiny_data):
-    """CFT's `w_score` weighs the trace's evidence scores apart from the rest of the trace: the loss is the
-    diffusion loss with those tokens, and no others, at w_score."""
-    d, model, batch = setup(tiny_data, block=4)
-    v = d.vocab
-    from training import CFTLoss, cft_loss, cft_loss_settings
-    scored = token_roles(batch['resp'], batch['kind'], v) == ROLES.index('score')
-    assert scored.any() and (~scored & (batch['kind'] == 0)).any()
-    settings = cft_loss_settings(CFTLoss(w_score=3.0, certainty_weight=0.0, validity_weight=0.0))
-    got, _ = cft_loss(model, batch, 4, v, settings, torch.Generator().manual_seed(2))
-    base = loss_weights(batch, *(settings[k] for k in ('w_trace', 'w_answer', 'w_choice')), settings['reject'],
-                        settings['w_judge'])                   # no w_score: the scores weigh as the trace
-    loss = lambda w: diffusion_loss(model, batch, 4, v.mask, w, vocab=v, generator=torch.Generator().manual_seed(2))[0]
-    torch.testing.assert_close(got, loss(torch.where(scored, 3.0, base)))
-    assert (got - loss(base)).abs() > 1e-4                     # the weight moves the loss, so the test can fail
-    assert cft_loss_settings({'w_trace': 1.0})['w_score'] == 1.0  # a record from before w_score: as its trace
-    trace_only = cft_loss_settings(CFTLoss(w_trace=3.0, certainty_weight=0.0, validity_weight=0.0))
-    got, _ = cft_loss(model, batch, 4, v, trace_only, torch.Generator().manual_seed(2))
-    torch.testing.assert_close(got, loss(torch.where(batch['kind'] == 0, 3.0, base)))  # --w_trace moves the scores too
+            for at in (~judged, None)]
+    torch.testing.assert_close(got, want[0])
+    assert want[0] != want[1]  # leaving the judgements in would change it
 
 
 def test_complementary_masks_supervise_each_token_once(tiny_data):
@@ -498,7 +449,7 @@ def test_complementary_masks_supervise_each_token_once(tiny_data):
     v = d.vocab
     masked = noise_blocks(batch['resp'], 4, v.mask, torch.Generator().manual_seed(3))
     region = loss_region(batch['resp'], batch['resp_len'], 4)
-    w = loss_weights(batch, 0.5, 1.0, 2.0)
+    w = loss_weights(batch, 0.5, 2.0)
     single = []
     for m in (masked, ~masked):
         loss, _ = diffusion_loss(model, batch, 4, v.mask, w, masked=m, complementary=False)

@@ -148,7 +148,7 @@ def test_choice_accuracy_equals_a_dense_reference(tiny_data):
     logits there, from a full forward; the neighbouring positions score otherwise on this model, so a shifted
     read would fail."""
     from model import response_hidden
-    from train_ar import choice_accuracy
+    from evaluation import choice_accuracy
     d = tiny_data
     model = tiny_model(d.vocab, seed=1, entries=False)  # at their test scale they make neighbours agree
     sp = d.splits['valid']
@@ -161,33 +161,6 @@ def test_choice_accuracy_equals_a_dense_reference(tiny_data):
     assert not torch.equal(picks(0), picks(-1)) and not torch.equal(picks(0), picks(1))
     expected = float((picks(0) == b['target']).float().mean())
     assert choice_accuracy(model, sp, d.vocab, torch.device('cpu'), n=n) == pytest.approx(expected)
-
-
-def test_sampled_trace_loss_by_hand(tiny_data):
-    """ar_response_loss with trace_sample < 1 equals its formula from a dense reference: the kept trace tokens'
-    weight divided by the share kept (so the expected trace weight is the full one), every answer token and
-    judgement always kept; and averaged over draws it is the full loss."""
-    import torch.nn.functional as F
-    from model import response_hidden
-    from reasoning import loss_weights
-    d = tiny_data
-    model = tiny_model(d.vocab)
-    batch = collate(d.splits['train'], range(8), d.vocab)
-    resp, ts = batch['resp'], 0.3
-    with torch.no_grad():
-        got = ar_response_loss(model, batch, w_trace=0.5, trace_sample=ts, generator=torch.Generator().manual_seed(5))
-        keep = torch.rand(resp.shape, generator=torch.Generator().manual_seed(5)) < ts
-        ce = F.cross_entropy(model.head(response_hidden(model, batch['prompt'], batch['pad'], resp)).transpose(1, 2),
-                             resp, reduction='none')
-        live = torch.arange(resp.shape[1])[None, :] < batch['resp_len'][:, None]
-        w = loss_weights(batch, 0.5, 1.0, 1.0, w_judge=0.5) * live
-        w = torch.where(batch['kind'] == 0, w / ts * keep, w)
-        torch.testing.assert_close(got, (ce * w).sum() / w.sum(), atol=1e-5, rtol=1e-5)
-        full = ar_response_loss(model, batch, w_trace=0.5)
-        g = torch.Generator().manual_seed(0)
-        sampled = torch.stack([ar_response_loss(model, batch, w_trace=0.5, trace_sample=ts, generator=g)
-                               for _ in range(300)])
-    assert sampled.std() > 0 and abs(sampled.mean() - full) < 0.01 * full
 
 
 def test_trace_agreement_by_hand(tiny_data):

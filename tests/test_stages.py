@@ -21,9 +21,7 @@ TINY = {
     'train_cft.py': ['--block=8', '--batch_size=4', '--max_steps=3', '--eval_every=3', '--block_warmup=2',
                      '--suffix_share=0.5'],
     'train_opd.py': ['--n_prompts=2', '--group=2', '--max_steps=2', '--eval_every=2', '--cft_weight=0.5'],
-    'train_rl.py': ['--n_prompts=2', '--group=4', '--max_steps=2', '--eval_every=2',
-                    '--kl_weight=0.5', '--min_groups=1', '--max_draws=2',  # the KL penalty, dynamic sampling
-                    '--trace_weight=0.5'],                                   # and the process reward
+    'train_rl.py': ['--n_prompts=2', '--group=4', '--max_steps=2', '--eval_every=2', '--kl_weight=0.5'],
 }
 
 
@@ -112,16 +110,14 @@ def test_naive_conversion_decodes_the_model_cft_starts_from(pipeline):
 
 def test_opd_runs_at_the_commit_state(pipeline):
     cwd, data = pipeline
-    p = run('train_opd.py', cwd, data, *TINY['train_opd.py'], '--state=l2r', '--out=out/opd_l.pt', '--name=opd_l')
+    p = run('train_opd.py', cwd, data, *TINY['train_opd.py'], '--state=l2r', '--out=out/opd_l.pt')
     assert p.returncode == 0, p.stderr[-3000:]  # the pipeline's OPD ran at the default, the commit state
     p = run('train_opd.py', cwd, data, '--state=middle', '--max_steps=1')
     assert p.returncode != 0 and 'commit or l2r' in p.stderr + p.stdout
-    p = run('train_opd.py', cwd, data, *TINY['train_opd.py'], '--state=l2r', '--l2r_states=2', '--out=out/opd_2.pt',
-            '--name=opd_2')
+    p = run('train_opd.py', cwd, data, *TINY['train_opd.py'], '--state=l2r', '--l2r_states=2', '--out=out/opd_2.pt')
     assert p.returncode == 0, p.stderr[-3000:]
-    assert 'unused at the commit state' in run('train_opd.py', cwd, data, *TINY['train_opd.py'], '--state=commit',
-                                                 '--l2r_states=2', '--max_steps=1', '--out=out/opd_c1.pt').stdout
-    for bad, says in (('--l2r_states=9', 'exceeds the student'), ('--l2r_states=-1', 'a count of offsets')):
+    for bad, says in (('--state=l2r --l2r_states=9', 'exceeds the student'), ('--l2r_states=-1', 'a count of offsets'),
+                      ('--state=commit --l2r_states=2', 'at --state=l2r only')):
         p = run('train_opd.py', cwd, data, *bad.split(), '--max_steps=1', '--out=out/opd_bad.pt')
         assert p.returncode != 0 and says in p.stderr + p.stdout, bad
 
@@ -129,7 +125,7 @@ def test_opd_runs_at_the_commit_state(pipeline):
 def test_the_off_policy_control_distils_on_the_teachers_own_samples(pipeline):
     cwd, data = pipeline
     p = run('train_opd.py', cwd, data, *TINY['train_opd.py'], '--rollouts=teacher', '--state=l2r',
-            '--out=out/opd_off.pt', '--name=opd_off')
+            '--out=out/opd_off.pt')
     assert p.returncode == 0, p.stderr[-3000:]
     steps = [json.loads(line) for line in open(os.path.join(cwd, 'out', 'log_opd_off.jsonl')) if 'kl' in line]
     assert steps and all(s['tok_per_fwd'] == 1.0 for s in steps)  # AR samples: one token per forward
@@ -151,7 +147,7 @@ def test_a_stage_takes_its_parents_validation_where_decoded_the_same_way(pipelin
     assert start['step'] == 0 and start['val_R1'] == fresh['metrics']['R@1']
     assert start['val_validity'] == fresh['validity'] and start['val_tok_per_fwd'] == fresh['tokens_per_forward']
     # CFT validates on its CPU setting's first 1,024 users, OPD on every one: the same users only when asked
-    args = (*TINY['train_opd.py'], '--max_steps=1', '--eval_n=1024', '--out=out/opd_1.pt', '--name=opd_1')
+    args = (*TINY['train_opd.py'], '--max_steps=1', '--eval_n=1024', '--out=out/opd_1.pt')
     p = run('train_opd.py', cwd, data, *args, '--tau=0.9')  # CFT validates at 0.9
     assert p.returncode == 0 and "step 0: " in p.stdout and "the parent's record" in p.stdout, p.stderr[-2000:]
     p = run('train_opd.py', cwd, data, *args, '--tau=0.5')
@@ -282,9 +278,8 @@ def test_unknown_flag_is_refused(tmp_path):
     ('decode.py', ['--limit=-1'], 'limit >= 0'),
     ('train_cft.py', ['--block=0'], '--block must be >= 1'),
     ('train_cft.py', ['--suffix_share=2'], 'in [0, 1]'),
-    ('train_rl.py', ['--k=-2'], 'must be >= 0'),
-    ('train_rl.py', ['--credit=some'], "'all' (every committed token) or 'differing'"),
-    ('train_rl.py', ['--min_groups=4'], 'only with --max_draws > 1'),
+    ('train_opd.py', ['--state=left'], 'state commit or l2r'),
+    ('train_opd.py', ['--l2r_states=4'], 'at --state=l2r only'),
 ])
 def test_out_of_range_settings_are_refused_before_any_work(tmp_path, script, args, says):
     p = run(script, str(tmp_path), *args)  # no data, no checkpoint here: the check comes first
@@ -296,21 +291,17 @@ def test_out_of_range_settings_are_refused_before_any_work(tmp_path, script, arg
     ('TrainARConfig', ['--max_steps=0'], '--max_steps=0: must be >= 1'),
     ('TrainARConfig', ['--max_steps=-1'], '--max_steps=-1: must be >= 1'),
     ('TrainARConfig', ['--eval_every=0'], '--eval_every=0: must be >= 1'),
-    ('TrainARConfig', ['--trace_sample=0'], '--trace_sample=0.0: a share'),
     ('TrainARConfig', ['--n_embd=100', '--n_head=3'], 'not divisible by --n_head=3'),
     ('TrainARConfig', ['--n_embd=27', '--n_head=3'], 'a head needs an even number'),
-    ('TrainARConfig', ['--dropout=1.5'], '--dropout=1.5: a probability, in [0, 1)'),
-    ('TrainARConfig', ['--n_resp_pos=-1'], '--n_resp_pos=-1: a number of response positions'),
-    ('TrainARConfig', ['--w_trace=-1'], '--w_trace=-1.0: a loss weight is >= 0'),
-    ('TrainARConfig', ['--w_trace=0', '--w_answer=0', '--w_choice=0', '--w_judge=0'], 'every loss weight is 0'),
+    ('TrainARConfig', ['--drill=1.5'], '--drill=1.5: a share of the windows'),
+    ('TrainARConfig', ['--w_trace=-1'], "'w_trace': -1.0"),
+    ('TrainARConfig', ['--w_trace=0', '--w_answer=0', '--w_judge=0'], 'one of them positive'),
     ('TrainARConfig', ['--device=gpu'], "use auto, cpu, cuda"),
     ('TrainARConfig', ['--out=/proc/none/ar.pt'], 'cannot write to /proc/none'),
     ('TrainCFTConfig', ['--parent=out/cft.pt'], 'overwrite its own parent'),
-    ('TrainCFTConfig', ['--certainty_skip=scores'], "unknown roles ['scores']"),
     ('TrainOPDConfig', ['--student=out/x.pt', '--out=out/x.pt'], 'overwrite its own parent'),
     ('TrainRLConfig', ['--lr=0'], '--lr=0.0: the learning rate must be > 0'),
-    ('TrainRLConfig', ['--trace_weight=-1'], '--trace_weight=-1.0 --speed_weight=0.0: both must be >= 0'),
-    ('TrainRLConfig', ['--speed_weight=-0.5'], '--speed_weight=-0.5: both must be >= 0'),
+    ('TrainRLConfig', ['--kl_weight=-1'], '--kl_weight=-1.0: must be >= 0'),
     ('DecodeConfig', ['--device=tpu'], "use auto, cpu, cuda"),
     ('BenchConfig', ['--repeats=0'], '>= 1'),
 ])
@@ -387,22 +378,9 @@ def test_rank_reward_by_hand():
     np.testing.assert_allclose(r, [0.2 + 0.2, 0.0 + 0.2, 0.0, -0.1, -1.0])  # improved, stays 1st, same, worse, invalid
 
 
-def test_speed_reward_by_hand():
-    """Speed is paid only beside the format reward: a faster and a slower valid rollout that keep the target
-    first differ by the weight x their speeds; an invalid one and a copy of the incoming order that leaves the
-    target where it was (not first) earn nothing for being fast."""
-    before, after = [1, 1, 3, 3], [1, 1, 3, 3]
-    valid = [True, True, False, True]            # fast valid, slow valid, fast invalid, fast copy (target third)
-    speed = [0.75, 0.5, 1.0, 1.0]
-    r = rank_reward(before, after, valid, n_cand=10, speed=speed, speed_weight=0.4)
-    np.testing.assert_allclose(r, [0.2 + 0.4 * 0.75, 0.2 + 0.4 * 0.5, -1.0, 0.0])
-    np.testing.assert_allclose(rank_reward(before, after, valid, 10, speed=speed),  # weight 0: the rank and format reward
-                               rank_reward(before, after, valid, 10))
-
-
 def test_score_rollouts_by_hand(tiny_data):
-    """Rollouts planted from the data's responses: each one's rank, validity, copy and the share of its trace
-    written right (one token off: one fewer; cut before the conclusion: none of what is missing)."""
+    """Rollouts planted from the data's responses: each one's rank and validity (a weight off leaves the answer
+    valid; cut before the conclusion, there is none)."""
     v, sp = tiny_data.vocab, tiny_data.splits['train']
     rows = np.array([0, 0, 1, 1])
     texts = [[int(t) for t in sp.responses[i]] for i in rows]
@@ -412,10 +390,9 @@ def test_score_rollouts_by_hand(tiny_data):
     width = max(map(len, texts))
     res = {'tokens': torch.tensor([t + [v.eos] * (width - len(t)) for t in texts]),
            'lengths': torch.tensor([len(t) for t in texts])}
-    ranks, valid, copies, trace = score_rollouts(res, tiny_data, rows)
+    ranks, valid, copies = score_rollouts(res, tiny_data, rows)
     assert ranks.tolist() == [1, 1, 1, int(sp.target[1]) + 1]            # the data's answer ranks the target first
     assert valid.tolist() == [True, True, True, False]
-    np.testing.assert_allclose(trace, [1, 1 - 1 / n_trace, 1, 1 - 1 / n_trace])
 
 
 def test_group_advantages_drop_zero_variance():
@@ -481,9 +458,9 @@ def test_opd_loss_is_zero_for_block_one_student_equal_to_teacher(tiny_data, stat
 
 
 def test_the_teachers_drill_keeps_the_decisions_label_and_changes_what_follows_it(tiny_data):
-    """train_ar.drill_answers: the decision is predicted before it is written, so a drilled batch's loss on the
-    decision alone is the undrilled one (its label is still the target), and the loss on the rest of the answer
-    is not (it follows the drilled decision)."""
+    """train_ar.drill_answers: the decision is predicted before it is written, so a drilled row keeps the target as
+    the decision's label while its input and the rest of the answer follow the drilled decision; the loss reads
+    those labels."""
     from conftest import tiny_model
     from data_beauty import collate
     from train_ar import ar_response_loss, drill_answers
@@ -491,28 +468,27 @@ def test_the_teachers_drill_keeps_the_decisions_label_and_changes_what_follows_i
     model = tiny_model(v, entries=False)
     batch = collate(tiny_data.splits['train'], range(8), v)
     drilled = drill_answers(batch, 1.0, np.random.default_rng(0), v)
-    decision_only = dict(w_trace=0.0, w_answer=0.0, w_choice=1.0)
-    rest_only = dict(w_trace=0.0, w_answer=1.0, w_choice=0.0)
+    decision, rest = batch['kind'] == 2, batch['kind'] == 1
+    assert torch.equal(drilled['labels'][decision], batch['resp'][decision])
+    assert torch.equal(drilled['labels'][~decision], drilled['resp'][~decision])
+    assert not torch.equal(drilled['resp'][rest], batch['resp'][rest])
     with torch.no_grad():
-        assert torch.allclose(ar_response_loss(model, drilled, **decision_only),
-                              ar_response_loss(model, batch, **decision_only))
-        assert not torch.allclose(ar_response_loss(model, drilled, **rest_only),
-                                  ar_response_loss(model, batch, **rest_only))
+        assert not torch.allclose(ar_response_loss(model, drilled, w_answer=1.0),
+                                  ar_response_loss(model, {**drilled, 'labels': drilled['resp']}, w_answer=1.0))
 
 
-@pytest.mark.parametrize('credit', ['all', 'differing'])
-def test_rl_update_is_the_policy_gradient_at_ratio_one(tiny_data, credit):
-    """train_rl.clipped_update's first pass, where pi equals pi_old (ratio 1, nothing clipped), is plain SGD on
-    -sum_t A(rollout of t) log pi(token t) / (live tokens) over the rows kept: the parameter change equals -lr
-    times that gradient, from an independent replay here (a flipped sign, an advantage on the wrong row, a
-    per-row mean instead of DAPO's token mean each fail); with --credit=differing, the sum runs over the tokens
-    that differ within their group only. Zero advantages move nothing; the start policy as reference logs KL 0,
-    and the replay reproduces the sampler's log-probs."""
+def test_rl_update_is_the_policy_gradient_at_ratio_one(tiny_data):
+    """train_rl.clipped_gradient, where pi equals pi_old (ratio 1, nothing clipped), is the gradient of
+    -sum_t A(rollout of t) log pi(token t) / (live tokens) over the rows kept: an SGD step on it equals -lr times
+    that gradient, from an independent replay here (a flipped sign, an advantage on the wrong row, a per-row mean
+    instead of DAPO's token mean each fail), whether the kept rows come in one list of micro-batches or two. Zero
+    advantages move nothing; the start policy as reference logs KL 0, and the replay reproduces the sampler's
+    log-probs."""
     import copy
     from conftest import tiny_model
     from data_beauty import collate
     from diffusion import convert, generate_block, live_tokens, replay_logits, token_logprobs
-    from train_rl import TrainRLConfig, clipped_update, micro_batches
+    from train_rl import TrainRLConfig, clipped_gradient, micro_batches
     d = tiny_data
     torch.manual_seed(0)
     model = convert(tiny_model(d.vocab), d.vocab)
@@ -520,7 +496,7 @@ def test_rl_update_is_the_policy_gradient_at_ratio_one(tiny_data, credit):
     res = generate_block(model, batch['prompt'], batch['pad'], 24, d.vocab, block=4, tau=0.5, temperature=1.0,
                          generator=torch.Generator().manual_seed(0))
     adv, kept = np.array([1.0, -1.0, 0.5, -0.5]), [0, 1, 3]
-    cfg = TrainRLConfig(updates=1, micro_batch=2, grad_clip=1e9, kl_weight=0.0, group=2, credit=credit)
+    cfg = TrainRLConfig(micro_batch=2, kl_weight=0.0, group=2)
     lr = 0.05
     live = live_tokens(res)
     sel = torch.tensor(kept)
@@ -530,32 +506,27 @@ def test_rl_update_is_the_policy_gradient_at_ratio_one(tiny_data, credit):
                                       {k: v[sel] for k, v in res.items()}, 4, d.vocab, live[sel]),
                         res['tokens'][sel][live[sel]], 1.0)
     a = torch.tensor(adv[kept], dtype=torch.float32)[:, None].expand_as(live[sel])[live[sel]]
-    if credit == 'differing':  # by hand: a position counts where the two rollouts of its prompt disagree
-        t = res['tokens']
-        differ = torch.stack([t[0] != t[1], t[0] != t[1], t[2] != t[3], t[2] != t[3]])[sel][live[sel]]
-        assert 0 < differ.sum() < len(differ)
-        a = a * differ
     (-(a * lp).sum() / live[sel].sum()).backward()
     with torch.no_grad():
         for p in expected.parameters():
             p -= lr * p.grad
-    two_draws = copy.deepcopy(model)  # the same rows from two draws (--min_groups): one token mean over both
-    pieces = [p for rows in ([0, 1], [3]) for p in micro_batches(batch, res, rows, adv, cfg, torch.device('cpu'))]
-    clipped_update(two_draws, reference, torch.optim.SGD(two_draws.parameters(), lr=lr), pieces, cfg, 4, d.vocab,
-                   torch.device('cpu'), 0)
-    opt = torch.optim.SGD(model.parameters(), lr=lr)
-    stats = clipped_update(model, reference, opt, micro_batches(batch, res, kept, adv, cfg, torch.device('cpu')), cfg,
-                           4, d.vocab, torch.device('cpu'), 0)
-    for p, q, r in zip(model.parameters(), expected.parameters(), two_draws.parameters()):
+
+    def sgd_step(m, pieces):
+        opt = torch.optim.SGD(m.parameters(), lr=lr)
+        stats = clipped_gradient(m, reference, pieces, cfg, 4, d.vocab, torch.device('cpu'))
+        opt.step()
+        return stats
+
+    two_lists = copy.deepcopy(model)  # the same rows cut into micro-batches twice: one token mean over both
+    sgd_step(two_lists, [p for rows in ([0, 1], [3]) for p in micro_batches(batch, res, rows, adv, cfg.micro_batch)])
+    stats = sgd_step(model, list(micro_batches(batch, res, kept, adv, cfg.micro_batch)))
+    for p, q, r in zip(model.parameters(), expected.parameters(), two_lists.parameters()):
         torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-4)
         torch.testing.assert_close(r, q, atol=1e-6, rtol=1e-4)
     assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), reference.parameters()))
     assert stats['kl_to_start'] == 0.0 and stats['replay_gap'] < 1e-4
-    assert (stats['credited'] < 1) == (credit == 'differing')
     frozen = copy.deepcopy(model)
-    clipped_update(model, reference, torch.optim.SGD(model.parameters(), lr=lr),
-                   micro_batches(batch, res, kept, 0 * adv, cfg, torch.device('cpu')), cfg, 4, d.vocab,
-                   torch.device('cpu'), 1)
+    sgd_step(model, list(micro_batches(batch, res, kept, 0 * adv, cfg.micro_batch)))
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), frozen.parameters()))
 
 
@@ -703,7 +674,7 @@ def test_opd_and_rl_resume_as_if_never_interrupted(pipeline, tmp_path, script, k
                         ignore=shutil.ignore_patterns('*.resume', 'log_*', 'rl*', 'opd_*'))
     name = script[6:-3]
     args = [data, '--n_prompts=2', '--group=2' if key == 'kl' else '--group=4', '--max_steps=20', '--eval_every=10',
-            '--eval_n=8', f'--out=out/{name}_again.pt', f'--name={name}_again']
+            '--eval_n=8', f'--out=out/{name}_again.pt']
     (a, b), (wa, wb) = interrupt_and_rerun(script, args, whole, cut, f'out/{name}_again.pt',
                                            f'log_{name}_again.jsonl', key)
     assert a == b and [r['step'] for r in b if key in r] == list(range(1, 21))
@@ -718,22 +689,20 @@ def test_a_teacher_of_another_size_is_noted():
 
 
 def test_opd_anchor_uses_the_students_own_cft_loss():
-    """--cft_weight trains the student with the masks and weights it was trained with (train_cft's defaults where
-    an older record lacks a field), so the anchor is the loss it was selected under."""
+    """--cft_weight trains the student with the masks and weights it was trained with (its record's), so the
+    anchor is the loss it was selected under."""
     from dataclasses import asdict
     from training import cft_loss_settings
-    trained = asdict(TrainCFTConfig(suffix_share=0.5, complementary=False, w_judge=3.0))
+    trained = asdict(TrainCFTConfig(suffix_share=0.5, validity_weight=0.0, w_judge=3.0))
     got = cft_loss_settings(trained)
-    assert (got['suffix_share'], got['complementary'], got['w_judge']) == (0.5, False, 3.0)
-    old = {k: v for k, v in trained.items() if k != 'suffix_share'}
-    assert cft_loss_settings(old)['suffix_share'] == TrainCFTConfig.suffix_share
+    assert (got['suffix_share'], got['validity_weight'], got['w_judge']) == (0.5, 0.0, 3.0)
 
 
 def test_flags_are_typed_by_their_defaults():
     from common import parse_config
     from train_ar import TrainARConfig
-    cfg = parse_config(TrainARConfig, ['--name=123', '--lr=1', '--trace=False', '--data_dir=../x'])
-    assert cfg.name == '123' and cfg.lr == 1.0 and isinstance(cfg.lr, float) and cfg.trace is False
+    cfg = parse_config(TrainARConfig, ['--data_name=123', '--lr=1', '--trace=False', '--data_dir=../x'])
+    assert cfg.data_name == '123' and cfg.lr == 1.0 and isinstance(cfg.lr, float) and cfg.trace is False
     assert cfg.data_dir == '../x'
     for bad in (['--trace=1'], ['--max_steps=ten'], ['--max_steps=1.5']):
         with pytest.raises(SystemExit):
@@ -878,3 +847,23 @@ def test_tstar_is_the_fastest_threshold_at_parity_and_a_miss_is_named():
     assert chosen == rows[0] and 'best R@1 valid enough' in how
     chosen, how = choose_tstar([row(0.6, 0.37, 0.9, 11), row(0.7, 0.36, 0.95, 10)], ar_r1=0.37)
     assert chosen['tau'] == 0.7 and how.startswith('no threshold valid enough')
+
+
+def test_the_stage_keeps_its_best_evaluation_not_its_last(tiny_data, tmp_path, monkeypatch):
+    """training.Stage: the checkpoint on disk and the record are those of the best validation so far
+    (common.is_better), not of the latest; a later, better one replaces them."""
+    import common
+    from common import Timer
+    from conftest import tiny_model
+    from train_cft import TrainCFTConfig
+    from training import Stage
+    monkeypatch.setattr(common, 'PROJECT', str(tmp_path))  # the stage's log and resume state go there
+    record = lambda r1: {'R@1': r1, 'N@3': r1, 'validity': 1.0, 'tokens_per_forward': 4.0, 'floor_R@1': 0.1}
+    run = Stage(TrainCFTConfig(out='out/kept.pt', block=4), tiny_model(tiny_data.vocab), tiny_data,
+                torch.device('cpu'), Timer(), 'cft', block=4)
+    on_disk = lambda: torch.load(tmp_path / 'out' / 'kept.pt', weights_only=True)['step']
+    run.evaluate(1, known=record(0.5))
+    run.evaluate(2, known=record(0.4))
+    assert run.best['step'] == 1 and on_disk() == 1
+    run.evaluate(3, known=record(0.6))
+    assert run.best['step'] == 3 and on_disk() == 3
