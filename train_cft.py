@@ -86,7 +86,6 @@ def main():
 
     def held_out_loss(step):  # the loss under fixed masks, logged beside each evaluation
         run.log.write(step=step, val_loss=validation_loss(model, data, cfg, device))
-        return {}
 
     model.eval()  # dropout stays off: the sampler and the loss must see the same network
     run = Stage(cfg, model, data, device, timer, 'cft', parent=cfg.parent, block=cfg.block,

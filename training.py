@@ -48,19 +48,20 @@ def make_optimizer(model, lr, weight_decay):
                              lr=lr, betas=(0.9, 0.95))
 
 
-def finite_or_stop(loss, step, lr):
-    """A non-finite loss stops the run and says what to change."""
-    if not np.isfinite(loss):
-        raise SystemExit(f"error: loss is {loss} at step {step}; lower --lr (now {lr})")
+def clip_and_step(model, opt, total, step, lr):
+    """The optimizer step after the backward passes of losses summing to `total`; a non-finite loss stops the run
+    and says what to change."""
+    if not np.isfinite(total):
+        raise SystemExit(f"error: loss is {total} at step {step}; lower --lr (now {lr})")
+    torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
+    opt.step()
 
 
 def optimizer_step(model, opt, loss, step, lr):
     """Backward, clip, step."""
-    finite_or_stop(loss.item(), step, lr)
     opt.zero_grad(set_to_none=True)
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
-    opt.step()
+    clip_and_step(model, opt, loss.item(), step, lr)
 
 
 # ----------------------------------------------------------------------------- CFT's loss
@@ -105,12 +106,6 @@ def cft_loss(model, batch, block, vocab, settings, generator=None):
 
 
 # ----------------------------------------------------------------------------- validation and keeping
-
-def validate(model, data, cfg, device, block=0, tau=0.9, from_left=False, split='valid'):
-    dcfg = Decoding(block=block, tau=tau, from_left=from_left, batch_size=cfg.eval_batch, limit=cfg.eval_n)
-    res, _ = evaluate(model, data, split, dcfg, device)
-    return res
-
 
 DECODING = ('tau', 'eval_n', 'eval_batch', 'data_digests')  # what a validation depends on, beside the block
 VALIDATION = ('R@1', 'R@3', 'R@5', 'N@3', 'N@5', 'MRR', 'validity', 'tokens_per_forward', 'floor_R@1')  # its record
@@ -158,8 +153,8 @@ def stage_name(out):
 class Stage:
     """One training stage's loop over a model (see the module's docstring). The checkpoint records the run's
     flags, its block and its data (what a resume must match); `gens` are the stage's own torch generators, saved
-    and restored with the weights, the optimizer and the log; `extras(step)` adds the stage's own diagnostics at
-    each evaluation (logged by it; what it returns joins the record of a kept step). With `start_from` (the
+    and restored with the weights, the optimizer and the log; `extras(step)` logs the stage's own diagnostics at
+    each evaluation. With `start_from` (the
     parent's checkpoint) a fresh run first evaluates the starting model as step 0, reusing the parent's record
     where it was decoded the same way, so that a stage that only hurts keeps its parent."""
 
@@ -184,10 +179,12 @@ class Stage:
 
     def evaluate(self, step, known=None):
         """Decode validation (or take `known`, this model's record from an identical decoding), log it, keep the
-        model if it is the best so far (common.is_better), add the stage's extras, save the resume state."""
+        model if it is the best so far (common.is_better), log the stage's extras, save the resume state."""
         cfg, reused = self.cfg, known is not None
-        if not reused:
-            res = validate(self.model, self.data, cfg, self.device, block=self.block, tau=getattr(cfg, 'tau', 0.9))
+        if not reused:  # the run's own decoding (block 0: AR, which has no threshold)
+            decoding = Decoding(block=self.block, tau=getattr(cfg, 'tau', 0.9), batch_size=cfg.eval_batch,
+                                limit=cfg.eval_n)
+            res, _ = evaluate(self.model, self.data, 'valid', decoding, self.device)
             known = {**res['metrics'], 'validity': res['validity'], 'tokens_per_forward': res.get('tokens_per_forward'),
                      'floor_R@1': res['floor']['R@1']}
         row = dict(known, step=step)
@@ -200,9 +197,8 @@ class Stage:
             self.best = row
             save_checkpoint(cfg.out, self.model, self.run_cfg, stage=self.stage, parent=self.parent, step=step,
                             metrics={'valid': row})
-        extra = self.extras(step) if self.extras else {}
-        if extra and self.best['step'] == step:
-            self.best.update(extra)
+        if self.extras:
+            self.extras(step)
         self.save(step)
 
     def save(self, step):
@@ -238,9 +234,7 @@ class Stage:
 
     def step_accumulated(self, total):
         """The optimizer step after the caller's own backward passes (micro-batches), whose losses sum to `total`."""
-        finite_or_stop(total, self.step, self.cfg.lr)
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), GRAD_CLIP)
-        self.opt.step()
+        clip_and_step(self.model, self.opt, total, self.step, self.cfg.lr)
 
     def show(self, **values):
         """Values for the progress bar after this step."""
