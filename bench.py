@@ -17,7 +17,8 @@ Per row, besides tokens/s and the speedup over AR at the same batch:
   batch_tokens_per_forward  tokens over the row-forwards the batch paid for (a row carried idle counts)
   ms_per_step               decode wall time over the batch's forwards (the prefill is one)
   forward_ms                the same forwards alone: each call's shape (rows, width, columns read) replayed bare
-                            over a cache holding the prompt, its median time, averaged over the decode's calls
+                            over a cache holding the prompt, once in every repeat right after the decodes, its
+                            median time averaged over the decode's calls (shared by checkpoints of one architecture)
   step_overhead             ms_per_step / forward_ms: what the sampler costs around its forwards
 forward_cost_ratio: one forward over a block of B new tokens (and the head over them) divided by one forward
 over one new token, batch 1, same cache length: the price of a block step against an AR step. Block decoding
@@ -34,9 +35,9 @@ from dataclasses import dataclass, asdict
 import numpy as np
 import torch
 
-from common import (parse_config, device_problem, print_config, pick_device, autocast, device_name, load_checkpoint,
-                    write_json, git_commit, command_line, CheckpointError, results_path, project_path, Timer,
-                    weights_digest)
+from common import (parse_config, device_problem, print_config, pick_device, autocast, device_name, write_json,
+                    git_commit, command_line, results_path, project_path, Timer)
+from checkpoints import load_checkpoint, CheckpointError, weights_digest
 from data_beauty import DataError, collate
 from evaluation import Decoding, evaluate, load_data_for
 from diffusion import generate_ar, generate_block
@@ -56,13 +57,12 @@ class BenchConfig:
     seed: int = 0                # which test users are sampled
     graphs: bool = True          # CUDA graphs on CUDA (ignored elsewhere)
     cost_reps: int = 50          # forwards timed per width for forward_cost_ratio
-    step_reps: int = 10          # bare replays of each forward shape for forward_ms
     accuracy: bool = True        # R@1 and validity of each row on the full test set
     device: str = 'auto'
 
     def problem(self):
-        if min(self.repeats, self.n_b1, self.n_batched, self.cost_reps, self.step_reps) < 1:
-            return "--repeats, --n_b1, --n_batched, --cost_reps and --step_reps must be >= 1"
+        if min(self.repeats, self.n_b1, self.n_batched, self.cost_reps) < 1:
+            return "--repeats, --n_b1, --n_batched and --cost_reps must be >= 1"
         if any(b < 1 for b in self.batches):
             return f"--batches={self.batches}: batch sizes are >= 1"
         if any(not 0 < t <= 1 for t in self.taus):
@@ -106,32 +106,55 @@ def decode_once(model, batch, vocab, max_resp, block, rule, runner):
     return tokens, lengths, forwards, paid, seconds
 
 
-@torch.no_grad()
-def bare_forward_ms(model, batch, max_resp, block, shape, reps):
-    """Median ms of one forward of `shape` (rows, width, columns read, returned rows, prompt width) over a cache
-    that holds the batch's prompts (of that width): the cost of that call with nothing around it."""
-    n, width, n_keys, kept, _ = shape
-    rows = None if kept is None else slice(*kept)
-    prompt, pad = batch['prompt'][:n], batch['pad'][:n]
-    P, dev = prompt.shape[1], prompt.device
-    run = CachedForward(model, pad, P, max_resp, block)
-    prefill = torch.arange(P, device=dev).expand(n, -1)
-    sync = torch.cuda.synchronize if dev.type == 'cuda' else (lambda: None)
-    if width == P and n_keys == P:                                      # the prefill itself
-        idx, cols = prompt, prefill
-    else:
-        run(prompt, prefill, P)
-        idx = torch.full((n, width), 3, device=dev)                     # any token: same cost
-        cols = torch.arange(n_keys - width, n_keys, device=dev).expand(n, -1)
-    times = []
-    with autocast(dev):
-        for _ in range(reps + 3):                                       # 3 warm-up calls, not timed
-            sync()
-            t0 = time.perf_counter()
-            model.head(run(idx, cols, n_keys, rows), fp32=True)
-            sync()
-            times.append(time.perf_counter() - t0)
-    return 1000 * statistics.median(times[3:])
+class BareForwards:
+    """The forwards of the timed decodes replayed alone: each call's shape (rows, width, columns read, returned
+    rows, prompt width) run with the head over a cache holding the prompts (of that width), nothing around it.
+    A shape's cost is the architecture's, not the weights' (keyed by the model's config and block), so that two
+    checkpoints of one architecture share it. time_each() times every shape added so far once; bench calls it in
+    every repeat right after the decodes, so that a slow minute of a shared machine hits both alike."""
+
+    def __init__(self, chunks, max_resp):
+        self.by_width = {c['prompt'].shape[1]: c for c in chunks}       # a chunk of each prompt width
+        self.max_resp, self.runners, self.shapes, self.seconds = max_resp, {}, {}, {}
+
+    def add(self, model, block, calls):
+        for call in set(calls):
+            self.shapes.setdefault((repr(model.config), block, call), (model, block, call))
+
+    def runner(self, model, block, n, P):
+        """A runner over the first n prompts of width P, its cache filled with them (one per architecture)."""
+        key = (repr(model.config), block, n, P)
+        if key not in self.runners:
+            batch = self.by_width[P]
+            self.runners[key] = CachedForward(model, batch['pad'][:n], P, self.max_resp, block)
+            self.runners[key](batch['prompt'][:n], torch.arange(P, device=batch['pad'].device).expand(n, -1), P)
+        return self.runners[key]
+
+    @torch.no_grad()
+    def time_each(self):
+        for key, (model, block, (n, width, n_keys, kept, P)) in self.shapes.items():
+            run, dev = self.runner(model, block, n, P), self.by_width[P]['pad'].device
+            if width == P and n_keys == P:                              # the prefill itself
+                idx, cols = self.by_width[P]['prompt'][:n], torch.arange(P, device=dev).expand(n, -1)
+            else:
+                idx = torch.full((n, width), 3, device=dev)             # any token: same cost
+                cols = torch.arange(n_keys - width, n_keys, device=dev).expand(n, -1)
+            rows = None if kept is None else slice(*kept)
+            sync = torch.cuda.synchronize if dev.type == 'cuda' else (lambda: None)
+            with autocast(dev):
+                if key not in self.seconds:                             # a shape's first call is not timed
+                    model.head(run(idx, cols, n_keys, rows), fp32=True)
+                    self.seconds[key] = []
+                sync()
+                t0 = time.perf_counter()
+                model.head(run(idx, cols, n_keys, rows), fp32=True)
+                sync()
+                self.seconds[key].append(time.perf_counter() - t0)
+
+    def ms(self, model, block, calls):
+        """Mean over a decode's calls of each shape's median time, in ms."""
+        median = {call: statistics.median(self.seconds[repr(model.config), block, call]) for call in set(calls)}
+        return 1000 * sum(median[call] for call in calls) / len(calls)
 
 
 @torch.no_grad()
@@ -236,8 +259,9 @@ def accuracy_of(setting, model, weights, data, device):
 
 def time_batch_size(models, settings, chunks, vocab, max_resp, cfg, cuda):
     """Per setting: the seconds of each repeat over the same chunks (the repeats interleaved between settings),
-    tokens, forwards per row, row-forwards paid, and the shape of each forward the batches ran. Each chunk has a
-    runner of its own, made before the clock starts (under CUDA graphs the chunks share one shape and one runner)."""
+    tokens, forwards per row, row-forwards paid, and the ms of its forwards replayed bare (BareForwards, timed in
+    each repeat after the decodes). Each chunk has a runner of its own, made before the clock starts (under CUDA
+    graphs the chunks share one shape and one runner)."""
     graphs = cfg.graphs and cuda
     make = lambda s, c: RecordingForward(models[s['ckpt']][0], c['pad'], c['prompt'].shape[1], max_resp,
                                          s['block'] or 1, graphs=graphs)
@@ -246,7 +270,7 @@ def time_batch_size(models, settings, chunks, vocab, max_resp, cfg, cuda):
                                            commit_settings(s), run)
     for s, runs in zip(settings, runners):  # warm-up (and graph capture)
         decode(s, runs[0], chunks[0])
-    seconds, counts = [[] for _ in settings], [None] * len(settings)
+    seconds, counts, bare = [[] for _ in settings], [None] * len(settings), BareForwards(chunks, max_resp)
     for _ in range(cfg.repeats):
         for i, (s, runs) in enumerate(zip(settings, runners)):
             for run in runs:
@@ -255,16 +279,49 @@ def time_batch_size(models, settings, chunks, vocab, max_resp, cfg, cuda):
             seconds[i].append(sum(o[4] for o in out))
             calls = [call for run in dict.fromkeys(runs) for call in run.calls]
             counts[i] = dict(tokens=sum(int(o[1].sum()) for o in out), forwards=sum(int(o[2].sum()) for o in out),
-                             paid=sum(o[3] for o in out), calls=calls)
+                             paid=sum(o[3] for o in out), calls=len(calls))
+            bare.add(models[s['ckpt']][0], s['block'] or 1, calls)
+        bare.time_each()
+    for s, c, runs in zip(settings, counts, runners):
+        calls = [call for run in dict.fromkeys(runs) for call in run.calls]
+        c['forward_ms'] = bare.ms(models[s['ckpt']][0], s['block'] or 1, calls)
     return seconds, counts
 
 
-def step_costs(model, chunks, max_resp, block, calls, reps, memo):
-    """ms per forward of the decode (calls: the shapes it ran) replayed bare, averaged over its calls."""
-    by_width = {c['prompt'].shape[1]: c for c in chunks}                # a chunk of each prompt width
-    for shape in set(calls) - set(memo):
-        memo[shape] = bare_forward_ms(model, by_width[shape[4]], max_resp, block, shape, reps)
-    return sum(memo[c] for c in calls) / len(calls)
+def timed_settings(ar_path, models, digests, taus):
+    """The settings to time: AR, then each diffusion checkpoint at its own tau and at `taus`, except one whose
+    weights are an earlier checkpoint's (RL that kept its start): its speed is that one's, timed once."""
+    settings, same_as = [{'ckpt': ar_path, 'stage': 'ar', 'block': 0, 'tau': None}], {}
+    for path, (_, ck) in list(models.items())[1:]:
+        earlier = [p for p in list(models)[1:list(models).index(path)] if digests[p] == digests[path]]
+        if earlier:
+            same_as[ck['stage']] = models[earlier[0]][1]['stage']
+            print(f"{ck['stage']}: the same weights as {same_as[ck['stage']]}, not timed again")
+            continue
+        for tau in dict.fromkeys((ck['run_cfg'].get('tau', 0.9),) + tuple(taus)):
+            settings.append({'ckpt': path, 'stage': ck['stage'], 'block': ck['run_cfg']['block'], 'tau': tau})
+    return settings, same_as
+
+
+def batch_rows(settings, seconds, counts, accuracy, batch, requests, repeats):
+    """One bench.json row per setting at one batch size (time_batch_size's seconds and counts), printed."""
+    rows, ar_rate = [], [counts[0]['tokens'] / t for t in seconds[0]]  # AR's tokens/s in each repeat
+    for s, sec, c, acc in zip(settings, seconds, counts, accuracy):
+        t = statistics.median(sec)
+        speedups = [c['tokens'] / x / a for x, a in zip(sec, ar_rate)]  # each repeat against AR's same repeat
+        ms_step = 1000 * t / c['calls']
+        r = dict(s, mode='diffusion' if s['block'] else 'ar', batch=batch, requests=requests, repeats=repeats,
+                 tok_per_s=c['tokens'] / t, tokens_per_forward=c['tokens'] / c['forwards'],
+                 batch_tokens_per_forward=c['tokens'] / c['paid'], ms_per_request=1000 * t / requests,
+                 speedup=c['tokens'] / t / statistics.median(ar_rate), speedup_range=[min(speedups), max(speedups)],
+                 seconds_range=[min(sec), max(sec)], ms_per_step=ms_step, forward_ms=c['forward_ms'],
+                 step_overhead=ms_step / c['forward_ms'], **dict(zip(('R@1', 'validity', 'accuracy_from'), acc)))
+        print(f"batch {batch:3d} {r['stage']:4s} tau {str(r['tau']):4s} {r['tok_per_s']:8.0f} tok/s "
+              f"{r['tokens_per_forward']:5.2f} tok/fwd (batch {r['batch_tokens_per_forward']:5.2f}) "
+              f"{r['ms_per_step']:6.3f} ms/step = {r['step_overhead']:4.2f} x bare {r['forward_ms']:6.3f} "
+              f"speedup {r['speedup']:5.2f}x [{r['speedup_range'][0]:.2f}, {r['speedup_range'][1]:.2f}]")
+        rows.append(r)
+    return rows
 
 
 def main():
@@ -277,16 +334,7 @@ def main():
     taus = cfg.taus or ((0.6, 0.4) if cuda else ())
     vocab, test = data.vocab, data.splits['test']
     digests = {path: weights_digest(m) for path, (m, _) in models.items()}
-    settings, same_as = [{'ckpt': cfg.ar, 'stage': 'ar', 'block': 0, 'tau': None}], {}
-    for path, (_, ck) in list(models.items())[1:]:
-        earlier = [p for p in list(models)[1:list(models).index(path)] if digests[p] == digests[path]]
-        if earlier:  # kept its parent's weights: its speed is that of the parent, timed once
-            same_as[ck['stage']] = models[earlier[0]][1]['stage']
-            continue
-        for tau in dict.fromkeys((ck['run_cfg'].get('tau', 0.9),) + tuple(taus)):
-            settings.append({'ckpt': path, 'stage': ck['stage'], 'block': ck['run_cfg']['block'], 'tau': tau})
-    for stage, parent in same_as.items():
-        print(f"{stage}: the same weights as {parent}, not timed again")
+    settings, same_as = timed_settings(cfg.ar, models, digests, taus)
     block = max(s['block'] for s in settings)
     max_resp = -(-(max(len(r) for r in test.responses) + block) // block) * block
     n = min(len(test), max(cfg.n_b1, cfg.n_batched, max(batches)))
@@ -301,7 +349,7 @@ def main():
     for path, c in costs.items():
         print(f"{path}: forward_cost_ratio {c['forward_cost_ratio']:.2f} at B = {block} "
               f"(fused step, 2B tokens: {c['fused_forward_cost_ratio']:.2f}); ms {c['forward_ms']}")
-    rows, memo = [], {s['ckpt']: {} for s in settings}
+    rows = []
     for bs in batches:
         count = max(min(cfg.n_b1 if bs == 1 else cfg.n_batched, n), bs)
         starts = range(0, count - bs + 1, bs)
@@ -313,28 +361,7 @@ def main():
             print(f"batch {bs}: fewer than {bs} test prompts, skipped")
             continue
         seconds, counts = time_batch_size(models, settings, chunks, vocab, max_resp, cfg, cuda)
-        ar_rate = [counts[0]['tokens'] / t for t in seconds[0]]          # AR's tokens/s in each repeat
-        for s, sec, c, acc in zip(settings, seconds, counts, accuracy):
-            t = statistics.median(sec)
-            speedups = [c['tokens'] / x / a for x, a in zip(sec, ar_rate)]  # each repeat against AR's same repeat
-            fwd = step_costs(models[s['ckpt']][0], chunks, max_resp, s['block'] or 1, c['calls'], cfg.step_reps,
-                             memo[s['ckpt']])
-            ms_step = 1000 * t / len(c['calls'])
-            rows.append(dict(s, mode='diffusion' if s['block'] else 'ar', batch=bs, requests=len(chunks) * bs,
-                             repeats=cfg.repeats, tok_per_s=c['tokens'] / t,
-                             tokens_per_forward=c['tokens'] / c['forwards'],
-                             batch_tokens_per_forward=c['tokens'] / c['paid'],
-                             ms_per_request=1000 * t / (len(chunks) * bs),
-                             speedup=c['tokens'] / t / statistics.median(ar_rate),
-                             speedup_range=[min(speedups), max(speedups)],
-                             seconds_range=[min(sec), max(sec)], ms_per_step=ms_step, forward_ms=fwd,
-                             step_overhead=ms_step / fwd,
-                             **dict(zip(('R@1', 'validity', 'accuracy_from'), acc))))
-            r = rows[-1]
-            print(f"batch {bs:3d} {r['stage']:4s} tau {str(r['tau']):4s} {r['tok_per_s']:8.0f} tok/s "
-                  f"{r['tokens_per_forward']:5.2f} tok/fwd (batch {r['batch_tokens_per_forward']:5.2f}) "
-                  f"{r['ms_per_step']:6.3f} ms/step = {r['step_overhead']:4.2f} x bare {r['forward_ms']:6.3f} "
-                  f"speedup {r['speedup']:5.2f}x [{r['speedup_range'][0]:.2f}, {r['speedup_range'][1]:.2f}]")
+        rows += batch_rows(settings, seconds, counts, accuracy, bs, len(chunks) * bs, cfg.repeats)
     out = {'device': device_name(device), 'torch': torch.__version__, 'threads': torch.get_num_threads(),
            'commit': git_commit(), 'command': command_line(), 'config': asdict(cfg), 'block': block,
            'users': sample, 'weights': digests, 'same_weights_as': same_as, 'forward_cost': costs,

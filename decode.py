@@ -14,9 +14,9 @@ Writes results/eval_<name>.json: metrics, validity, floor, decode settings, and 
 """
 from dataclasses import dataclass
 
-from common import (parse_config, decoding_problem, device_problem, print_config, pick_device, device_name,
-                    load_checkpoint, write_json, git_commit, command_line, CheckpointError, results_path,
-                    weights_digest, results_problem)
+from common import (parse_config, decoding_problem, device_problem, print_config, pick_device, device_name, write_json,
+                    git_commit, command_line, results_path, results_problem)
+from checkpoints import load_checkpoint, CheckpointError, weights_digest
 from data_beauty import DataError
 from diffusion import convert
 from evaluation import evaluate, first_step_report, load_data_for, trace_report

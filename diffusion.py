@@ -231,6 +231,23 @@ def generate_ar(model, prompt, pad, max_new, vocab, runner=None):
     return out, first_eos_lengths(out, vocab)
 
 
+def predicting_hidden(run, first_h, cur, cols, flushed, n_keys, block):
+    """The hidden states that predict a block's tokens (n, block, C), and the new first_h (what predicts offset 0).
+
+    The token shift: offset 0 is predicted by the previous block's last column, offset j by column j - 1, so a
+    forward returns only those columns' hidden states (rows=). `flushed`: (tokens, columns, which rows) of
+    finished blocks, cached by this very forward as [finished block ; this block]; the rows with nothing to flush
+    feed their own block twice (both copies write the same keys and values; the first is not read)."""
+    if flushed is not None:
+        h = run(torch.cat([flushed[0], cur], 1), torch.cat([flushed[1], cols], 1), n_keys,
+                rows=slice(block - 1, 2 * block - 1))
+        first_h = torch.where(flushed[2], h[:, 0], first_h)
+        return torch.cat([first_h[:, None], h[:, 1:]], 1), first_h
+    if block > 1:
+        return torch.cat([first_h[:, None], run(cur, cols, n_keys, rows=slice(0, block - 1))], 1), first_h
+    return first_h[:, None], first_h                                    # B = 1, first block: the prefill predicted it
+
+
 @torch.no_grad()
 def generate_block(model, prompt, pad, max_resp, vocab, block, tau=0.9, k=0, temperature=0.0, generator=None,
                    runner=None, from_left=False):
@@ -238,12 +255,10 @@ def generate_block(model, prompt, pad, max_resp, vocab, block, tau=0.9, k=0, tem
 
     Inside a block, each step predicts every masked position at once and commits some of them (commit_rule).
     A finished block's keys/values are written by one more pass, fused with the next block's first step
-    ([finished block ; masked block] in one forward: the finished block's last position also predicts the new
-    block's first token). A row's block is done once every position left of a committed <eos> is committed (the
+    (predicting_hidden). A row's block is done once every position left of a committed <eos> is committed (the
     rest of that block stays masked); the row then moves to its next block at the next step, whatever the other
     rows are doing, and a row whose <eos> block is done leaves the batch. So a row writes, step for step, what it
-    writes decoded alone. In a step where some rows flush a finished block the batch forward is 2B wide; the
-    other rows feed their own block twice (both copies write the same keys and values; the first is not read).
+    writes decoded alone. A finished block's bookkeeping runs only in the steps where some row finishes one.
 
     Returns tokens (B, R), lengths (up to <eos>), steps (B, R: the step of its block at which each token was
     committed, 1-based; 0 = not decoded), logp (its log-probability then), per-row forward and token counts
@@ -252,77 +267,74 @@ def generate_block(model, prompt, pad, max_resp, vocab, block, tau=0.9, k=0, tem
     B, P = prompt.shape
     R, dev = max_resp, prompt.device
     assert R % block == 0, "the response length must be a multiple of the block size"
-    n_blocks = R // block
     run = runner or CachedForward(model, pad, P, R, block)              # the KV cache (and CUDA graphs)
     first_h = run(prompt, torch.arange(P, device=dev).expand(B, -1), P)[:, -1]   # predicts response token 0
-    # the outputs (conf: each token's probability when committed), and the same for the rows still decoding
-    # (`row`: which output row each of them is)
+    conf_dtype = torch.promote_types(first_h.dtype, torch.float32)
     out = dict(tokens=torch.full((B, R), vocab.mask, dtype=torch.long, device=dev),
                steps=torch.zeros((B, R), dtype=torch.long, device=dev),
-               conf=torch.zeros((B, R), device=dev, dtype=torch.promote_types(first_h.dtype, torch.float32)),
+               conf=torch.zeros((B, R), device=dev, dtype=conf_dtype),  # each token's probability when committed
                carried=torch.ones(B, dtype=torch.long, device=dev))     # forwards that carried the row (prefill: 1)
-    state, row = {key: value.clone() for key, value in out.items()}, torch.arange(B, device=dev)
-    blk = torch.zeros(B, dtype=torch.long, device=dev)                  # the block each row is decoding
-    cur = torch.full((B, block), vocab.mask, dtype=torch.long, device=dev)   # its tokens
-    open_ = torch.ones((B, block), dtype=torch.bool, device=dev)        # its masked positions left of any <eos>
-    flush = torch.zeros(B, dtype=torch.bool, device=dev)                # its previous block is not cached yet
-    step = torch.zeros(B, dtype=torch.long, device=dev)                 # steps taken in that block
-    offs = torch.arange(block, device=dev)
-    any_flush, top_blk = False, 0
+    # the rows still decoding: which output row each is, its block's columns, tokens, commit steps and
+    # confidences, its masked positions left of any <eos>, and the steps taken in that block
+    row, cols = torch.arange(B, device=dev), P + torch.arange(block, device=dev).expand(B, -1)
+    cur = torch.full((B, block), vocab.mask, dtype=torch.long, device=dev)
+    cur_steps, cur_conf = torch.zeros_like(cur), torch.zeros((B, block), device=dev, dtype=conf_dtype)
+    open_, step = torch.ones_like(cur, dtype=torch.bool), torch.zeros((B, 1), dtype=torch.long, device=dev)
+    flushed, forwards, n_keys = None, 0, P + block                      # n_keys: no query sees past its own block
     while True:
-        cols = blk[:, None] * block + offs                              # (n, block) response indices
-        n_keys = P + (top_blk + 1) * block                              # no query sees past its own block
-        # the token shift: offset 0 is predicted by the previous block's last column, offset j by column j - 1,
-        # so a forward returns only those columns' hidden states (rows=)
-        if any_flush:   # [previous block ; this block]: rows with nothing to flush feed their own block twice
-            before = cols - flush[:, None] * block
-            h = run(torch.cat([state['tokens'].gather(1, before), cur], 1), P + torch.cat([before, cols], 1), n_keys,
-                    rows=slice(block - 1, 2 * block - 1))               # (n, block, C)
-            first_h = torch.where(flush[:, None], h[:, 0], first_h)
-            pred = torch.cat([first_h[:, None], h[:, 1:]], 1)
-        elif block > 1:
-            pred = torch.cat([first_h[:, None], run(cur, P + cols, n_keys, rows=slice(0, block - 1))], 1)
-        else:
-            pred = first_h[:, None]                                     # B = 1, first block: the prefill predicted it
-        if any_flush or block > 1:
-            state['carried'] += 1
+        pred, first_h = predicting_hidden(run, first_h, cur, cols, flushed, n_keys, block)
+        forwards += flushed is not None or block > 1
+        flushed = None
         logits = model.head(pred, fp32=True)                            # (n, block, V)
         logits[..., vocab.mask] = -float('inf')
         tok, conf = choose_tokens(logits, temperature, generator)
         commit = commit_rule(conf, open_, tau, k, from_left)
         step += 1
-        cur = torch.where(commit, tok, cur)
-        state['tokens'].scatter_(1, cols, cur)
-        state['steps'].scatter_add_(1, cols, commit * step[:, None])
-        state['conf'].scatter_add_(1, cols, commit * conf)
-        # a row whose block has no open position left moves to its next block, or ends: after its <eos> block
+        cur, cur_steps, cur_conf = (torch.where(commit, new, old) for new, old in
+                                    ((tok, cur), (step, cur_steps), (conf, cur_conf)))
         is_eos = cur == vocab.eos
         open_ = (cur == vocab.mask) & (is_eos.cumsum(1) == 0)
         done = ~open_.any(1)
-        ends = done & (is_eos.any(1) | (blk == n_blocks - 1))
+        if not bool(done.any()):                                        # a host sync (a second one below)
+            continue
+        # some row finished its block: the block goes to the output; the row moves to its next block, or ends
+        at = (row[:, None], cols - P)                                   # (unfinished blocks: rewritten when done)
+        for key, value in (('tokens', cur), ('steps', cur_steps), ('conf', cur_conf)):
+            out[key][at] = value
+        ends = done & (is_eos.any(1) | (cols[:, -1] == P + R - 1))
         flush = done & ~ends
-        blk += flush
-        step *= ~done
-        cur = torch.where(flush[:, None], vocab.mask, cur)
-        open_ |= flush[:, None]
-        n_ended, any_flush, top_blk = torch.stack([ends.sum(), flush.any(), blk.max()]).tolist()  # one host sync
+        next_cols = cols + flush[:, None] * block
+        n_ended, any_flush, n_keys = torch.stack([ends.sum(), flush.any(), next_cols.max() + 1]).tolist()
+        if any_flush:
+            flushed, cols = (cur, cols, flush[:, None]), next_cols
+            cur = torch.where(flush[:, None], vocab.mask, cur)
+            cur_steps, cur_conf = (torch.where(flush[:, None], 0, z) for z in (cur_steps, cur_conf))
+            open_ = open_ | flush[:, None]
+        step = step * ~done[:, None]
         # rows that ended leave the batch; under CUDA graphs, which fix the batch's shape, they idle until every row
-        # has (an idle row ends again at every step, so n_ended counts it). top_blk still bounds the rows that stay.
+        # has (an idle row ends again at every step, so n_ended counts it). n_keys still bounds the rows that stay.
         if n_ended and (n_ended == len(cur) or not run.graphs):
             still = open_.any(1)
-            for key in out:
-                out[key].index_copy_(0, row[~still], state[key][~still])
+            out['carried'][row[~still]] = forwards + 1
             if n_ended == len(cur):
                 break
             stay = still.nonzero().squeeze(1)
             run.keep(stay)
-            state = {key: value[stay] for key, value in state.items()}
-            row, blk, cur, open_, flush, step, first_h = (z[stay] for z in (row, blk, cur, open_, flush, step, first_h))
+            row, cols, cur, cur_steps, cur_conf, open_, step, first_h = (
+                z[stay] for z in (row, cols, cur, cur_steps, cur_conf, open_, step, first_h))
+            if flushed is not None:
+                flushed = tuple(z[stay] for z in flushed)
+    return block_outputs(out, block, vocab)
+
+
+def block_outputs(out, block, vocab):
+    """generate_block's result from its output tensors: lengths, log-probabilities, forward and token counts."""
     tokens, steps = out['tokens'], out['steps']
+    B, R = tokens.shape
     lengths = first_eos_lengths(tokens, vocab)
-    live = torch.arange(R, device=dev)[None, :] < lengths[:, None]
-    block_steps = (steps * live).view(B, n_blocks, block).amax(2)     # each step commits a live token of its block
-    forwards = 1 + block_steps.sum(1) - int(block == 1)                   # the prefill; at B = 1 it predicts token 0
+    live = torch.arange(R, device=tokens.device)[None, :] < lengths[:, None]
+    block_steps = (steps * live).view(B, R // block, block).amax(2)     # each step commits a live token of its block
+    forwards = 1 + block_steps.sum(1) - int(block == 1)                 # the prefill; at B = 1 it predicts token 0
     return dict(tokens=tokens, lengths=lengths, steps=steps, logp=out['conf'].clamp(min=1e-30).log() * (steps > 0),
                 carried=out['carried'],
                 **count_by_kind(tokens, lengths, block_steps, forwards, block, vocab))

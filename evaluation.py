@@ -7,7 +7,8 @@ from dataclasses import dataclass, fields
 import numpy as np
 import torch
 
-from common import autocast, Timer, CheckpointError
+from common import autocast, Timer
+from checkpoints import CheckpointError
 from data_beauty import DataConfig, BeautyData, collate
 from reasoning import ROLES, answers_from, token_roles, trace_hits
 from metrics import (parse_answer, target_rank, metrics_from_ranks, floor_ranks, copies_incoming, first_is_floor_first,

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from common import (parse_config, decoding_problem, device_problem, print_config, pick_device, device_name, git_commit,
-                    load_checkpoint, write_json, results_path, results_problem, command_line, weights_digest, Timer,
-                    CheckpointError, project_path)
+                    write_json, results_path, results_problem, command_line, Timer, project_path)
+from checkpoints import load_checkpoint, weights_digest, CheckpointError
 from data_beauty import DataError
 from diffusion import convert
 from evaluation import Decoding, evaluate, load_data_for

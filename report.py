@@ -209,14 +209,9 @@ def seed_commits(folder):
         f"; this run: {commit(folder)}"
 
 
-def main(folder=None):
-    folder = folder or os.path.dirname(results_path('summary.json'))  # RESULTS_DIR, else the setting's folder
-    evals = test_evals(folder)
-    if not evals and not glob.glob(os.path.join(folder, 'seeds', '*', 'eval_*.json')):
-        where = 'does not exist' if not os.path.isdir(folder) else 'holds no test evaluation (eval_*.json)'
-        raise SystemExit(f"error: {folder} {where}: name a results folder (python report.py results/cpu), or "
-                         f"decode a checkpoint into it first (python decode.py --ckpt=out/ar.pt --name=ar)")
-    summary = {'accuracy': [], 'gains': [], 'speed': []}
+def accuracy_table(evals, summary):
+    """The accuracy table's lines, one row per evaluated system; fills summary's accuracy rows and each stage's
+    paired gains (over the stage before it, and its gap to AR)."""
     lines = ['| system | R@1 | R@3 | R@5 | N@3 | N@5 | validity | tokens/forward | copy share | conclusion | n |',
              '|---' * 11 + '|']
     for key, label, prev in ROWS:
@@ -242,53 +237,77 @@ def main(folder=None):
                 for k in ('R@1', 'N@3'):
                     g[k] = paired_bootstrap(ranks[:n], evals[vs]['per_user']['rank'][:n], k)
                 summary['gains'].append(g)
-    gain_lines = ['| stage | vs | n | R@1 diff [95% CI] | N@3 diff [95% CI] |', '|---|---|---|---|---|']
-    for g in summary['gains']:
-        gain_lines.append(f"| {g['name']} | {g['vs']} | {g['n']} | " + ' | '.join(
+    return lines
+
+
+def gain_table(gains):
+    lines = ['| stage | vs | n | R@1 diff [95% CI] | N@3 diff [95% CI] |', '|---|---|---|---|---|']
+    for g in gains:
+        lines.append(f"| {g['name']} | {g['vs']} | {g['n']} | " + ' | '.join(
             f"{g[k]['diff']:+.4f} [{g[k]['lo']:+.4f}, {g[k]['hi']:+.4f}]" for k in ('R@1', 'N@3')) + ' |')
-    speed_lines, bench = [], {'rows': []}
-    bench_path = os.path.join(folder, 'bench.json')
+    return lines
+
+
+def speed_table(bench):
+    """The speed table's lines from bench.json."""
+    lines = [f"device: {bench['device']}, torch {bench['torch']}, {bench.get('threads', '?')} threads, "
+             f"commit {bench['commit']}; forward_cost_ratio {bench['forward_cost_ratio']:.2f} at B = "
+             f"{bench['block']} (one forward over B new tokens / over one)", '',
+             '| decoding | checkpoint | batch | R@1 | validity | tok/s | tokens/forward (row / batch) | '
+             'ms per step (bare forward) | step overhead | speedup [range over repeats] |',
+             '|---' * 10 + '|']
+    for r in bench['rows']:
+        r1 = '' if r['R@1'] is None else f"{r['R@1']:.4f}"
+        val = '' if r['validity'] is None else f"{r['validity']:.3f}"
+        how = 'AR' if r['mode'] == 'ar' else f"B = {r['block']}, tau {r['tau']}"
+        lo, hi = r.get('speedup_range', (r['speedup'], r['speedup']))
+        step = (f"{r['ms_per_step']:.3f} ({r['forward_ms']:.3f}) | {r['step_overhead']:.2f}"
+                if 'step_overhead' in r else ' |')
+        lines.append(f"| {how} | {r['ckpt']} | {r['batch']} | {r1} | {val} | {r['tok_per_s']:.0f} | "
+                     f"{r['tokens_per_forward']:.2f} / {r.get('batch_tokens_per_forward', 0):.2f} | {step} | "
+                     f"{r['speedup']:.2f}x [{lo:.2f}, {hi:.2f}] |")
+    for stage, parent in bench.get('same_weights_as', {}).items():
+        lines.append(f"| | {stage}: the same weights as {parent} | | | | | | | | |")
+    return lines
+
+
+def seed_table(seed_rows):
+    lines = ['| system | seeds | R@1 mean (sd) | N@3 mean (sd) | validity mean (min) | vs | R@1 diff, mean | '
+             'N@3 diff, mean | R@1 - AR, mean [95% CI] | N@3 - AR, mean [95% CI] |', '|---' * 10 + '|']
+    for r in seed_rows:
+        diff = (f"| {r['vs']} | {r['R@1_diff_mean']:+.4f} | {r['N@3_diff_mean']:+.4f} |" if 'vs' in r else '| | | |')
+        diff += f" {gap_to_ar(r, 'R@1')} | {gap_to_ar(r, 'N@3')} |"
+        lines.append(f"| {r['label']} | {r['seeds']} | " + ' | '.join(
+            f"{r[k]['mean']:.4f} ({r[k]['std']:.4f})" for k in ('R@1', 'N@3')) +
+            f" | {r['validity']['mean']:.3f} ({r['validity']['min']:.3f}) {diff}")
+    return lines
+
+
+def main(folder=None):
+    folder = folder or os.path.dirname(results_path('summary.json'))  # RESULTS_DIR, else the setting's folder
+    evals = test_evals(folder)
+    if not evals and not glob.glob(os.path.join(folder, 'seeds', '*', 'eval_*.json')):
+        where = 'does not exist' if not os.path.isdir(folder) else 'holds no test evaluation (eval_*.json)'
+        raise SystemExit(f"error: {folder} {where}: name a results folder (python report.py results/cpu), or "
+                         f"decode a checkpoint into it first (python decode.py --ckpt=out/ar.pt --name=ar)")
+    summary = {'accuracy': [], 'gains': [], 'speed': []}
+    lines = accuracy_table(evals, summary)
+    bench, bench_path = {'rows': []}, os.path.join(folder, 'bench.json')
     if os.path.exists(bench_path):
         with open(bench_path) as f:
             bench = json.load(f)
         summary['speed'] = bench['rows']
-        speed_lines = [f"device: {bench['device']}, torch {bench['torch']}, {bench.get('threads', '?')} threads, "
-                       f"commit {bench['commit']}; forward_cost_ratio {bench['forward_cost_ratio']:.2f} at B = "
-                       f"{bench['block']} (one forward over B new tokens / over one)", '',
-                       '| decoding | checkpoint | batch | R@1 | validity | tok/s | tokens/forward (row / batch) | '
-                       'ms per step (bare forward) | step overhead | speedup [range over repeats] |',
-                       '|---' * 10 + '|']
-        for r in bench['rows']:
-            r1 = '' if r['R@1'] is None else f"{r['R@1']:.4f}"
-            val = '' if r['validity'] is None else f"{r['validity']:.3f}"
-            how = 'AR' if r['mode'] == 'ar' else f"B = {r['block']}, tau {r['tau']}"
-            lo, hi = r.get('speedup_range', (r['speedup'], r['speedup']))
-            step = (f"{r['ms_per_step']:.3f} ({r['forward_ms']:.3f}) | {r['step_overhead']:.2f}"
-                    if 'step_overhead' in r else ' |')
-            speed_lines.append(f"| {how} | {r['ckpt']} | {r['batch']} | {r1} | {val} | {r['tok_per_s']:.0f} | "
-                               f"{r['tokens_per_forward']:.2f} / {r.get('batch_tokens_per_forward', 0):.2f} | {step} | "
-                               f"{r['speedup']:.2f}x [{lo:.2f}, {hi:.2f}] |")
-        for stage, parent in bench.get('same_weights_as', {}).items():
-            speed_lines.append(f"| | {stage}: the same weights as {parent} | | | | | | | | |")
     summary['seeds'] = over_seeds(folder)
-    seed_lines = ['| system | seeds | R@1 mean (sd) | N@3 mean (sd) | validity mean (min) | vs | R@1 diff, mean | '
-                  'N@3 diff, mean | R@1 - AR, mean [95% CI] | N@3 - AR, mean [95% CI] |', '|---' * 10 + '|']
-    for r in summary['seeds']:
-        diff = (f"| {r['vs']} | {r['R@1_diff_mean']:+.4f} | {r['N@3_diff_mean']:+.4f} |" if 'vs' in r else '| | | |')
-        diff += f" {gap_to_ar(r, 'R@1')} | {gap_to_ar(r, 'N@3')} |"
-        seed_lines.append(f"| {r['label']} | {r['seeds']} | " + ' | '.join(
-            f"{r[k]['mean']:.4f} ({r[k]['std']:.4f})" for k in ('R@1', 'N@3')) +
-            f" | {r['validity']['mean']:.3f} ({r['validity']['min']:.3f}) {diff}")
     note = ("copy share: share of outputs whose first item is the pre-ranker's first (invalid ones count), on the "
             "users where that item is wrong; conclusion: share of outputs whose decoded <best> is the data's trace's "
             "(blank: no trace, or a file from before the record)")
     text = '\n'.join(['## Headline (test)', ''] + headline(summary, evals, bench) +
                      ['', '## Accuracy (test)', ''] + lines +
                      ['', note, '', '## Stage gains and gaps to AR (paired bootstrap)', ''] +
-                     gain_lines + (['', f'## Over seeds (seeds/<seed>/ beside these files; {seed_commits(folder)})', '']
-                                   + seed_lines
-                                   if summary['seeds'] else []) +
-                     (['', '## Speed', ''] + speed_lines if speed_lines else []) +
+                     gain_table(summary['gains']) +
+                     (['', f'## Over seeds (seeds/<seed>/ beside these files; {seed_commits(folder)})', '']
+                      + seed_table(summary['seeds']) if summary['seeds'] else []) +
+                     (['', '## Speed', ''] + speed_table(bench) if bench['rows'] else []) +
                      (['', '## The threshold and the frontier', ''] + fl if (fl := frontier_lines(folder)) else [])
                      ) + '\n'
     print(text)

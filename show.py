@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from common import (parse_config, device_problem, decoding_problem, pick_device, load_checkpoint, CheckpointError,
-                    check_data_matches, project_path)
+from common import parse_config, device_problem, decoding_problem, pick_device, project_path
+from checkpoints import load_checkpoint, CheckpointError, check_data_matches
 from data_beauty import DataError, collate
 from diffusion import generate_ar, generate_block
 from evaluation import load_data_for

@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import StageSettings, start_stage, autocast, device_name, load_checkpoint
+from common import StageSettings, start_stage, autocast, device_name
+from checkpoints import load_checkpoint
 from data_beauty import DataConfig, BeautyData, DataError, collate, history_lm_batches
 from reasoning import drill_decisions, loss_weights, trace_entries
 from evaluation import choice_accuracy, teacher_report

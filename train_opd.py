@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
-from common import (StageSettings, start_stage, same_file_problem, autocast, load_checkpoint, CheckpointError,
-                    check_data_matches)
+from common import StageSettings, start_stage, same_file_problem, autocast
+from checkpoints import load_checkpoint, CheckpointError, check_data_matches
 from data_beauty import collate
 from diffusion import live_tokens, replay_logits, forward_kl, left_to_right_steps, at_offsets
 from model import response_hidden

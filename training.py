@@ -22,9 +22,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common import (JsonlLog, save_checkpoint, plot_curves, git_commit, is_better, command_line, write_json,
-                    results_path, device_name, load_resume, save_resume, finish_resume, Interrupt, load_checkpoint,
-                    CheckpointError)
+from common import (JsonlLog, plot_curves, git_commit, is_better, command_line, write_json, results_path, device_name,
+                    Interrupt)
+from checkpoints import save_checkpoint, load_resume, save_resume, finish_resume, load_checkpoint, CheckpointError
 from data_beauty import DataError
 from diffusion import convert, diffusion_loss
 from evaluation import Decoding, evaluate, load_data_for

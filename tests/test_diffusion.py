@@ -10,7 +10,7 @@ from data_beauty import collate
 from diffusion import (generate_ar, bd3_columns, bd3_hidden, commit_rule, convert, diffusion_loss, generate_block,
                        first_eos_lengths, loss_region, noise_blocks, replay_hidden, left_to_right_steps,
                        token_logprobs, permutation_validity_loss, forward_kl, predicting_columns)
-from reasoning import loss_weights, token_roles, ROLES
+from reasoning import loss_weights
 from train_ar import ar_response_loss
 
 

@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from common import save_checkpoint, load_checkpoint, CheckpointError
+from checkpoints import save_checkpoint, load_checkpoint, CheckpointError
 from conftest import tiny_model
 from data_beauty import collate
 from diffusion import generate_ar
@@ -219,7 +219,7 @@ def test_trace_report_by_hand(tiny_data, monkeypatch):
 def test_checkpoints_of_other_data_are_not_read_together():
     """check_data_matches: one protocol setting or one digest apart is refused, naming the checkpoint; where the
     data lies is not part of it."""
-    from common import check_data_matches
+    from checkpoints import check_data_matches
     mine = {'run_cfg': {'data': {'n_cand': 10, 'trace': True, 'data_dir': 'a'}, 'data_digests': {'split': 'x'}}}
     check_data_matches(mine, {'data': {'n_cand': 10, 'trace': True, 'data_dir': 'b'}, 'data_digests': {'split': 'x'}},
                        'out/ar.pt')
@@ -233,7 +233,7 @@ def test_a_run_of_another_config_is_set_aside(tiny_data, tmp_path):
     """A stage started with another configuration than the run whose files sit at its --out: the old checkpoint,
     record and resume state are renamed to <name>.prev.*, nothing is deleted; the same configuration leaves
     them in place (it resumes or overwrites its own run)."""
-    from common import load_resume, save_resume
+    from checkpoints import load_resume, save_resume
     from training import make_optimizer
     model = tiny_model(tiny_data.vocab)
     opt = make_optimizer(model, 1e-3, 0.0)

@@ -94,7 +94,7 @@ def test_naive_conversion_decodes_the_model_cft_starts_from(pipeline):
     """decode.py on an AR checkpoint with a block size converts it as train_cft does (the mask token's
     embedding), so the naive row is CFT's step 0; --teacher_forced adds the trace's judgements."""
     import json
-    from common import load_checkpoint
+    from checkpoints import load_checkpoint
     from evaluation import Decoding, evaluate, load_data_for
     from diffusion import convert
     cwd, data = pipeline
@@ -137,7 +137,7 @@ def test_the_off_policy_control_distils_on_the_teachers_own_samples(pipeline):
 def test_a_stage_takes_its_parents_validation_where_decoded_the_same_way(pipeline):
     """OPD's step 0 is the CFT model it starts from: where CFT validated that model with the same decoding, its
     record is taken, not decoded again, and it equals a fresh decoding; at another tau the model is decoded."""
-    from common import load_checkpoint
+    from checkpoints import load_checkpoint
     from evaluation import Decoding, evaluate, load_data_for
     cwd, data = pipeline
     start = next(json.loads(line) for line in open(os.path.join(cwd, 'out', 'log_opd.jsonl')) if 'val_R1' in line)
@@ -577,8 +577,7 @@ def test_bench_reports_the_step_beside_its_bare_forward(pipeline):
     planted.update(ckpt='out/cft.pt', weights='0' * 16, metrics=dict(planted['metrics'], **{'R@1': 0.999}))
     with open(os.path.join(cwd, 'results', 'eval_planted.json'), 'w') as f:
         json.dump(planted, f)
-    p = run('bench.py', cwd, data, '--batches=(1, 2)', '--n_b1=2', '--n_batched=4', '--repeats=2', '--cost_reps=2',
-            '--step_reps=2')
+    p = run('bench.py', cwd, data, '--batches=(1, 2)', '--n_b1=2', '--n_batched=4', '--repeats=2', '--cost_reps=2')
     assert p.returncode == 0, p.stderr[-3000:]
     out = json.load(open(os.path.join(cwd, 'results', 'bench.json')))
     stages = {r['stage'] for r in out['rows']}
