@@ -110,8 +110,9 @@ class BareForwards:
     """The forwards of the timed decodes replayed alone: each call's shape (rows, width, columns read, returned
     rows, prompt width) run with the head over a cache holding the prompts (of that width), nothing around it.
     A shape's cost is the architecture's, not the weights' (keyed by the model's config and block), so that two
-    checkpoints of one architecture share it. time_each() times every shape added so far once; bench calls it in
-    every repeat right after the decodes, so that a slow minute of a shared machine hits both alike."""
+    checkpoints of one architecture share it. time_each() times every shape added so far once (after one untimed
+    call, which warms its cache as a decode's previous step does); bench calls it in every repeat right after the
+    decodes, so that a slow minute of a shared machine hits both alike."""
 
     def __init__(self, chunks, max_resp):
         self.by_width = {c['prompt'].shape[1]: c for c in chunks}       # a chunk of each prompt width
@@ -142,14 +143,12 @@ class BareForwards:
             rows = None if kept is None else slice(*kept)
             sync = torch.cuda.synchronize if dev.type == 'cuda' else (lambda: None)
             with autocast(dev):
-                if key not in self.seconds:                             # a shape's first call is not timed
-                    model.head(run(idx, cols, n_keys, rows), fp32=True)
-                    self.seconds[key] = []
+                model.head(run(idx, cols, n_keys, rows), fp32=True)
                 sync()
                 t0 = time.perf_counter()
                 model.head(run(idx, cols, n_keys, rows), fp32=True)
                 sync()
-                self.seconds[key].append(time.perf_counter() - t0)
+                self.seconds.setdefault(key, []).append(time.perf_counter() - t0)
 
     def ms(self, model, block, calls):
         """Mean over a decode's calls of each shape's median time, in ms."""
