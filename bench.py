@@ -118,9 +118,13 @@ class BareForwards:
         self.by_width = {c['prompt'].shape[1]: c for c in chunks}       # a chunk of each prompt width
         self.max_resp, self.runners, self.shapes, self.seconds = max_resp, {}, {}, {}
 
+    @staticmethod
+    def key(model, block, call):
+        return repr(model.config), block, call
+
     def add(self, model, block, calls):
         for call in set(calls):
-            self.shapes.setdefault((repr(model.config), block, call), (model, block, call))
+            self.shapes.setdefault(self.key(model, block, call), (model, block, call))
 
     def runner(self, model, block, n, P):
         """A runner over the first n prompts of width P, its cache filled with them (one per architecture)."""
@@ -152,7 +156,7 @@ class BareForwards:
 
     def ms(self, model, block, calls):
         """Mean over a decode's calls of each shape's median time, in ms."""
-        median = {call: statistics.median(self.seconds[repr(model.config), block, call]) for call in set(calls)}
+        median = {call: statistics.median(self.seconds[self.key(model, block, call)]) for call in set(calls)}
         return 1000 * sum(median[call] for call in calls) / len(calls)
 
 
@@ -278,12 +282,11 @@ def time_batch_size(models, settings, chunks, vocab, max_resp, cfg, cuda):
             seconds[i].append(sum(o[4] for o in out))
             calls = [call for run in dict.fromkeys(runs) for call in run.calls]
             counts[i] = dict(tokens=sum(int(o[1].sum()) for o in out), forwards=sum(int(o[2].sum()) for o in out),
-                             paid=sum(o[3] for o in out), calls=len(calls))
+                             paid=sum(o[3] for o in out), calls=calls)
             bare.add(models[s['ckpt']][0], s['block'] or 1, calls)
         bare.time_each()
-    for s, c, runs in zip(settings, counts, runners):
-        calls = [call for run in dict.fromkeys(runs) for call in run.calls]
-        c['forward_ms'] = bare.ms(models[s['ckpt']][0], s['block'] or 1, calls)
+    for s, c in zip(settings, counts):
+        c['forward_ms'] = bare.ms(models[s['ckpt']][0], s['block'] or 1, c['calls'])
     return seconds, counts
 
 
@@ -308,7 +311,7 @@ def batch_rows(settings, seconds, counts, accuracy, batch, requests, repeats):
     for s, sec, c, acc in zip(settings, seconds, counts, accuracy):
         t = statistics.median(sec)
         speedups = [c['tokens'] / x / a for x, a in zip(sec, ar_rate)]  # each repeat against AR's same repeat
-        ms_step = 1000 * t / c['calls']
+        ms_step = 1000 * t / len(c['calls'])
         r = dict(s, mode='diffusion' if s['block'] else 'ar', batch=batch, requests=requests, repeats=repeats,
                  tok_per_s=c['tokens'] / t, tokens_per_forward=c['tokens'] / c['forwards'],
                  batch_tokens_per_forward=c['tokens'] / c['paid'], ms_per_request=1000 * t / requests,
