@@ -35,7 +35,7 @@ from dataclasses import dataclass, asdict
 import numpy as np
 import torch
 
-from common import (parse_config, device_problem, print_config, pick_device, autocast, device_name, write_json,
+from common import (parse_config, threshold_label, device_problem, print_config, pick_device, autocast, device_name, write_json,
                     git_commit, command_line, results_path, project_path, Timer)
 from checkpoints import load_checkpoint, CheckpointError, weights_digest
 from data_beauty import DataError, collate
@@ -51,6 +51,7 @@ class BenchConfig:
     data_dir: str = 'data/beauty'
     batches: tuple = ()          # () = (1, 16, 64) on a CPU, (1, 16, 128) with CUDA
     taus: tuple = ()             # besides each checkpoint's own tau; () = (0.6, 0.4) with CUDA, none on a CPU
+    tau_slot: float = 0.0        # > 0: at `taus`, a list slot (judgement, answer item) commits at this threshold
     n_b1: int = 64               # requests timed at batch 1
     n_batched: int = 128         # requests timed at every larger batch (the largest batch takes at least one)
     repeats: int = 5
@@ -65,8 +66,8 @@ class BenchConfig:
             return "--repeats, --n_b1, --n_batched and --cost_reps must be >= 1"
         if any(b < 1 for b in self.batches):
             return f"--batches={self.batches}: batch sizes are >= 1"
-        if any(not 0 < t <= 1 for t in self.taus):
-            return f"--taus={self.taus}: thresholds lie in (0, 1]"
+        if any(not 0 < t <= 1 for t in self.taus) or not 0 <= self.tau_slot <= 1:
+            return f"--taus={self.taus} --tau_slot={self.tau_slot}: thresholds lie in (0, 1] (tau_slot 0: none)"
         return device_problem(self.device)
 
 
@@ -185,7 +186,7 @@ def forward_cost_ratio(model, batch, block, max_resp, reps):
 
 def commit_settings(setting):
     """generate_block's commit rule of a bench setting: the threshold rule, committed by confidence."""
-    return {'tau': setting['tau']} if setting['block'] else {}
+    return {'tau': setting['tau'], 'tau_slot': setting['tau_slot']} if setting['block'] else {}
 
 
 def matching_eval(setting, weights, n_test):
@@ -197,7 +198,8 @@ def matching_eval(setting, weights, n_test):
         d = r.get('decode') or {}
         if (r.get('weights') == weights and r.get('split') == 'test' and r.get('n') == n_test
                 and (d.get('block') or 0) == setting['block'] and not d.get('from_left') and not d.get('k')
-                and (setting['block'] == 0 or d.get('tau') == setting['tau'])):
+                and (setting['block'] == 0
+                     or (d.get('tau'), d.get('tau_slot')) == (setting['tau'], setting['tau_slot']))):
             return r['metrics']['R@1'], r['validity'], os.path.basename(path)
     return None
 
@@ -208,7 +210,7 @@ def plot(rows, path):
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for bs in sorted({r['batch'] for r in rows}):
-        pts = sorted((r['speedup'], r['R@1'], f"{r['stage']} {r['tau']}") for r in rows
+        pts = sorted((r['speedup'], r['R@1'], f"{r['stage']} {threshold_label(r)}") for r in rows
                      if r['batch'] == bs and r['mode'] == 'diffusion' and r['R@1'] is not None)
         if pts:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], 'o', label=f"batch {bs}")
@@ -253,10 +255,12 @@ def accuracy_of(setting, model, weights, data, device):
     else decoded here."""
     found = matching_eval(setting, weights, len(data.splits['test']))
     if found is None:
-        dcfg = Decoding(block=setting['block'], tau=setting['tau'] or 0.9, batch_size=64)
+        dcfg = Decoding(block=setting['block'], tau=setting['tau'] or 0.9, tau_slot=setting['tau_slot'] or 0.0,
+                        batch_size=64)
         res, _ = evaluate(model, data, 'test', dcfg, device)
         found = (res['metrics']['R@1'], res['validity'], 'decoded here')
-    print(f"accuracy {setting['stage']} tau {setting['tau']}: R@1 {found[0]:.4f} validity {found[1]:.4f} ({found[2]})")
+    print(f"accuracy {setting['stage']} {threshold_label(setting)}: R@1 {found[0]:.4f} validity {found[1]:.4f} "
+          f"({found[2]})")
     return found
 
 
@@ -290,18 +294,20 @@ def time_batch_size(models, settings, chunks, vocab, max_resp, cfg, cuda):
     return seconds, counts
 
 
-def timed_settings(ar_path, models, digests, taus):
+def timed_settings(ar_path, models, digests, taus, tau_slot=0.0):
     """The settings to time: AR, then each diffusion checkpoint at its own tau and at `taus`, except one whose
     weights are an earlier checkpoint's (RL that kept its start): its speed is that one's, timed once."""
-    settings, same_as = [{'ckpt': ar_path, 'stage': 'ar', 'block': 0, 'tau': None}], {}
+    settings, same_as = [{'ckpt': ar_path, 'stage': 'ar', 'block': 0, 'tau': None, 'tau_slot': None}], {}
     for path, (_, ck) in list(models.items())[1:]:
         earlier = [p for p in list(models)[1:list(models).index(path)] if digests[p] == digests[path]]
         if earlier:
             same_as[ck['stage']] = models[earlier[0]][1]['stage']
             print(f"{ck['stage']}: the same weights as {same_as[ck['stage']]}, not timed again")
             continue
-        for tau in dict.fromkeys((ck['run_cfg'].get('tau', 0.9),) + tuple(taus)):
-            settings.append({'ckpt': path, 'stage': ck['stage'], 'block': ck['run_cfg']['block'], 'tau': tau})
+        own = (ck['run_cfg'].get('tau', 0.9), None)
+        for tau, slot in dict.fromkeys((own,) + tuple((t, tau_slot or None) for t in taus)):
+            settings.append({'ckpt': path, 'stage': ck['stage'], 'block': ck['run_cfg']['block'], 'tau': tau,
+                             'tau_slot': slot})
     return settings, same_as
 
 
@@ -318,7 +324,7 @@ def batch_rows(settings, seconds, counts, accuracy, batch, requests, repeats):
                  speedup=c['tokens'] / t / statistics.median(ar_rate), speedup_range=[min(speedups), max(speedups)],
                  seconds_range=[min(sec), max(sec)], ms_per_step=ms_step, forward_ms=c['forward_ms'],
                  step_overhead=ms_step / c['forward_ms'], **dict(zip(('R@1', 'validity', 'accuracy_from'), acc)))
-        print(f"batch {batch:3d} {r['stage']:4s} tau {str(r['tau']):4s} {r['tok_per_s']:8.0f} tok/s "
+        print(f"batch {batch:3d} {r['stage']:4s} {threshold_label(r):18s} {r['tok_per_s']:8.0f} tok/s "
               f"{r['tokens_per_forward']:5.2f} tok/fwd (batch {r['batch_tokens_per_forward']:5.2f}) "
               f"{r['ms_per_step']:6.3f} ms/step = {r['step_overhead']:4.2f} x bare {r['forward_ms']:6.3f} "
               f"speedup {r['speedup']:5.2f}x [{r['speedup_range'][0]:.2f}, {r['speedup_range'][1]:.2f}]")
@@ -336,7 +342,7 @@ def main():
     taus = cfg.taus or ((0.6, 0.4) if cuda else ())
     vocab, test = data.vocab, data.splits['test']
     digests = {path: weights_digest(m) for path, (m, _) in models.items()}
-    settings, same_as = timed_settings(cfg.ar, models, digests, taus)
+    settings, same_as = timed_settings(cfg.ar, models, digests, taus, cfg.tau_slot)
     block = max(s['block'] for s in settings)
     max_resp = -(-(max(len(r) for r in test.responses) + block) // block) * block
     n = min(len(test), max(cfg.n_b1, cfg.n_batched, max(batches)))

@@ -164,13 +164,22 @@ def stopped_before_training(signum, frame):
                      "rerun the same command to start it")
 
 
-def decoding_problem(block, tau, k):
+def threshold_label(setting):
+    """A decoding threshold in words, from a record with 'tau' and perhaps 'tau_slot': 'tau 0.9', or 'tau 0.3,
+    slots 0.9' where the list slots commit at a threshold of their own."""
+    return f"tau {setting['tau']}" + (f", slots {setting['tau_slot']}" if setting.get('tau_slot') else '')
+
+
+def decoding_problem(block, tau, k, tau_slot=0.0):
     """What is wrong with a decoding setting, or None: B >= 0 (0 = AR), k >= 0, and for the threshold rule
-    0 < tau <= 1 (tau > 1 would commit one token per step: say --k=1)."""
+    0 < tau <= 1 (tau > 1 would commit one token per step: say --k=1) and 0 <= tau_slot <= 1 (0: the slots too
+    at tau)."""
     if block < 0 or k < 0:
         return f"--block={block} --k={k}: both must be >= 0 (block 0 decodes autoregressively)"
     if k == 0 and not 0 < tau <= 1:
         return f"--tau={tau}: the confidence threshold lies in (0, 1]; one token per step is --k=1"
+    if not 0 <= tau_slot <= 1 or (tau_slot and k):
+        return f"--tau_slot={tau_slot}: a threshold in (0, 1] for the threshold rule (--k=0), or 0 for none"
     return None
 
 

@@ -30,6 +30,7 @@ class DecodeConfig:
     data_dir: str = 'data/beauty'
     block: int = 0              # 0: autoregressive decoding; B >= 1: block diffusion with blocks of B tokens
     tau: float = 0.9            # diffusion: commit every masked position with confidence >= tau (at least one)
+    tau_slot: float = 0.0       # diffusion, > 0: a list slot (a judgement, an answer item) needs this instead of tau
     k: int = 0                  # diffusion: if > 0, commit exactly the k most confident per step instead
     from_left: bool = False     # diffusion: commit in position order from the leftmost masked (diffusion.commit_rule)
     teacher_forced: bool = False  # also score the trace's judgements on the gold traces (trace_report; slow on a CPU)
@@ -44,7 +45,7 @@ class DecodeConfig:
             return f"--split={self.split!r}: use valid (selection) or test (the reported tables)"
         if self.limit < 0 or self.batch_size < 1:
             return f"--limit={self.limit} --batch_size={self.batch_size}: limit >= 0 (0 = all), batch_size >= 1"
-        return (device_problem(self.device) or decoding_problem(self.block, self.tau, self.k)
+        return (device_problem(self.device) or decoding_problem(self.block, self.tau, self.k, self.tau_slot)
                 or (results_problem() if self.name else None))
 
 

@@ -185,8 +185,8 @@ def choose_tokens(logits, temperature, generator):
 
 
 def commit_rule(conf, masked, tau, k, from_left=False):
-    """Which masked positions to commit this step: every one with confidence >= tau and at least the most
-    confident (Fast-dLLM threshold rule), or the k most confident (static k).
+    """Which masked positions to commit this step: every one with confidence >= tau (a number, or one per
+    position) and at least the most confident (Fast-dLLM threshold rule), or the k most confident (static k).
 
     from_left: commit in position order instead: the run of positions with confidence >= tau that starts at the
     leftmost masked position, or that position alone (static k: the k leftmost). The threshold rule commits any
@@ -250,32 +250,31 @@ def predicting_hidden(run, first_h, cur, cols, flushed, n_keys, block):
 
 @torch.no_grad()
 def generate_block(model, prompt, pad, max_resp, vocab, block, tau=0.9, k=0, temperature=0.0, generator=None,
-                   runner=None, from_left=False):
+                   runner=None, from_left=False, tau_slot=None):
     """Block-by-block decoding over a KV cache of the prompt and finished blocks, each row at its own pace.
 
-    Inside a block, each step predicts every masked position at once and commits some of them (commit_rule).
-    A finished block's keys/values are written by one more pass, fused with the next block's first step
-    (predicting_hidden). A row's block is done once every position left of a committed <eos> is committed (the
-    rest of that block stays masked); the row then moves to its next block at the next step, whatever the other
-    rows are doing, and a row whose <eos> block is done leaves the batch. So a row writes, step for step, what it
-    writes decoded alone. A finished block's bookkeeping runs only in the steps where some row finishes one.
+    Inside a block, each step predicts every masked position at once and commits some of them (commit_rule; with
+    tau_slot, a prediction that is a list slot, a judgement or an answer item, needs tau_slot instead of tau). A
+    finished block's keys/values are written by one more pass, fused with the next block's first step. A row's
+    block is done once every position left of a committed <eos> is committed (the rest stays masked); the row
+    then moves to its next block at the next step, whatever the other rows are doing, and a row whose <eos> block
+    is done leaves the batch: it writes what it writes decoded alone.
 
-    Returns tokens (B, R), lengths (up to <eos>), steps (B, R: the step of its block at which each token was
-    committed, 1-based; 0 = not decoded), logp (its log-probability then), per-row forward and token counts
-    (total, trace blocks, answer blocks), and `carried`: the forwards the batch ran while each row was in it
-    (its own forwards, and under CUDA graphs those after its end too; their sum is what the batch paid for)."""
-    B, P = prompt.shape
-    R, dev = max_resp, prompt.device
+    Returns tokens (B, R), lengths (up to <eos>), steps (B, R: the 1-based step of its block at which each token
+    was committed; 0 = not decoded), logp (its log-probability then), per-row forward and token counts (total,
+    trace blocks, answer blocks), and `carried`: the forwards the batch ran while each row was in it (under CUDA
+    graphs those after its end too): their sum is what the batch paid for."""
+    (B, P), R, dev = prompt.shape, max_resp, prompt.device
     assert R % block == 0, "the response length must be a multiple of the block size"
     run = runner or CachedForward(model, pad, P, R, block)              # the KV cache (and CUDA graphs)
     first_h = run(prompt, torch.arange(P, device=dev).expand(B, -1), P)[:, -1]   # predicts response token 0
-    conf_dtype = torch.promote_types(first_h.dtype, torch.float32)
+    conf_dtype = torch.promote_types(first_h.dtype, torch.float32)      # fp32, fp64 in the gradient checks
     out = dict(tokens=torch.full((B, R), vocab.mask, dtype=torch.long, device=dev),
                steps=torch.zeros((B, R), dtype=torch.long, device=dev),
                conf=torch.zeros((B, R), device=dev, dtype=conf_dtype),  # each token's probability when committed
                carried=torch.ones(B, dtype=torch.long, device=dev))     # forwards that carried the row (prefill: 1)
-    # the rows still decoding: which output row each is, its block's columns, tokens, commit steps and
-    # confidences, its masked positions left of any <eos>, and the steps taken in that block
+    # per row still decoding: its output row; its block's columns, tokens, commit steps, confidences, masked
+    # positions left of any <eos>, and the steps taken in it
     row, cols = torch.arange(B, device=dev), P + torch.arange(block, device=dev).expand(B, -1)
     cur = torch.full((B, block), vocab.mask, dtype=torch.long, device=dev)
     cur_steps, cur_conf = torch.zeros_like(cur), torch.zeros((B, block), device=dev, dtype=conf_dtype)
@@ -284,11 +283,11 @@ def generate_block(model, prompt, pad, max_resp, vocab, block, tau=0.9, k=0, tem
     while True:
         pred, first_h = predicting_hidden(run, first_h, cur, cols, flushed, n_keys, block)
         forwards += flushed is not None or block > 1
-        flushed = None
-        logits = model.head(pred, fp32=True)                            # (n, block, V)
+        flushed, logits = None, model.head(pred, fp32=True)             # (n, block, V)
         logits[..., vocab.mask] = -float('inf')
         tok, conf = choose_tokens(logits, temperature, generator)
-        commit = commit_rule(conf, open_, tau, k, from_left)
+        at = tau if tau_slot is None else torch.where(vocab.is_slot(tok), tau_slot, tau)  # each prediction's bar
+        commit = commit_rule(conf, open_, at, k, from_left)
         step += 1
         cur, cur_steps, cur_conf = (torch.where(commit, new, old) for new, old in
                                     ((tok, cur), (step, cur_steps), (conf, cur_conf)))
@@ -297,10 +296,10 @@ def generate_block(model, prompt, pad, max_resp, vocab, block, tau=0.9, k=0, tem
         done = ~open_.any(1)
         if not bool(done.any()):                                        # a host sync (a second one below)
             continue
-        # some row finished its block: the block goes to the output; the row moves to its next block, or ends
-        at = (row[:, None], cols - P)                                   # (unfinished blocks: rewritten when done)
+        # some row finished its block: the block goes to the output (an unfinished one's is rewritten when done);
+        # the row moves to its next block, or ends
         for key, value in (('tokens', cur), ('steps', cur_steps), ('conf', cur_conf)):
-            out[key][at] = value
+            out[key][row[:, None], cols - P] = value
         ends = done & (is_eos.any(1) | (cols[:, -1] == P + R - 1))
         flush = done & ~ends
         next_cols = cols + flush[:, None] * block

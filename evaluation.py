@@ -20,9 +20,11 @@ from model import response_hidden
 @dataclass
 class Decoding:
     """How a split is decoded: AR (block 0) or block diffusion (block, threshold tau or static k, commit order),
-    greedy; batch size and an optional limit on the instances."""
+    greedy; batch size and an optional limit on the instances. tau_slot > 0: a list slot (a judgement or an answer
+    item) commits at this threshold, every other token at tau (diffusion.generate_block)."""
     block: int = 0
     tau: float = 0.9
+    tau_slot: float = 0.0
     k: int = 0
     from_left: bool = False
     batch_size: int = 256
@@ -50,7 +52,7 @@ def decode_split(model, data, split, cfg, device, max_new=None):
             else:
                 max_r = -(-max_resp // cfg.block) * cfg.block
                 res = generate_block(model, batch['prompt'], batch['pad'], max_r, vocab, block=cfg.block,
-                                     tau=cfg.tau, k=cfg.k, from_left=cfg.from_left)
+                                     tau=cfg.tau, k=cfg.k, from_left=cfg.from_left, tau_slot=cfg.tau_slot or None)
                 out, lengths = res['tokens'], res['lengths']
                 for key in stats:
                     stats[key] += int(res[key].sum())
@@ -103,6 +105,7 @@ def evaluate(model, data, split_name, cfg, device, max_new=None):
            'floor': metrics_from_ranks(floor_ranks(split)[:n]),
            'decode': {'mode': 'ar' if cfg.block <= 0 else 'diffusion', 'block': cfg.block or None,
                       'tau': cfg.tau if cfg.block > 0 and cfg.k <= 0 else None, 'k': cfg.k if cfg.block > 0 else None,
+                      'tau_slot': cfg.tau_slot if cfg.block > 0 and cfg.k <= 0 and cfg.tau_slot else None,
                       'from_left': cfg.from_left if cfg.block > 0 else None, 'greedy': True},
            'copy_share': copy_share(firsts, split.target[:n]), 'seconds': round(timer(), 2),
            'per_user': {'user': [int(u) for u in split.users[:n]], 'rank': ranks, 'valid': valid, 'copy': copies,

@@ -2,6 +2,7 @@
 
     python frontier.py --split=valid --stages=rl --choose=True   # the table's threshold t*, chosen on validation
     python frontier.py                                           # test: naive, CFT, OPD, RL at every threshold
+    python frontier.py --tau_slots="(0.9, 0.8)"                  # + the list slots at 0.9, 0.8, the rest at 0.3
 
 --choose=True writes results/tstar.json (results/cpu/ without CUDA): the fastest threshold at which the first
 stage's validation R@1 is within PARITY_MARGIN of AR's with validity >= MIN_VALIDITY (choose_tstar says what
@@ -10,13 +11,16 @@ validity, tokens per forward, copy share, R@1 over the valid outputs only) and f
 per forward, AR and the floor as lines, thresholds with invalid outputs marked), and per stage its parity TPF:
 the most tokens per forward at which its test R@1 is within PARITY_TPF_MARGIN of AR's with validity >= 0.99.
 A stage name is its checkpoint out/<name>.pt; `naive` is the AR teacher (out/ar.pt) block decoded.
+With --tau_slots, each stage is also decoded with two thresholds: a list slot (a judgement, an answer item)
+commits at each of tau_slots, every other token at --rest_tau (FINDINGS.md: the judgements, not the sums, are
+what goes wrong when a block commits at a low threshold); t* is then the fastest setting of either kind.
 """
 import os
 from dataclasses import dataclass
 
 import numpy as np
 
-from common import (parse_config, decoding_problem, device_problem, print_config, pick_device, device_name, git_commit,
+from common import (parse_config, decoding_problem, threshold_label, device_problem, print_config, pick_device, device_name, git_commit,
                     write_json, results_path, results_problem, command_line, Timer, project_path)
 from checkpoints import load_checkpoint, weights_digest, CheckpointError
 from data_beauty import DataError
@@ -34,6 +38,8 @@ class FrontierConfig:
     split: str = 'test'
     stages: str = 'naive,cft,opd,rl'  # comma-separated; each out/<name>.pt (naive: out/ar.pt)
     taus: tuple = GRID
+    tau_slots: tuple = ()       # the list slots' thresholds of the two-threshold settings (every other token: rest_tau)
+    rest_tau: float = 0.3
     choose: bool = False        # valid: write tstar.json for the first stage instead of the frontier
     block: int = 16             # naive's block (a trained stage decodes at its own)
     data_dir: str = 'data/beauty'
@@ -47,8 +53,9 @@ class FrontierConfig:
             return "--choose=True picks the threshold on validation: add --split=valid"
         if not self.stages.strip(',') or not self.taus:
             return f"--stages={self.stages} --taus={self.taus}: name at least one of each"
+        settings = [(t, 0.0) for t in self.taus] + [(self.rest_tau, s) for s in self.tau_slots]
         return (device_problem(self.device) or results_problem()
-                or next(filter(None, (decoding_problem(self.block, t, 0) for t in self.taus)), None))
+                or next(filter(None, (decoding_problem(self.block, t, 0, s or 0.0) for t, s in settings)), None))
 
 
 def load_stage(name, cfg, device):
@@ -104,15 +111,18 @@ def plot(rows, ar, floor, path):
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for stage in dict.fromkeys(r['stage'] for r in rows):
-        mine = sorted((r for r in rows if r['stage'] == stage), key=lambda r: r['tokens_per_forward'])
+    for stage, two in dict.fromkeys((r['stage'], bool(r.get('tau_slot'))) for r in rows):
+        mine = sorted((r for r in rows if r['stage'] == stage and bool(r.get('tau_slot')) == two),
+                      key=lambda r: r['tokens_per_forward'])
         x, y = [r['tokens_per_forward'] for r in mine], [r['R@1'] for r in mine]
-        line, = ax.plot(x, y, marker='o', label=stage)
+        line, = ax.plot(x, y, marker='s' if two else 'o', ls='--' if two else '-',
+                        label=f"{stage}, slots apart (rest at {mine[0]['tau']})" if two else stage)
         bad = [r for r in mine if r['validity'] < MIN_VALIDITY]  # invalid outputs: a hollow ring, their share
         ax.scatter([r['tokens_per_forward'] for r in bad], [r['R@1'] for r in bad], s=140, facecolors='none',
                    edgecolors=line.get_color(), lw=1.2)
         for r in mine:
-            note = f"{r['tau']}" + (f" ({1 - r['validity']:.0%} inv.)" if r['validity'] < MIN_VALIDITY else "")
+            note = f"{r['tau_slot'] or r['tau']}" + (f" ({1 - r['validity']:.0%} inv.)" if r['validity'] < MIN_VALIDITY
+                                                     else "")
             ax.annotate(note, (r['tokens_per_forward'], r['R@1']), fontsize=6, xytext=(3, -8),
                         textcoords='offset points')
     ax.axhline(ar, color='k', lw=1, label=f'AR ({ar:.4f})')
@@ -149,34 +159,35 @@ def main():
     for stage in stages[:1] if cfg.choose else stages:
         model, data, block, path, weights = load_stage(stage, cfg, device)
         mine = []
-        for tau in cfg.taus:
-            res = evaluate(model, data, cfg.split, Decoding(block=block, tau=tau, batch_size=cfg.batch_size),
-                           device)[0]
-            mine.append(row_of(res, stage=stage, ckpt=path, weights=weights, tau=tau))
+        for tau, tau_slot in [(t, None) for t in cfg.taus] + [(cfg.rest_tau, s) for s in cfg.tau_slots]:
+            how = Decoding(block=block, tau=tau, tau_slot=tau_slot or 0.0, batch_size=cfg.batch_size)
+            res = evaluate(model, data, cfg.split, how, device)[0]
+            mine.append(row_of(res, stage=stage, ckpt=path, weights=weights, tau=tau, tau_slot=tau_slot))
             r = mine[-1]
-            print(f"{stage} tau {tau}: R@1 {r['R@1']:.4f} validity {r['validity']:.4f} "
+            print(f"{stage} {threshold_label(r)}: R@1 {r['R@1']:.4f} validity {r['validity']:.4f} "
                   f"tokens/forward {r['tokens_per_forward']:.2f} copy share {r['copy_share']:.3f}")
         rows += mine
         top = fastest_at_parity(mine, ar_r1, PARITY_TPF_MARGIN)
-        parity[stage] = top and {'tau': top['tau'], 'tokens_per_forward': top['tokens_per_forward']}
+        parity[stage] = top and {'tau': top['tau'], 'tau_slot': top['tau_slot'],
+                                 'tokens_per_forward': top['tokens_per_forward']}
     record = {'split': cfg.split, 'n': ar['n'], 'ar_R@1': ar_r1, 'ar_copy_share': ar['copy_share'], 'floor_R@1': floor,
               'rows': rows, 'device': device_name(device), 'command': command_line(), 'commit': git_commit(),
               'seconds': round(timer(), 1)}
     if cfg.choose:
         chosen, how = choose_tstar(rows, ar_r1)
-        record.update(tau=chosen['tau'], stage=stages[0], found_by=how,
+        record.update(tau=chosen['tau'], tau_slot=chosen['tau_slot'], stage=stages[0], found_by=how,
                       rule=f"the fastest threshold with validation R@1 >= AR's - {PARITY_MARGIN} and validity "
                            f">= {MIN_VALIDITY}")
         write_json(results_path('tstar.json'), record)
-        print(f"t* = {chosen['tau']} ({how}; {stages[0]} R@1 {chosen['R@1']:.4f} against AR's {ar_r1:.4f}, validity "
-              f"{chosen['validity']:.4f}, tokens/forward {chosen['tokens_per_forward']:.2f})")
+        print(f"t* = {threshold_label(chosen)} ({how}; {stages[0]} R@1 {chosen['R@1']:.4f} against AR's {ar_r1:.4f}, "
+              f"validity {chosen['validity']:.4f}, tokens/forward {chosen['tokens_per_forward']:.2f})")
         return
     record.update(parity_tpf=parity, parity_rule=f"the most tokens per forward with test R@1 >= AR's - "
                                                  f"{PARITY_TPF_MARGIN} and validity >= {MIN_VALIDITY}")
     write_json(results_path('frontier.json'), record)
     plot(rows, ar_r1, floor, results_path('frontier.png'))
     for stage, p in parity.items():
-        print(f"parity TPF {stage}: " + (f"{p['tokens_per_forward']:.2f} (tau {p['tau']})" if p else "none"))
+        print(f"parity TPF {stage}: " + (f"{p['tokens_per_forward']:.2f} ({threshold_label(p)})" if p else "none"))
 
 
 if __name__ == '__main__':

@@ -15,7 +15,7 @@ import sys
 
 import numpy as np
 
-from common import results_path, write_json
+from common import results_path, threshold_label, write_json
 from metrics import copy_share, per_rank_metric, paired_bootstrap, bootstrap_mean, metrics_from_ranks
 
 ROWS = [  # (file name, label, predecessor for the paired gain)
@@ -74,27 +74,34 @@ def frontier_lines(folder):
     if os.path.exists(path):
         with open(path) as f:
             t = json.load(f)
-        pick = next(r for r in t['rows'] if r['tau'] == t['tau'])
-        lines += [f"t* = {t['tau']}: {t['rule']} ({t['found_by']}); {t['stage']} on validation (n={t['n']}): R@1 "
-                  f"{pick['R@1']:.4f} against AR's {t['ar_R@1']:.4f}, validity {pick['validity']:.3f}, "
+        pick = next(r for r in t['rows'] if setting_of(r) == setting_of(t))
+        lines += [f"t* = {threshold_label(t)}: {t['rule']} ({t['found_by']}); {t['stage']} on validation "
+                  f"(n={t['n']}): R@1 {pick['R@1']:.4f} against AR's {t['ar_R@1']:.4f}, validity {pick['validity']:.3f}, "
                   f"{pick['tokens_per_forward']:.2f} tokens per forward; commit {t['commit']}", '']
     path = os.path.join(folder, 'frontier.json')
     if not os.path.exists(path):
         return lines
     with open(path) as f:
         fr = json.load(f)
-    taus = sorted({r['tau'] for r in fr['rows']}, reverse=True)
+    taus = sorted({setting_of(r) for r in fr['rows']},    # the grid, then the settings with the slots' own bar
+                  key=lambda s: (s[1] is not None, -s[0], -(s[1] or 0)))
     lines += [f"test, n={fr['n']}, each cell R@1 / validity / tokens per forward; AR R@1 {fr['ar_R@1']:.4f}, copy "
               f"share {fr['ar_copy_share']:.3f}; floor {fr['floor_R@1']:.4f}; commit {fr['commit']}", '',
-              '| stage | ' + ' | '.join(f"tau {t}" for t in taus) + ' | parity TPF |', '|---' * (len(taus) + 2) + '|']
+              '| stage | ' + ' | '.join(threshold_label(dict(tau=t, tau_slot=s)) for t, s in taus) + ' | parity TPF |',
+              '|---' * (len(taus) + 2) + '|']
     for stage, parity in fr['parity_tpf'].items():
-        cells = {r['tau']: r for r in fr['rows'] if r['stage'] == stage}
-        at_parity = 'none' if parity is None else f"{parity['tokens_per_forward']:.2f} (tau {parity['tau']})"
+        cells = {setting_of(r): r for r in fr['rows'] if r['stage'] == stage}
+        at_parity = 'none' if parity is None else f"{parity['tokens_per_forward']:.2f} ({threshold_label(parity)})"
         lines.append(f"| {stage} | " + ' | '.join(
             f"{cells[t]['R@1']:.4f} / {cells[t]['validity']:.3f} / {cells[t]['tokens_per_forward']:.2f}"
             if t in cells else '' for t in taus) + f" | {at_parity} |")
     lines += ['', f"parity TPF: {fr['parity_rule']}"]
     return lines
+
+
+def setting_of(record):
+    """(tau, tau_slot) of a frontier row or of t*: tau_slot None where every token commits at tau."""
+    return record['tau'], record.get('tau_slot') or None
 
 
 def share(x):
@@ -259,7 +266,7 @@ def speed_table(bench):
     for r in bench['rows']:
         r1 = '' if r['R@1'] is None else f"{r['R@1']:.4f}"
         val = '' if r['validity'] is None else f"{r['validity']:.3f}"
-        how = 'AR' if r['mode'] == 'ar' else f"B = {r['block']}, tau {r['tau']}"
+        how = 'AR' if r['mode'] == 'ar' else f"B = {r['block']}, {threshold_label(r)}"
         lo, hi = r.get('speedup_range', (r['speedup'], r['speedup']))
         step = (f"{r['ms_per_step']:.3f} ({r['forward_ms']:.3f}) | {r['step_overhead']:.2f}"
                 if 'step_overhead' in r else ' |')

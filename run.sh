@@ -80,8 +80,10 @@ left() { [ $((SECONDS + $1)) -lt "$BUDGET" ]; }  # $1: a control's CPU seconds w
 ev() { stage python decode.py $D $DEV $EVAL --split=test "$@"; }
 ev_ar() { stage python decode.py $D $DEV $EVAL_AR --split=test "$@"; }
 
-TAU=0.9  # the threshold every diffusion row of the tables decodes at: t*, chosen for the RL model on validation
-tstar() { python -c 'import json, sys; print(json.load(open(sys.argv[1]))["tau"])' "$RESULTS_DIR/tstar.json"; }
+TAU=0.9; SLOT=0  # the setting every diffusion row of the tables decodes at: t*, chosen for RL on validation
+SLOTS="(0.9, 0.85, 0.8, 0.7)"  # t* may also commit the list slots at one of these, every other token at 0.3
+tstar() { python -c 'import json, sys; t = json.load(open(sys.argv[1])); print(t["tau"], t.get("tau_slot") or 0.0)' \
+  "$RESULTS_DIR/tstar.json"; }
 seconds_of() { python -c 'import json, sys; print(int(json.load(open(sys.argv[1]))["seconds"]))' "$RESULTS_DIR/train_$1.json"; }
 
 chain() {  # the recipe, each stage from the previous one's checkpoint (OPD and RL train at the fast end), and the
@@ -92,35 +94,36 @@ chain() {  # the recipe, each stage from the previous one's checkpoint (OPD and 
   stage python train_cft.py $D $DEV $CFT --block=$BLOCK
   stage python train_opd.py $D $DEV $OPD       # rollouts and the KL at the commit state, at tau 0.6
   stage python train_rl.py $D $DEV $RL         # at tau 0.6, the speed paid beside the rank
-  stage python frontier.py --data_dir=${DATA_DIR:-data/beauty} $DEV --split=valid --stages=rl --choose=True
-  TAU=$(tstar); echo "t* = $TAU (chosen for RL on validation: $RESULTS_DIR/tstar.json)"
-  ev --ckpt=out/ar.pt --name=naive --block=$BLOCK --tau=$TAU
-  ev --ckpt=out/cft.pt --name=cft --block=$BLOCK --tau=$TAU
-  ev --ckpt=out/opd.pt --name=opd --block=$BLOCK --tau=$TAU
-  ev --ckpt=out/rl.pt --name=rl --block=$BLOCK --tau=$TAU
+  stage python frontier.py --data_dir=${DATA_DIR:-data/beauty} $DEV --split=valid --stages=rl --choose=True \
+    --tau_slots="$SLOTS"
+  read TAU SLOT < <(tstar); echo "t* = tau $TAU, slots $SLOT (chosen for RL on validation: $RESULTS_DIR/tstar.json)"
+  ev --ckpt=out/ar.pt --name=naive --block=$BLOCK --tau=$TAU --tau_slot=$SLOT
+  ev --ckpt=out/cft.pt --name=cft --block=$BLOCK --tau=$TAU --tau_slot=$SLOT
+  ev --ckpt=out/opd.pt --name=opd --block=$BLOCK --tau=$TAU --tau_slot=$SLOT
+  ev --ckpt=out/rl.pt --name=rl --block=$BLOCK --tau=$TAU --tau_slot=$SLOT
 }
 
 core() {  # the chain, then its speed at t*, OPD's two controls and the test frontier
   chain
-  stage python bench.py --data_dir=${DATA_DIR:-data/beauty} $DEV $BENCH --taus="($TAU,)"  # every stage against AR
+  stage python bench.py --data_dir=${DATA_DIR:-data/beauty} $DEV $BENCH --taus="($TAU,)" --tau_slot=$SLOT  # every stage against AR
   # the controls of OPD at t*: its loss on the teacher's samples, and more CFT for as long as OPD trained
   stage python train_opd.py $D $DEV $OPD --rollouts=teacher --state=l2r $L2R --out=out/opd_offpolicy.pt
-  ev --ckpt=out/opd_offpolicy.pt --name=opd_offpolicy --block=$BLOCK --tau=$TAU
+  ev --ckpt=out/opd_offpolicy.pt --name=opd_offpolicy --block=$BLOCK --tau=$TAU --tau_slot=$SLOT
   stage python train_cft.py $D $DEV $MORE --time_limit=$(seconds_of opd) --tau=0.6 --parent=out/cft.pt --out=out/cft_more.pt
-  ev --ckpt=out/cft_more.pt --name=cft_more --block=$BLOCK --tau=$TAU
-  stage python frontier.py --data_dir=${DATA_DIR:-data/beauty} $DEV --stages=cft,opd,rl,opd_offpolicy  # naive: 4x the forwards
+  ev --ckpt=out/cft_more.pt --name=cft_more --block=$BLOCK --tau=$TAU --tau_slot=$SLOT
+  stage python frontier.py --data_dir=${DATA_DIR:-data/beauty} $DEV --stages=cft,opd,rl,opd_offpolicy --tau_slots="$SLOTS"  # naive: 4x the forwards
 }
 
 ablations() {  # each answers one question about the chain (the most needed first); needs core's out/*.pt
-  TAU=$(tstar)
+  read TAU SLOT < <(tstar)
   if left 360; then stage python train_ar.py $D $NAME $DEV $DIR --trace=False --out=out/ar_direct.pt && ev_ar --ckpt=out/ar_direct.pt --name=ar_direct; fi
-  if left 30; then ev --ckpt=out/cft.pt --name=cft_left --block=$BLOCK --tau=$TAU --from_left=True; fi
-  if left 180; then stage python train_rl.py $D $DEV $RL --policy=out/ar.pt --block=1 --out=out/ar_rl.pt && ev_ar --ckpt=out/ar_rl.pt --name=ar_rl --block=1 --tau=$TAU; fi
-  if left 520; then stage python train_cft.py $D $DEV $CFT --validity_weight=0.0 --out=out/cft_novalid.pt && ev --ckpt=out/cft_novalid.pt --name=cft_novalid --block=$BLOCK --tau=$TAU; fi
+  if left 30; then ev --ckpt=out/cft.pt --name=cft_left --block=$BLOCK --tau=$TAU --tau_slot=$SLOT --from_left=True; fi
+  if left 180; then stage python train_rl.py $D $DEV $RL --policy=out/ar.pt --block=1 --out=out/ar_rl.pt && ev_ar --ckpt=out/ar_rl.pt --name=ar_rl --block=1 --tau=$TAU --tau_slot=$SLOT; fi
+  if left 520; then stage python train_cft.py $D $DEV $CFT --validity_weight=0.0 --out=out/cft_novalid.pt && ev --ckpt=out/cft_novalid.pt --name=cft_novalid --block=$BLOCK --tau=$TAU --tau_slot=$SLOT; fi
   if left 1200; then stage python train_ar.py $D $NAME $DEV $AR --reject=False --out=out/ar_noreject.pt && ev_ar --ckpt=out/ar_noreject.pt --name=ar_noreject; fi
-  if left 180; then stage python train_rl.py $D $DEV $RL --kl_weight=1.0 --out=out/rl_kl.pt && ev --ckpt=out/rl_kl.pt --name=rl_kl --block=$BLOCK --tau=$TAU; fi
-  if left 560; then stage python train_cft.py $D $DEV $CFT --block_warmup=$WARM --out=out/cft_warmup.pt && ev --ckpt=out/cft_warmup.pt --name=cft_warmup --block=$BLOCK --tau=$TAU; fi
-  if left 560; then stage python train_cft.py $D $DEV $CFT --suffix_share=0.5 --out=out/cft_suffix.pt && ev --ckpt=out/cft_suffix.pt --name=cft_suffix --block=$BLOCK --tau=$TAU; fi
+  if left 180; then stage python train_rl.py $D $DEV $RL --kl_weight=1.0 --out=out/rl_kl.pt && ev --ckpt=out/rl_kl.pt --name=rl_kl --block=$BLOCK --tau=$TAU --tau_slot=$SLOT; fi
+  if left 560; then stage python train_cft.py $D $DEV $CFT --block_warmup=$WARM --out=out/cft_warmup.pt && ev --ckpt=out/cft_warmup.pt --name=cft_warmup --block=$BLOCK --tau=$TAU --tau_slot=$SLOT; fi
+  if left 560; then stage python train_cft.py $D $DEV $CFT --suffix_share=0.5 --out=out/cft_suffix.pt && ev --ckpt=out/cft_suffix.pt --name=cft_suffix --block=$BLOCK --tau=$TAU --tau_slot=$SLOT; fi
 }
 
 case "$PART" in

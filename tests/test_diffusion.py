@@ -227,6 +227,31 @@ def test_sampler_spends_no_step_after_eos(tiny_data):
         assert torch.equal(res['n_forwards'], 1 + per_block.sum(1))
 
 
+def test_list_slots_commit_at_their_own_threshold(tiny_data):
+    """With tau_slot, a step that commits several tokens commits a list slot (a judgement, an answer item) only at
+    confidence >= tau_slot and any other token at >= tau; tau_slot = tau decodes as the one-threshold rule."""
+    d, model, batch = setup(tiny_data, n=6, block=4)
+    model, head, slots = reads_its_prompt(model), model.head, torch.tensor(d.vocab.slots[:1])
+    model.head = lambda h, fp32=False: head(h, fp32).index_add(  # an untrained model that writes a list slot
+        -1, slots, 3.0 * (h[..., :1] > 0))                           # at about half of the positions
+    plain = generate_block(model, batch['prompt'], batch['pad'], 24, d.vocab, block=4, tau=0.3)
+    same = generate_block(model, batch['prompt'], batch['pad'], 24, d.vocab, block=4, tau=0.3, tau_slot=0.3)
+    assert torch.equal(plain['tokens'], same['tokens']) and torch.equal(plain['steps'], same['steps'])
+    res = generate_block(model, batch['prompt'], batch['pad'], 24, d.vocab, block=4, tau=0.02, tau_slot=0.1)
+    conf, slot, seen = res['logp'].exp(), d.vocab.is_slot(res['tokens']), {'slot': 0, 'other below': 0}
+    for row in range(len(conf)):
+        for blk in range(6):
+            cols = slice(4 * blk, 4 * blk + 4)
+            st, cf, sl = res['steps'][row, cols], conf[row, cols], slot[row, cols]
+            for s_ in range(1, int(st.max()) + 1):
+                at = st == s_
+                if at.sum() > 1:  # not the step's one forced commit
+                    assert (cf[at & sl] >= 0.1 - 1e-6).all() and (cf[at & ~sl] >= 0.02 - 1e-6).all()
+                    seen['slot'] += int((at & sl).sum())
+                    seen['other below'] += int((at & ~sl & (cf < 0.1)).sum())
+    assert seen['slot'] > 0 and seen['other below'] > 0   # both bars were met in a step of several commits
+
+
 def reads_its_prompt(model, strength=6.0):
     """An untrained model barely reads its prompt, so every row of a batch would decode alike: add to its hidden
     states a signal of each row's prompt length and each token's position (a function of the row alone), so that
@@ -253,7 +278,7 @@ def test_batched_rows_decode_as_they_do_alone(tiny_data):
     order = sorted(range(len(sp)), key=lambda i: len(sp.prompts[i]))
     idx = order[:3] + order[-3:]                                          # short prompts get left padding
     batch = collate(sp, idx, d.vocab, block=4)
-    for kw in (dict(tau=0.02), dict(tau=0.5), dict(k=2), dict(tau=0.02, from_left=True)):
+    for kw in (dict(tau=0.02), dict(tau=0.5), dict(k=2), dict(tau=0.02, from_left=True), dict(tau=0.02, tau_slot=0.3)):
         res = generate_block(model, batch['prompt'], batch['pad'], 24, d.vocab, block=4, **kw)
         for r, i in enumerate(idx):
             one = collate(sp, [i], d.vocab, block=4)

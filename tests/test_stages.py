@@ -569,7 +569,7 @@ def test_bench_outputs_equal_decode(tiny_data):
 
 def test_bench_reports_the_step_beside_its_bare_forward(pipeline):
     """bench.py on the tiny recipe: every row has its step time, the bare forwards it ran and their ratio, both
-    tokens-per-forward figures and the spread over repeats; a stage that kept its parent's weights is not timed
+    tokens-per-forward figures and the spread over repeats; --taus with --tau_slot adds the two-threshold rows; a stage that kept its parent's weights is not timed
     again; and an eval file that names a timed checkpoint's path but scored other weights is not its accuracy."""
     import json
     cwd, data = pipeline
@@ -577,9 +577,11 @@ def test_bench_reports_the_step_beside_its_bare_forward(pipeline):
     planted.update(ckpt='out/cft.pt', weights='0' * 16, metrics=dict(planted['metrics'], **{'R@1': 0.999}))
     with open(os.path.join(cwd, 'results', 'eval_planted.json'), 'w') as f:
         json.dump(planted, f)
-    p = run('bench.py', cwd, data, '--batches=(1, 2)', '--n_b1=2', '--n_batched=4', '--repeats=2', '--cost_reps=2')
+    p = run('bench.py', cwd, data, '--batches=(1, 2)', '--n_b1=2', '--n_batched=4', '--repeats=2', '--cost_reps=2',
+            '--taus=(0.5,)', '--tau_slot=0.9')
     assert p.returncode == 0, p.stderr[-3000:]
     out = json.load(open(os.path.join(cwd, 'results', 'bench.json')))
+    assert {(r['stage'], r['tau'], r['tau_slot']) for r in out['rows'] if r['stage'] == 'cft'} >= {('cft', 0.5, 0.9)}
     stages = {r['stage'] for r in out['rows']}
     assert {'ar', 'cft'} <= stages and all(s in stages or s in out['same_weights_as'] for s in ('opd', 'rl'))
     assert not stages & set(out['same_weights_as'])                     # kept weights: no speed of their own
