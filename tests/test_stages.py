@@ -569,8 +569,9 @@ def test_bench_outputs_equal_decode(tiny_data):
 
 def test_bench_reports_the_step_beside_its_bare_forward(pipeline):
     """bench.py on the tiny recipe: every row has its step time, the bare forwards it ran and their ratio, both
-    tokens-per-forward figures and the spread over repeats; --taus with --tau_slot adds the two-threshold rows; a stage that kept its parent's weights is not timed
-    again; and an eval file that names a timed checkpoint's path but scored other weights is not its accuracy."""
+    tokens-per-forward figures and the spread over repeats; --taus with --tau_slot adds the two-threshold rows; a
+    stage that kept its parent's weights is not timed again; and an eval file that names a timed checkpoint's path
+    but scored other weights is not its accuracy."""
     import json
     cwd, data = pipeline
     planted = json.load(open(os.path.join(cwd, 'results', 'eval_rl.json')))
