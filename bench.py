@@ -35,8 +35,8 @@ from dataclasses import dataclass, asdict
 import numpy as np
 import torch
 
-from common import (parse_config, threshold_label, device_problem, print_config, pick_device, autocast, device_name, write_json,
-                    git_commit, command_line, results_path, project_path, Timer)
+from common import (parse_config, threshold_label, device_problem, print_config, pick_device, autocast, device_name,
+                    write_json, git_commit, command_line, results_path, project_path, Timer)
 from checkpoints import load_checkpoint, CheckpointError, weights_digest
 from data_beauty import DataError, collate
 from evaluation import Decoding, evaluate, load_data_for

@@ -250,11 +250,11 @@ def predicting_hidden(run, first_h, cur, cols, flushed, n_keys, block):
 
 @torch.no_grad()
 def generate_block(model, prompt, pad, max_resp, vocab, block, tau=0.9, k=0, temperature=0.0, generator=None,
-                   runner=None, from_left=False, tau_slot=None):
+                   runner=None, from_left=False, tau_slot=0.0):
     """Block-by-block decoding over a KV cache of the prompt and finished blocks, each row at its own pace.
 
     Inside a block, each step predicts every masked position at once and commits some of them (commit_rule; with
-    tau_slot, a prediction that is a list slot, a judgement or an answer item, needs tau_slot instead of tau). A
+    tau_slot > 0 a prediction that is a list slot, a judgement or an answer item, needs tau_slot, not tau). A
     finished block's keys/values are written by one more pass, fused with the next block's first step. A row's
     block is done once every position left of a committed <eos> is committed (the rest stays masked); the row
     then moves to its next block at the next step, whatever the other rows are doing, and a row whose <eos> block
@@ -286,7 +286,7 @@ def generate_block(model, prompt, pad, max_resp, vocab, block, tau=0.9, k=0, tem
         flushed, logits = None, model.head(pred, fp32=True)             # (n, block, V)
         logits[..., vocab.mask] = -float('inf')
         tok, conf = choose_tokens(logits, temperature, generator)
-        at = tau if tau_slot is None else torch.where(vocab.is_slot(tok), tau_slot, tau)  # each prediction's bar
+        at = torch.where(vocab.is_slot(tok), tau_slot, tau) if tau_slot else tau  # each prediction's bar
         commit = commit_rule(conf, open_, at, k, from_left)
         step += 1
         cur, cur_steps, cur_conf = (torch.where(commit, new, old) for new, old in

@@ -52,7 +52,7 @@ def decode_split(model, data, split, cfg, device, max_new=None):
             else:
                 max_r = -(-max_resp // cfg.block) * cfg.block
                 res = generate_block(model, batch['prompt'], batch['pad'], max_r, vocab, block=cfg.block,
-                                     tau=cfg.tau, k=cfg.k, from_left=cfg.from_left, tau_slot=cfg.tau_slot or None)
+                                     tau=cfg.tau, k=cfg.k, from_left=cfg.from_left, tau_slot=cfg.tau_slot)
                 out, lengths = res['tokens'], res['lengths']
                 for key in stats:
                     stats[key] += int(res[key].sum())

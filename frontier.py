@@ -20,8 +20,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from common import (parse_config, decoding_problem, threshold_label, device_problem, print_config, pick_device, device_name, git_commit,
-                    write_json, results_path, results_problem, command_line, Timer, project_path)
+from common import (parse_config, decoding_problem, threshold_label, device_problem, print_config, pick_device,
+                    device_name, git_commit, write_json, results_path, results_problem, command_line, Timer,
+                    project_path)
 from checkpoints import load_checkpoint, weights_digest, CheckpointError
 from data_beauty import DataError
 from diffusion import convert
@@ -55,7 +56,7 @@ class FrontierConfig:
             return f"--stages={self.stages} --taus={self.taus}: name at least one of each"
         settings = [(t, 0.0) for t in self.taus] + [(self.rest_tau, s) for s in self.tau_slots]
         return (device_problem(self.device) or results_problem()
-                or next(filter(None, (decoding_problem(self.block, t, 0, s or 0.0) for t, s in settings)), None))
+                or next(filter(None, (decoding_problem(self.block, t, 0, s) for t, s in settings)), None))
 
 
 def load_stage(name, cfg, device):

@@ -105,13 +105,14 @@ chain() {  # the recipe, each stage from the previous one's checkpoint (OPD and 
 
 core() {  # the chain, then its speed at t*, OPD's two controls and the test frontier
   chain
-  stage python bench.py --data_dir=${DATA_DIR:-data/beauty} $DEV $BENCH --taus="($TAU,)" --tau_slot=$SLOT  # every stage against AR
+  stage python bench.py --data_dir=${DATA_DIR:-data/beauty} $DEV $BENCH --taus="($TAU,)" --tau_slot=$SLOT  # vs AR
   # the controls of OPD at t*: its loss on the teacher's samples, and more CFT for as long as OPD trained
   stage python train_opd.py $D $DEV $OPD --rollouts=teacher --state=l2r $L2R --out=out/opd_offpolicy.pt
   ev --ckpt=out/opd_offpolicy.pt --name=opd_offpolicy --block=$BLOCK --tau=$TAU --tau_slot=$SLOT
   stage python train_cft.py $D $DEV $MORE --time_limit=$(seconds_of opd) --tau=0.6 --parent=out/cft.pt --out=out/cft_more.pt
   ev --ckpt=out/cft_more.pt --name=cft_more --block=$BLOCK --tau=$TAU --tau_slot=$SLOT
-  stage python frontier.py --data_dir=${DATA_DIR:-data/beauty} $DEV --stages=cft,opd,rl,opd_offpolicy --tau_slots="$SLOTS"  # naive: 4x the forwards
+  stage python frontier.py --data_dir=${DATA_DIR:-data/beauty} $DEV --stages=cft,opd,rl,opd_offpolicy \
+    --tau_slots="$SLOTS"  # not naive: 4x the forwards
 }
 
 ablations() {  # each answers one question about the chain (the most needed first); needs core's out/*.pt

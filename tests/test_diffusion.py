@@ -278,7 +278,8 @@ def test_batched_rows_decode_as_they_do_alone(tiny_data):
     order = sorted(range(len(sp)), key=lambda i: len(sp.prompts[i]))
     idx = order[:3] + order[-3:]                                          # short prompts get left padding
     batch = collate(sp, idx, d.vocab, block=4)
-    for kw in (dict(tau=0.02), dict(tau=0.5), dict(k=2), dict(tau=0.02, from_left=True), dict(tau=0.02, tau_slot=0.3)):
+    for kw in (dict(tau=0.02), dict(tau=0.5), dict(k=2), dict(tau=0.02, from_left=True),
+               dict(tau=0.02, tau_slot=0.3)):
         res = generate_block(model, batch['prompt'], batch['pad'], 24, d.vocab, block=4, **kw)
         for r, i in enumerate(idx):
             one = collate(sp, [i], d.vocab, block=4)
