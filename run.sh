@@ -119,8 +119,8 @@ ablations() {  # each answers one question about the chain (the most needed firs
   read TAU SLOT < <(tstar)
   if left 360; then stage python train_ar.py $D $NAME $DEV $DIR --trace=False --out=out/ar_direct.pt && ev_ar --ckpt=out/ar_direct.pt --name=ar_direct; fi
   if left 30; then ev --ckpt=out/cft.pt --name=cft_left --block=$BLOCK --tau=$TAU --tau_slot=$SLOT --from_left=True; fi
-  if left 180; then stage python train_rl.py $D $DEV $RL --policy=out/ar.pt --block=1 --out=out/ar_rl.pt && ev_ar --ckpt=out/ar_rl.pt --name=ar_rl --block=1 --tau=$TAU --tau_slot=$SLOT; fi
-  if left 520; then stage python train_cft.py $D $DEV $CFT --validity_weight=0.0 --out=out/cft_novalid.pt && ev --ckpt=out/cft_novalid.pt --name=cft_novalid --block=$BLOCK --tau=$TAU --tau_slot=$SLOT; fi
+  if left 250; then stage python train_rl.py $D $DEV $RL --policy=out/ar.pt --block=1 --out=out/ar_rl.pt && ev_ar --ckpt=out/ar_rl.pt --name=ar_rl --block=1 --tau=$TAU --tau_slot=$SLOT; fi
+  if left 680; then stage python train_cft.py $D $DEV $CFT --validity_weight=0.0 --out=out/cft_novalid.pt && ev --ckpt=out/cft_novalid.pt --name=cft_novalid --block=$BLOCK --tau=$TAU --tau_slot=$SLOT; fi
   if left 1200; then stage python train_ar.py $D $NAME $DEV $AR --reject=False --out=out/ar_noreject.pt && ev_ar --ckpt=out/ar_noreject.pt --name=ar_noreject; fi
   if left 180; then stage python train_rl.py $D $DEV $RL --kl_weight=1.0 --out=out/rl_kl.pt && ev --ckpt=out/rl_kl.pt --name=rl_kl --block=$BLOCK --tau=$TAU --tau_slot=$SLOT; fi
   if left 560; then stage python train_cft.py $D $DEV $CFT --block_warmup=$WARM --out=out/cft_warmup.pt && ev --ckpt=out/cft_warmup.pt --name=cft_warmup --block=$BLOCK --tau=$TAU --tau_slot=$SLOT; fi
