@@ -126,7 +126,7 @@ def main():
                           n_embd=cfg.n_embd, n_resp_pos=192, slot0=vocab.slot0, n_slots=vocab.n_cand,
                           trace_entries=tuple(trace_entries(vocab.n_cand)) if cfg.trace else ())).to(device)
     print(f"{model.num_params() / 1e6:.2f}M parameters, {device_name(device)}, {len(train)} windows, trace={cfg.trace}")
-    choice = lambda step: run.log.write(  # the decision alone, teacher-forced, beside each evaluation
+    choice = lambda step, log: log.write(  # the decision alone, teacher-forced, beside each evaluation
         step=step, val_choice_R1=choice_accuracy(model, data.splits['valid'], vocab, device))
     run = Stage(cfg, model, data, device, timer, 'ar', weight_decay=cfg.weight_decay, extras=choice)
     if cfg.mid_steps > 0 and not run.resumed:

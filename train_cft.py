@@ -84,15 +84,15 @@ def main():
     gen = torch.Generator(device=device).manual_seed(cfg.seed)  # the masks
     loss_settings = cft_loss_settings(cfg)
 
-    def held_out_loss(step):  # the loss under fixed masks, logged beside each evaluation
-        run.log.write(step=step, val_loss=validation_loss(model, data, cfg, device))
+    def held_out_loss(step, log):  # the loss under fixed masks, logged beside each evaluation
+        log.write(step=step, val_loss=validation_loss(model, data, cfg, device))
 
     model.eval()  # dropout stays off: the sampler and the loss must see the same network
     run = Stage(cfg, model, data, device, timer, 'cft', parent=cfg.parent, block=cfg.block,
                 weight_decay=cfg.weight_decay, gens={'gen': gen}, extras=held_out_loss,
                 start_from=ckpt if ckpt['stage'] == 'cft' else None)  # from AR: the naive conversion is not kept
     if ckpt['stage'] == 'ar' and not run.resumed:
-        held_out_loss(0)  # the naive conversion's
+        held_out_loss(0, run.log)  # the naive conversion's
     for step, rng in run:
         batch = collate(train, rng.integers(0, len(train), cfg.batch_size), vocab, block=cfg.block, device=device)
         with autocast(device):

@@ -153,7 +153,7 @@ def stage_name(out):
 class Stage:
     """One training stage's loop over a model (see the module's docstring). The checkpoint records the run's
     flags, its block and its data (what a resume must match); `gens` are the stage's own torch generators, saved
-    and restored with the weights, the optimizer and the log; `extras(step)` logs the stage's own diagnostics at
+    and restored with the weights, the optimizer and the log; `extras(step, log)` logs the stage's own diagnostics at
     each evaluation. With `start_from` (the
     parent's checkpoint) a fresh run first evaluates the starting model as step 0, reusing the parent's record
     where it was decoded the same way, so that a stage that only hurts keeps its parent."""
@@ -198,7 +198,7 @@ class Stage:
             save_checkpoint(cfg.out, self.model, self.run_cfg, stage=self.stage, parent=self.parent, step=step,
                             metrics={'valid': row})
         if self.extras:
-            self.extras(step)
+            self.extras(step, self.log)  # the log: a parent's evaluation in __init__ runs before the stage is bound
         self.save(step)
 
     def save(self, step):

@@ -154,6 +154,17 @@ def test_a_stage_takes_its_parents_validation_where_decoded_the_same_way(pipelin
     assert p.returncode == 0 and "step 0: " in p.stdout and "the parent's record" not in p.stdout, p.stderr[-2000:]
 
 
+def test_cft_continues_from_a_cft_parent(pipeline):
+    """run.sh's control "more CFT": CFT from a CFT checkpoint evaluates its parent as step 0 (inside Stage's
+    constructor) and logs the held-out loss there too."""
+    cwd, data = pipeline
+    p = run('train_cft.py', cwd, data, *TINY['train_cft.py'], '--parent=out/cft.pt', '--out=out/cft_more.pt',
+            '--max_steps=1', '--eval_every=1', '--block_warmup=0')
+    assert p.returncode == 0, p.stderr[-2000:]
+    log = [json.loads(line) for line in open(os.path.join(cwd, 'out', 'log_cft_more.jsonl'))]
+    assert any(r['step'] == 0 and 'val_loss' in r for r in log) and any(r['step'] == 0 and 'val_R1' in r for r in log)
+
+
 def test_wrong_or_missing_parent_is_refused(pipeline, tmp_path):
     cwd, data = pipeline
     p = run('train_cft.py', str(tmp_path), data, '--parent=out/nothing.pt')
