@@ -47,6 +47,10 @@ class FrontierConfig:
     batch_size: int = 64
     device: str = 'auto'
 
+    def settings(self):
+        """(tau, tau_slot) of every decoding: the grid (tau_slot None: every token at tau), then the slots' own."""
+        return [(t, None) for t in self.taus] + [(self.rest_tau, s) for s in self.tau_slots]
+
     def problem(self):
         if self.split not in ('valid', 'test'):
             return f"--split={self.split!r}: valid (to choose t*) or test (the frontier)"
@@ -54,9 +58,8 @@ class FrontierConfig:
             return "--choose=True picks the threshold on validation: add --split=valid"
         if not self.stages.strip(',') or not self.taus:
             return f"--stages={self.stages} --taus={self.taus}: name at least one of each"
-        settings = [(t, 0.0) for t in self.taus] + [(self.rest_tau, s) for s in self.tau_slots]
         return (device_problem(self.device) or results_problem()
-                or next(filter(None, (decoding_problem(self.block, t, 0, s) for t, s in settings)), None))
+                or next(filter(None, (decoding_problem(self.block, t, 0, s or 0.0) for t, s in self.settings())), None))
 
 
 def load_stage(name, cfg, device):
@@ -160,7 +163,7 @@ def main():
     for stage in stages[:1] if cfg.choose else stages:
         model, data, block, path, weights = load_stage(stage, cfg, device)
         mine = []
-        for tau, tau_slot in [(t, None) for t in cfg.taus] + [(cfg.rest_tau, s) for s in cfg.tau_slots]:
+        for tau, tau_slot in cfg.settings():
             how = Decoding(block=block, tau=tau, tau_slot=tau_slot or 0.0, batch_size=cfg.batch_size)
             res = evaluate(model, data, cfg.split, how, device)[0]
             mine.append(row_of(res, stage=stage, ckpt=path, weights=weights, tau=tau, tau_slot=tau_slot))
